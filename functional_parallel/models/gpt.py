@@ -1,0 +1,144 @@
+"""GPT-2 style decoder as pure functions: `init(cfg, seed) -> params`, `apply(params, tokens)`.
+
+Params are a plain nested dict/list of tensors; weights are stored `[in, out]` and used as
+`x @ w`, so a leaf path such as `blocks/0/attn/wq` names exactly one matmul operand. The
+residual stream is named with logical axes via `constrain` so a strategy can shard it; no
+other parallelism lives here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+
+from sharding import constrain
+
+from ._init_utils import ParamFactory
+
+RESIDUAL_AXES = ("batch", "seq", "embed")
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+    """Sizes of a GPT. `d_mlp` defaults to 4 * d_model."""
+
+    vocab_size: int = 64
+    seq_len: int = 16
+    d_model: int = 32
+    n_layers: int = 2
+    n_heads: int = 4
+    d_mlp: int | None = None
+    fused_qkv: bool = False
+    ln_eps: float = 1e-5
+    init_std: float = 0.02
+
+    @property
+    def mlp_dim(self) -> int:
+        return self.d_mlp if self.d_mlp is not None else 4 * self.d_model
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @classmethod
+    def named(cls, size: str, **overrides) -> "GPTConfig":
+        """A named size (`tiny`, `small`, `gpt2_124m`, `gpt3_175b`) with optional field overrides."""
+        if size not in SIZES:
+            raise ValueError(f"unknown GPT size {size!r}; expected one of {sorted(SIZES)}")
+        return dataclasses.replace(SIZES[size], **overrides)
+
+    def __post_init__(self):
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+
+
+SIZES: dict[str, GPTConfig] = {
+    # Tests: every dim divisible by 4 so 4-way sharding works.
+    "tiny": GPTConfig(vocab_size=64, seq_len=16, d_model=32, n_layers=2, n_heads=4),
+    # Demo: trains char-level text in under two minutes on two CPU cores.
+    "small": GPTConfig(vocab_size=128, seq_len=64, d_model=128, n_layers=3, n_heads=4),
+    # Published sizes: only ever built on meta/fake tensors by the planner.
+    "gpt2_124m": GPTConfig(vocab_size=50257, seq_len=1024, d_model=768, n_layers=12, n_heads=12),
+    "gpt3_175b": GPTConfig(vocab_size=50257, seq_len=2048, d_model=12288, n_layers=96, n_heads=96),
+}
+
+
+def init(cfg: GPTConfig, seed: int, dtype: torch.dtype = torch.float32) -> dict:
+    """Parameters drawn N(0, init_std) (residual projections scaled by 1/sqrt(2 n_layers), as GPT-2)."""
+    make = ParamFactory(seed, dtype)
+    d, f, std = cfg.d_model, cfg.mlp_dim, cfg.init_std
+    residual_std = std / math.sqrt(2 * cfg.n_layers)
+    params: dict = {
+        "wte": make.normal((cfg.vocab_size, d), std),
+        "wpe": make.normal((cfg.seq_len, d), std),
+        "blocks": [],
+    }
+    for _ in range(cfg.n_layers):
+        if cfg.fused_qkv:
+            attn = {"wqkv": make.normal((d, 3 * d), std)}
+        else:
+            attn = {"wq": make.normal((d, d), std), "wk": make.normal((d, d), std), "wv": make.normal((d, d), std)}
+        attn["wo"] = make.normal((d, d), residual_std)
+        params["blocks"].append({
+            "ln1": {"w": make.ones((d,)), "b": make.zeros((d,))},
+            "attn": attn,
+            "ln2": {"w": make.ones((d,)), "b": make.zeros((d,))},
+            "mlp": {
+                "w_in": make.normal((d, f), std), "b_in": make.zeros((f,)),
+                "w_out": make.normal((f, d), residual_std), "b_out": make.zeros((d,)),
+            },
+        })
+    params["ln_f"] = {"w": make.ones((d,)), "b": make.zeros((d,))}
+    params["head"] = make.normal((d, cfg.vocab_size), std)
+    return params
+
+
+def _attention(p: dict, x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Causal multi-head self-attention; x [B, S, D] -> [B, S, D]."""
+    batch, seq, d_model = x.shape
+    head_dim = d_model // n_heads
+    if "wqkv" in p:
+        q, k, v = (x @ p["wqkv"]).split(d_model, dim=-1)
+    else:
+        q, k, v = x @ p["wq"], x @ p["wk"], x @ p["wv"]
+    # [B, S, D] -> [B, H, S, hd]
+    q, k, v = (t.view(batch, seq, n_heads, head_dim).transpose(1, 2) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    out = out.transpose(1, 2).reshape(batch, seq, d_model)  # [B, H, S, hd] -> [B, S, D]
+    return out @ p["wo"]
+
+
+def _mlp(p: dict, x: torch.Tensor) -> torch.Tensor:
+    hidden = F.gelu(x @ p["w_in"] + p["b_in"], approximate="tanh")  # [B, S, F]
+    return hidden @ p["w_out"] + p["b_out"]
+
+
+def apply(params: dict, tokens: torch.Tensor, cfg: GPTConfig) -> torch.Tensor:
+    """Logits [B, S, V] for int64 tokens [B, S] (S <= cfg.seq_len).
+
+    `cfg` supplies what shapes cannot (head count, eps); bind it with `functools.partial`
+    or use `functional_parallel.models.build` to get `apply(params, tokens)`.
+    """
+    seq = tokens.shape[1]
+    d_model, n_heads, eps = cfg.d_model, cfg.n_heads, cfg.ln_eps
+    positions = torch.arange(seq, device=tokens.device)
+    x = params["wte"][tokens] + params["wpe"][positions]  # [B, S, D]
+    x = constrain(x, RESIDUAL_AXES)
+    for block in params["blocks"]:
+        ln1, ln2 = block["ln1"], block["ln2"]
+        x = x + _attention(block["attn"], F.layer_norm(x, (d_model,), ln1["w"], ln1["b"], eps), n_heads)
+        x = constrain(x, RESIDUAL_AXES)
+        x = x + _mlp(block["mlp"], F.layer_norm(x, (d_model,), ln2["w"], ln2["b"], eps))
+        x = constrain(x, RESIDUAL_AXES)
+    x = F.layer_norm(x, (d_model,), params["ln_f"]["w"], params["ln_f"]["b"], eps)
+    return x @ params["head"]  # [B, S, V]
+
+
+def loss(params: dict, batch: dict, cfg: GPTConfig) -> torch.Tensor:
+    """Mean next-token cross-entropy; batch = {"inputs": [B, S], "targets": [B, S]} int64."""
+    logits = apply(params, batch["inputs"], cfg)
+    vocab = logits.shape[-1]
+    return F.cross_entropy(logits.reshape(-1, vocab), batch["targets"].reshape(-1))
+
