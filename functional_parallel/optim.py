@@ -14,15 +14,17 @@ the step counter is a 0-dim int64 tensor inside the state, and schedules, bias c
 clipping use tensor ops only (no `.item()`, no Python branches on tensor values, no in-place
 ops). Scalar hyperparameter math is done in float64 0-dim tensors, which (by torch's type
 promotion for 0-dim tensors) never changes the dtype of the parameter-shaped tensors.
-Trees are mapped with optree in the "torch" namespace, the convention used across the project.
+Trees are mapped with `functional_parallel.tree` (optree, namespace "torch", dicts in
+insertion order), the one convention used across the project.
 """
 from __future__ import annotations
 
 import math
 from typing import Any, Callable, NamedTuple
 
-import optree
 import torch
+
+from .tree import tree_leaves, tree_map
 
 Tree = Any
 Schedule = Callable[[torch.Tensor], torch.Tensor]  # step count (int64, 0-dim) -> value (0-dim)
@@ -36,11 +38,6 @@ class GradientTransformation(NamedTuple):
     update: Callable[[Tree, Tree, Tree], tuple[Tree, Tree]]
 
 
-def tree_map(fn: Callable, tree: Tree, *rest: Tree) -> Tree:
-    """optree.tree_map in the project's pytree namespace."""
-    return optree.tree_map(fn, tree, *rest, namespace="torch")
-
-
 def apply_updates(params: Tree, updates: Tree) -> Tree:
     """New params `p + u` (u cast to p's dtype, so low-precision params stay low precision)."""
     return tree_map(lambda p, u: p + u.to(p.dtype), params, updates)
@@ -48,14 +45,14 @@ def apply_updates(params: Tree, updates: Tree) -> Tree:
 
 def global_norm(tree: Tree) -> torch.Tensor:
     """sqrt of the sum of squares of every leaf, accumulated in at least float32."""
-    leaves = optree.tree_leaves(tree, namespace="torch")
+    leaves = tree_leaves(tree)
     squares = [leaf.to(torch.promote_types(leaf.dtype, torch.float32)).pow(2).sum() for leaf in leaves]
     return torch.stack(squares).sum().sqrt()
 
 
 def _zero_count(params: Tree) -> torch.Tensor:
     """A 0-dim int64 step counter on the params' device (so it traces and shards like them)."""
-    leaves = optree.tree_leaves(params, namespace="torch")
+    leaves = tree_leaves(params)
     device = leaves[0].device if leaves else None
     return torch.zeros((), dtype=torch.int64, device=device)
 
