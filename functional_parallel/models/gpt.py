@@ -76,10 +76,9 @@ def init(cfg: GPTConfig, seed: int, dtype: torch.dtype = torch.float32) -> dict:
         "blocks": [],
     }
     for _ in range(cfg.n_layers):
-        if cfg.fused_qkv:
-            attn = {"wqkv": make.normal((d, 3 * d), std)}
-        else:
-            attn = {"wq": make.normal((d, d), std), "wk": make.normal((d, d), std), "wv": make.normal((d, d), std)}
+        q, k, v = (make.normal((d, d), std) for _ in range(3))
+        # fused or not, the same draws: a fused model equals its separate twin for a seed
+        attn = {"wqkv": torch.cat([q, k, v], dim=1)} if cfg.fused_qkv else {"wq": q, "wk": k, "wv": v}
         attn["wo"] = make.normal((d, d), residual_std)
         params["blocks"].append({
             "ln1": {"w": make.ones((d,)), "b": make.zeros((d,))},
@@ -110,6 +109,10 @@ def _attention(p: dict, x: torch.Tensor, n_heads: int) -> torch.Tensor:
     return out @ p["wo"]
 
 
+def _layer_norm(x: torch.Tensor, p: dict, eps: float) -> torch.Tensor:
+    return F.layer_norm(x, (x.shape[-1],), p["w"], p["b"], eps)
+
+
 def _mlp(p: dict, x: torch.Tensor) -> torch.Tensor:
     hidden = F.gelu(x @ p["w_in"] + p["b_in"], approximate="tanh")  # [B, S, F]
     return hidden @ p["w_out"] + p["b_out"]
@@ -122,18 +125,16 @@ def apply(params: dict, tokens: torch.Tensor, cfg: GPTConfig) -> torch.Tensor:
     or use `functional_parallel.models.build` to get `apply(params, tokens)`.
     """
     seq = tokens.shape[1]
-    d_model, n_heads, eps = cfg.d_model, cfg.n_heads, cfg.ln_eps
+    n_heads, eps = cfg.n_heads, cfg.ln_eps
     positions = torch.arange(seq, device=tokens.device)
     x = params["wte"][tokens] + params["wpe"][positions]  # [B, S, D]
     x = constrain(x, RESIDUAL_AXES)
     for block in params["blocks"]:
-        ln1, ln2 = block["ln1"], block["ln2"]
-        x = x + _attention(block["attn"], F.layer_norm(x, (d_model,), ln1["w"], ln1["b"], eps), n_heads)
+        x = x + _attention(block["attn"], _layer_norm(x, block["ln1"], eps), n_heads)
         x = constrain(x, RESIDUAL_AXES)
-        x = x + _mlp(block["mlp"], F.layer_norm(x, (d_model,), ln2["w"], ln2["b"], eps))
+        x = x + _mlp(block["mlp"], _layer_norm(x, block["ln2"], eps))
         x = constrain(x, RESIDUAL_AXES)
-    x = F.layer_norm(x, (d_model,), params["ln_f"]["w"], params["ln_f"]["b"], eps)
-    return x @ params["head"]  # [B, S, V]
+    return _layer_norm(x, params["ln_f"], eps) @ params["head"]  # [B, S, V]
 
 
 def loss(params: dict, batch: dict, cfg: GPTConfig) -> torch.Tensor:
