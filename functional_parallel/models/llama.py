@@ -98,7 +98,7 @@ def init(cfg: LlamaConfig, seed: int, dtype: torch.dtype = torch.float32) -> dic
 
 def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     """x / rms(x) * w, computed in float32 so bf16 activations keep their precision."""
-    xf = x.float()
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))  # at least float32; float64 stays float64
     normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return normed.type_as(x) * w
 

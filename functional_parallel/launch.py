@@ -1,0 +1,65 @@
+"""Run a function on N local ranks (spawned processes, gloo on 127.0.0.1) and collect the results.
+
+Used by the tests and the local experiments alike; under torchrun the process group already exists.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import traceback
+from datetime import timedelta
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_process_group(rank: int, world_size: int, init_file: str, timeout_s: float = 120.0,
+                       backend: str | None = None) -> None:
+    backend = backend or ("nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= world_size else "gloo")
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=timeout_s))
+
+
+def _worker(rank, world_size, init_file, result_dir, fn, args, timeout_s):
+    torch.set_num_threads(1)
+    init_process_group(rank, world_size, init_file, timeout_s)
+    path = os.path.join(result_dir, f"rank{rank}.pt")
+    try:
+        result = fn(rank, world_size, *args)
+        torch.save({"ok": True, "result": result}, path)
+    except BaseException as error:  # reported to the parent with the rank's traceback
+        torch.save({"ok": False, "error": f"{type(error).__name__}: {error}",
+                    "type": type(error).__name__, "traceback": traceback.format_exc()}, path)
+    finally:
+        dist.destroy_process_group()
+
+
+class RankError(RuntimeError):
+    """A rank raised; `.errors` maps rank -> (exception type name, message)."""
+
+    def __init__(self, errors: dict):
+        self.errors = errors
+        first = next(iter(errors.values()))
+        super().__init__(f"{len(errors)} rank(s) failed; rank {next(iter(errors))}: {first[1]}\n{first[2]}")
+
+
+def spawn(fn: Callable[..., Any], world_size: int, *args, timeout_s: float = 120.0) -> list:
+    """`fn(rank, world_size, *args)` on `world_size` fresh processes; returns each rank's result."""
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "rendezvous")
+        mp.start_processes(_worker, args=(world_size, init_file, tmp, fn, args, timeout_s), nprocs=world_size,
+                           join=True, start_method="spawn")
+        outcomes = [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
+    errors = {r: (o["type"], o["error"], o["traceback"]) for r, o in enumerate(outcomes) if not o["ok"]}
+    if errors:
+        raise RankError(errors)
+    return [o["result"] for o in outcomes]

@@ -1,0 +1,98 @@
+"""From a strategy (data: YAML rules) to specs and one compiled train step. No strategy is code.
+
+A strategy names a batch spec, logical-axis rules for `constrain`, parameter rules and
+(optionally) optimizer-state rules. State leaves that mirror a parameter (Adam's mu/nu, SGD
+momentum) take the state rules if given, else that parameter's rule; other state is replicated.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import yaml
+
+from sharding import Mesh, P, jit
+from sharding.tree import leaf_paths
+
+from .tree import tree_unflatten
+
+STRATEGY_DIR = Path(__file__).resolve().parent.parent / "conf" / "strategy"
+
+
+def _spec(entries) -> P:
+    if isinstance(entries, P):
+        return entries
+    return P(*[tuple(e) if isinstance(e, (list, tuple)) else e for e in (entries or [])])
+
+
+def _rules(raw) -> list[tuple[str, P]]:
+    return [(pattern, _spec(entries)) for pattern, entries in (raw or [])]
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    batch: P
+    logical: Mapping[str, Any] = field(default_factory=dict)
+    params: tuple = ()
+    opt_state: tuple | None = None
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "Strategy":
+        known = {"name", "batch", "logical", "params", "opt_state"}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"strategy {d.get('name')!r}: unknown keys {sorted(unknown)}; expected {sorted(known)}")
+        logical = {k: (tuple(v) if isinstance(v, list) else v) for k, v in dict(d.get("logical") or {}).items()}
+        return cls(name=d["name"], batch=_spec(d.get("batch")), logical=logical, params=tuple(_rules(d.get("params"))),
+                   opt_state=None if d.get("opt_state") is None else tuple(_rules(d["opt_state"])))
+
+    @classmethod
+    def load(cls, name: str) -> "Strategy":
+        path = STRATEGY_DIR / f"{name}.yaml"
+        if not path.exists():
+            known = sorted(p.stem for p in STRATEGY_DIR.glob("*.yaml"))
+            raise ValueError(f"unknown strategy {name!r}; expected one of {known}")
+        return cls.from_dict(yaml.safe_load(path.read_text()))
+
+
+def _first_match(rules, path: str) -> P | None:
+    return next((spec for pattern, spec in rules if re.search(pattern, path)), None)
+
+
+def _fit(spec: P, ndim: int) -> P:
+    """Rules are written for matrices; a lower-rank leaf keeps only the entries it has dims for."""
+    return P(*list(spec)[:ndim])
+
+
+def param_specs(strategy: Strategy, params):
+    paths, leaves, treedef = leaf_paths(params)
+    specs = [_fit(_first_match(strategy.params, path) or P(), leaf.dim()) for path, leaf in zip(paths, leaves)]
+    return tree_unflatten(treedef, specs)
+
+
+def state_specs(strategy: Strategy, opt_state, params):
+    """Specs for the optimizer state: leaves that mirror a parameter follow the strategy's rules."""
+    param_paths = {path: leaf for path, leaf in zip(*leaf_paths(params)[:2])}
+    paths, leaves, treedef = leaf_paths(opt_state)
+    rules = strategy.opt_state if strategy.opt_state is not None else strategy.params
+    specs = []
+    for path, leaf in zip(paths, leaves):
+        mirrored = next((p for p in param_paths if path.endswith("/" + p) and
+                         tuple(param_paths[p].shape) == tuple(leaf.shape)), None)
+        spec = (_first_match(rules, mirrored) or P()) if mirrored is not None else P()
+        specs.append(_fit(spec, leaf.dim()))
+    return tree_unflatten(treedef, specs)
+
+
+def compile_step(step: Callable, strategy: Strategy, mesh: Mesh, params, opt_state):
+    """`jit` of `step(params, opt_state, batch) -> (params, opt_state, metrics)` under `strategy`.
+
+    Returns (compiled step, (param specs, state specs, batch spec)).
+    """
+    pspecs, sspecs = param_specs(strategy, params), state_specs(strategy, opt_state, params)
+    compiled = jit(step, mesh=mesh, in_specs=(pspecs, sspecs, strategy.batch), out_specs=(pspecs, sspecs, P()),
+                   logical_rules=strategy.logical)
+    return compiled, (pspecs, sspecs, strategy.batch)

@@ -1,0 +1,13 @@
+"""sharding: a mesh, PartitionSpecs, and one compiler pass that inserts the collectives.
+
+trace -> propagate -> insert -> localize -> run; `jit` drives the pipeline, `Lowered` shows it.
+"""
+from .api import Lowered, jit
+from .constrain import constrain
+from .errors import MeshError, PropagationError, ShardingError, SpecError
+from .mesh import Mesh
+from .spec import P
+from .tree import match, shard, unshard
+
+__all__ = ["Mesh", "P", "match", "shard", "unshard", "constrain", "jit", "Lowered",
+           "ShardingError", "SpecError", "MeshError", "PropagationError"]

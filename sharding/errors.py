@@ -1,0 +1,17 @@
+"""One exception family for every sharding mistake: what was expected, what was got, where."""
+
+
+class ShardingError(ValueError):
+    """Base class: bad specs, meshes, or an op the propagation cannot place."""
+
+
+class SpecError(ShardingError):
+    """A PartitionSpec that does not fit its tensor or the mesh."""
+
+
+class MeshError(ShardingError):
+    """A mesh that does not fit the process group."""
+
+
+class PropagationError(ShardingError):
+    """An op with no rule, or a layout choice the rules cannot settle."""

@@ -1,0 +1,128 @@
+"""Stage 3, insert: copy the global graph, adding one collective (or local slice) per layout change.
+
+Each (value, target layout) is redistributed once and shared by every consumer that needs it.
+Per axis: Shard->Replicate all-gather, Partial->Replicate all-reduce, Partial->Shard
+reduce-scatter, Replicate->Shard local slice, Replicate->Partial local mask. Gathers run inner
+axis first and slices outer axis first, so blocks split by several axes nest in mesh order.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from . import collectives
+from .layout import PARTIAL, REPLICATE, Layout, is_shard
+from .source import source_line
+
+COLLECTIVE_KINDS = {collectives.all_gather: "all_gather", collectives.reduce_scatter: "reduce_scatter",
+                    collectives.all_reduce: "all_reduce", collectives.all_to_all: "all_to_all"}
+
+
+def plan_steps(src: Layout, dst: Layout) -> list[tuple[str, int, object]]:
+    """The per-axis steps (kind, axis index, dim or None) that turn `src` into `dst`."""
+    current, target = list(src.placements), dst.placements
+    n = len(current)
+    changing = [a for a in range(n) if current[a] != target[a]]
+    unshard = {a for a in changing if is_shard(current[a])}
+    for a in changing:  # an inner axis nested in a dim an outer axis changes must step aside first
+        for b in range(a + 1, n):
+            if is_shard(current[b]) and current[b] in (current[a], target[a]):
+                unshard.add(b)
+    steps = []
+    for a in sorted(unshard, reverse=True):
+        steps.append(("all_gather", a, current[a]))
+        current[a] = REPLICATE
+    for a in range(n):
+        if current[a] == target[a]:
+            continue
+        if current[a] == PARTIAL:
+            steps.append(("all_reduce", a, None) if target[a] == REPLICATE else ("reduce_scatter", a, target[a]))
+            if target[a] not in (REPLICATE,) and not is_shard(target[a]):
+                raise AssertionError(f"cannot redistribute Partial to {target[a]}")
+        elif is_shard(target[a]):
+            steps.append(("local_slice", a, target[a]))
+        else:
+            steps.append(("mask_partial", a, None))
+        current[a] = target[a]
+    return steps
+
+
+class Inserter:
+    def __init__(self, graph_module: fx.GraphModule, ctx, mesh):
+        self.old = graph_module
+        self.ctx = ctx
+        self.mesh = mesh
+        self.graph = fx.Graph()
+        self.env: dict = {}
+        self.cache: dict = {}
+
+    def run(self) -> fx.GraphModule:
+        for node in self.old.graph.nodes:
+            requires = node.meta.get("fp_requires", {})
+            if node.op == "output":
+                outputs = [self.get(out, requires.get(out), node) if isinstance(out, fx.Node) else out
+                           for out in node.args[0]]
+                self.graph.output(tuple(outputs))
+                continue
+            new = self.graph.node_copy(node, lambda arg: self.get(arg, requires.get(arg), node))
+            new.meta.update(node.meta)
+            self.env[node] = new
+        return fx.GraphModule(self.old, self.graph)
+
+    def get(self, old: fx.Node, target, consumer: fx.Node) -> fx.Node:
+        layout = self.ctx.layouts[old]
+        if target is None or target == layout:
+            return self.env[old]
+        key = (old, target)
+        if key not in self.cache:
+            self.cache[key] = self.redistribute(old, layout, target, consumer)
+        return self.cache[key]
+
+    def redistribute(self, old: fx.Node, src: Layout, dst: Layout, consumer: fx.Node) -> fx.Node:
+        value = self.env[old]
+        current = src
+        source = source_line(consumer) if consumer.op != "output" else source_line(old)
+        global_val = old.meta["val"]
+        for kind, axis, dim in plan_steps(src, dst):
+            if self.mesh.axis_sizes[axis] == 1:  # one rank: every placement holds the same value
+                current = current.with_axis(axis, dst.placements[axis])
+                continue
+            before = current
+            current = current.with_axis(axis, REPLICATE if kind == "all_gather" else
+                                        PARTIAL if kind == "mask_partial" else
+                                        REPLICATE if kind == "all_reduce" else dim)
+            value = self._emit(kind, axis, dim, value)
+            value.meta.update(val=global_val, fp_layout=current)
+            if kind in ("all_gather", "all_reduce", "reduce_scatter"):
+                local = before if kind != "all_gather" else current
+                numel = 1
+                for size in local.local_shape(global_val.shape, self.mesh.axis_sizes):
+                    numel *= size
+                value.meta["fp_collective"] = {
+                    "kind": kind, "axes": (self.mesh.axis_names[axis],),
+                    "bytes": numel * global_val.element_size(), "source": source,
+                    "shape": tuple(global_val.shape), "dtype": str(global_val.dtype).replace("torch.", ""),
+                    "value": old.name,
+                }
+        return value
+
+    def _emit(self, kind, axis, dim, value):
+        size = self.mesh.axis_sizes[axis]
+        group = self.mesh.group_name(axis) if not self.mesh.abstract_only else f"<{self.mesh.axis_names[axis]}>"
+        coordinate = self.mesh.coordinate[axis]
+        if kind == "all_gather":
+            return self.graph.call_function(collectives.all_gather, (value, dim, size, group))
+        if kind == "reduce_scatter":
+            return self.graph.call_function(collectives.reduce_scatter, (value, dim, size, group))
+        if kind == "all_reduce":
+            return self.graph.call_function(collectives.all_reduce, (value, size, group))
+        if kind == "local_slice":
+            return self.graph.call_function(collectives.local_slice, (value, dim, coordinate, size))
+        return self.graph.call_function(collectives.mask_partial, (value, coordinate == 0))
+
+
+def insert(graph_module: fx.GraphModule, ctx, mesh) -> fx.GraphModule:
+    return Inserter(graph_module, ctx, mesh).run()
+
+
+__all__ = ["insert", "plan_steps", "COLLECTIVE_KINDS", "torch"]

@@ -1,0 +1,107 @@
+"""`Layout`: how one global tensor lies on the mesh, one placement per mesh axis.
+
+A placement is `REPLICATE`, `PARTIAL` (each rank holds a summand) or a tensor dim `int`
+(the tensor is split into equal contiguous blocks along that dim). Several axes may shard
+one dim; their blocks nest in mesh order (outer axis first), as `P(("dp", "tp"))` does.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from .errors import SpecError
+from .spec import P
+
+REPLICATE = "R"
+PARTIAL = "P"
+
+
+def is_shard(placement) -> bool:
+    return isinstance(placement, int)
+
+
+def describe(placement) -> str:
+    return {REPLICATE: "Replicate", PARTIAL: "Partial(sum)"}.get(placement, f"Shard({placement})")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Placements in mesh-axis order; hashable so redistributions can be cached."""
+
+    placements: tuple
+
+    @staticmethod
+    def replicated(num_axes: int) -> "Layout":
+        return Layout((REPLICATE,) * num_axes)
+
+    def with_axis(self, axis_index: int, placement) -> "Layout":
+        placements = list(self.placements)
+        placements[axis_index] = placement
+        return Layout(tuple(placements))
+
+    def shard_count(self, dim: int, axis_sizes: Sequence[int]) -> int:
+        """How many blocks tensor dim `dim` is cut into."""
+        count = 1
+        for placement, size in zip(self.placements, axis_sizes):
+            if placement == dim:
+                count *= size
+        return count
+
+    def local_shape(self, global_shape: Sequence[int], axis_sizes: Sequence[int]) -> list[int]:
+        return [size // self.shard_count(dim, axis_sizes) for dim, size in enumerate(global_shape)]
+
+    def has_partial(self) -> bool:
+        return PARTIAL in self.placements
+
+    def to_spec(self, ndim: int, axis_names: Sequence[str]) -> P:
+        entries = []
+        for dim in range(ndim):
+            axes = tuple(name for name, pl in zip(axis_names, self.placements) if pl == dim)
+            entries.append(axes if axes else None)
+        while entries and entries[-1] is None:
+            entries.pop()
+        return P(*entries)
+
+    def pretty(self, axis_names: Sequence[str]) -> str:
+        return ", ".join(f"{name}:{describe(pl)}" for name, pl in zip(axis_names, self.placements))
+
+
+def layout_from_spec(spec: P, shape: Sequence[int], axis_names: Sequence[str], axis_sizes: Sequence[int],
+                     where: str = "tensor") -> Layout:
+    """Validate `spec` against a global `shape` and the mesh, and convert it to a `Layout`.
+
+    `where` names the leaf (its path) in every error message.
+    """
+    if not isinstance(spec, P):
+        raise SpecError(f"{where}: expected a P(...) PartitionSpec, got {spec!r}")
+    if len(spec) > len(shape):
+        raise SpecError(f"{where}: spec {spec} has {len(spec)} entries but the tensor has only "
+                        f"{len(shape)} dims (shape {tuple(shape)})")
+    placements = [REPLICATE] * len(axis_names)
+    seen: set[str] = set()
+    for dim in range(len(spec)):
+        axes = spec.axes_of(dim)
+        positions = []
+        for axis in axes:
+            if axis not in axis_names:
+                raise SpecError(f"{where}: spec {spec} names mesh axis {axis!r}, which the mesh does not "
+                                f"have (mesh axes: {tuple(axis_names)})")
+            if axis in seen:
+                raise SpecError(f"{where}: spec {spec} uses mesh axis {axis!r} twice; an axis can shard "
+                                f"at most one dim")
+            seen.add(axis)
+            positions.append(axis_names.index(axis))
+            if axis_sizes[axis_names.index(axis)] > 1:  # a size-1 axis splits nothing
+                placements[axis_names.index(axis)] = dim
+        if positions != sorted(positions):
+            raise SpecError(f"{where}: spec {spec} lists axes {axes} for dim {dim} out of mesh order "
+                            f"{tuple(axis_names)}; list them outer axis first")
+        count = 1
+        for axis in axes:
+            count *= axis_sizes[axis_names.index(axis)]
+        if shape[dim] % count:
+            raise SpecError(f"{where}: dim {dim} has size {shape[dim]}, not divisible by {count} "
+                            f"(mesh axes {axes} of sizes "
+                            f"{tuple(axis_sizes[axis_names.index(a)] for a in axes)}); spec {spec}, "
+                            f"shape {tuple(shape)}")
+    return Layout(tuple(placements))

@@ -1,0 +1,199 @@
+"""Stage 2, propagate: give every node a `Layout`, and every consumer the input layouts it needs.
+
+Deterministic rules, in this order:
+1. Inputs get their storage layout; `constrain` and `out_specs` are required layouts.
+2. A value that does not depend on the data (a parameter, optimizer state) and is sharded on a
+   *data* axis is all-gathered over that axis before use (ZeRO-3), except by the elementwise
+   ops of its own update (the optimizer works on the shard).
+3. Each op's rule (`sharding/rules`) picks placements per mesh axis; where a `Partial` must be
+   reduced, it is reduce-scattered if the value's *hint* is a shard (its elementwise component
+   holds sharded state or a sharded constraint) and all-reduced otherwise.
+The result is written to `node.meta["fp_layout"]` and `node.meta["fp_requires"]`.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Sequence
+
+import torch
+
+from .constrain import decode_spec
+from .errors import PropagationError
+from .hints import Hints
+from .layout import PARTIAL, REPLICATE, Layout, is_shard, layout_from_spec
+from .rules import RULES, Choice, load_all, tensor_inputs
+from .source import source_line
+
+load_all()
+
+
+class Context:
+    """What a rule may ask about the graph while the pass walks it."""
+
+    def __init__(self, graph: torch.fx.Graph, axis_names, axis_sizes, data_axes: Sequence[str], hints: Hints):
+        self.axis_names = tuple(axis_names)
+        self.axis_sizes = tuple(axis_sizes)
+        self.data_axes = {self.axis_names.index(a) for a in data_axes}
+        self.hints = hints
+        self.layouts: dict[torch.fx.Node, object] = {}
+        self.effective: dict[torch.fx.Node, Layout] = {}
+        self.available: dict[torch.fx.Node, list[Layout]] = {}
+        self.data_dependent: set[torch.fx.Node] = set()
+
+    # -- what rules ask -------------------------------------------------------------------
+    def layout(self, node) -> Layout:
+        return self.effective.get(node, self.layouts[node])
+
+    def placement(self, node, axis: int):
+        return self.layout(node).placements[axis]
+
+    def shape(self, node) -> tuple:
+        val = node.meta.get("val")
+        return tuple(val.shape) if isinstance(val, torch.Tensor) else ()
+
+    def ndim(self, node) -> int:
+        return len(self.shape(node))
+
+    def numel(self, node) -> int:
+        val = node.meta.get("val")
+        return val.numel() if isinstance(val, torch.Tensor) else 0
+
+    def nbytes(self, node) -> int:
+        val = node.meta.get("val")
+        return val.numel() * val.element_size() if isinstance(val, torch.Tensor) else 0
+
+    def param_like(self, node) -> bool:
+        return node not in self.data_dependent
+
+    def is_data_axis(self, axis: int) -> bool:
+        return axis in self.data_axes
+
+    def hint(self, node, axis: int):
+        return self.hints.placement(node, axis)
+
+    def is_zeros(self, node) -> bool:
+        return self.hints.is_zeros(node)
+
+    def divisible(self, node_shape, dim: int, axis: int, layout: Layout | None = None) -> bool:
+        count = self.axis_sizes[axis] * (layout.shard_count(dim, self.axis_sizes) if layout else 1)
+        return dim < len(node_shape) and node_shape[dim] % count == 0 and node_shape[dim] >= count
+
+    def error(self, node, message: str) -> PropagationError:
+        where = source_line(node)
+        return PropagationError(f"{message} (op {node.target}, node {node.name}"
+                                + (f", at {where}" if where else "") + ")")
+
+
+def propagate(graph: torch.fx.Graph, in_layouts: Sequence[Layout], out_layouts: Sequence[Layout],
+              axis_names, axis_sizes, data_axes: Sequence[str]) -> Context:
+    hints = Hints(graph, in_layouts, out_layouts, axis_names, axis_sizes)
+    ctx = Context(graph, axis_names, axis_sizes, data_axes, hints)
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for node, layout in zip(placeholders, in_layouts):
+        ctx.layouts[node] = layout
+        node.meta["fp_layout"] = layout
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and not val.is_floating_point() and not val.is_complex():
+            ctx.data_dependent.add(node)
+    for node in graph.nodes:
+        if node.op == "call_function":
+            _propagate_node(ctx, node)
+        elif node.op == "get_attr":
+            ctx.layouts[node] = Layout.replicated(len(axis_names))
+            node.meta["fp_layout"] = ctx.layouts[node]
+        elif node.op == "output":
+            outputs = node.args[0]
+            node.meta["fp_requires"] = {out: layout for out, layout in zip(outputs, out_layouts)
+                                        if isinstance(out, torch.fx.Node)}
+    return ctx
+
+
+def _propagate_node(ctx: Context, node: torch.fx.Node) -> None:
+    inputs = tensor_inputs(node)
+    if any(i in ctx.data_dependent for i in inputs):
+        ctx.data_dependent.add(node)
+    if node.target is operator.getitem:
+        parent, index = node.args
+        ctx.layouts[node] = ctx.layouts[parent][index]
+        node.meta["fp_layout"] = ctx.layouts[node]
+        node.meta["fp_requires"] = {}
+        return
+    if node.target is torch.ops.fp.constrain.default:
+        source, encoded = node.args
+        spec = decode_spec(encoded)
+        try:
+            layout = layout_from_spec(spec, ctx.shape(source), ctx.axis_names, ctx.axis_sizes,
+                                      where=f"constrain at {source_line(node) or node.name}")
+        except Exception as error:
+            raise type(error)(str(error)) from None
+        _record(ctx, node, {source: layout}, layout)
+        return
+    rule_fn = RULES.get(node.target)
+    if rule_fn is None:
+        raise ctx.error(node, f"no sharding rule for op {node.target}; add one in sharding/rules "
+                              f"or rewrite the model line with supported ops")
+    _apply_compute_layouts(ctx, node, inputs)
+    requires: dict[torch.fx.Node, list] = {}
+    outputs = []
+    for axis in range(len(ctx.axis_names)):
+        choice: Choice = rule_fn(ctx, node, axis)
+        for inp in inputs:
+            requires.setdefault(inp, []).append(choice.inputs.get(inp, ctx.placement(inp, axis)))
+        outputs.append(choice.output)
+    required_layouts = {inp: Layout(tuple(pl)) for inp, pl in requires.items()}
+    if outputs and isinstance(outputs[0], tuple):
+        out_layout = tuple(Layout(tuple(o[i] for o in outputs)) for i in range(len(outputs[0])))
+    else:
+        out_layout = Layout(tuple(outputs))
+    _record(ctx, node, required_layouts, out_layout)
+
+
+def _apply_compute_layouts(ctx: Context, node, inputs) -> None:
+    """Rule 2: data-axis shards of data-independent values are gathered before use (ZeRO-3)."""
+    ctx.effective.clear()
+    for inp in inputs:
+        layout = ctx.layouts[inp]
+        if not isinstance(layout, Layout):
+            continue
+        reduced = next((lay for lay in ctx.available.get(inp, ()) if not lay.has_partial()), None)
+        if layout.has_partial() and reduced is not None:
+            # Already reduced for an earlier consumer: reuse that copy rather than reduce again.
+            ctx.effective[inp] = layout = reduced
+        if not ctx.param_like(inp):
+            continue
+        if ctx.hints.same_component(inp, node):
+            continue
+        placements = list(layout.placements)
+        for axis in ctx.data_axes:
+            if is_shard(placements[axis]):
+                placements[axis] = REPLICATE
+        if tuple(placements) != layout.placements:
+            ctx.effective[inp] = Layout(tuple(placements))
+
+
+def _record(ctx: Context, node, requires: dict, out_layout) -> None:
+    for inp in list(requires):
+        if requires[inp] == ctx.layouts[inp] and inp not in ctx.effective:
+            del requires[inp]
+    for inp, layout in ctx.effective.items():
+        requires.setdefault(inp, layout)
+    for inp, layout in requires.items():
+        ctx.available.setdefault(inp, []).append(layout)
+    ctx.layouts[node] = out_layout
+    node.meta["fp_layout"] = out_layout
+    node.meta["fp_requires"] = requires
+    if isinstance(out_layout, Layout):
+        _check_divisible(ctx, node, out_layout)
+
+
+def _check_divisible(ctx: Context, node, layout: Layout) -> None:
+    shape = ctx.shape(node)
+    for dim, size in enumerate(shape):
+        count = layout.shard_count(dim, ctx.axis_sizes)
+        if size % count:
+            raise ctx.error(node, f"output dim {dim} of size {size} cannot be split into {count} blocks "
+                                  f"(layout {layout.pretty(ctx.axis_names)}, shape {shape}); choose sizes "
+                                  f"divisible by the mesh axes or add a constrain")
+
+
+__all__ = ["propagate", "Context", "PARTIAL", "REPLICATE"]

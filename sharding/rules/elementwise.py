@@ -1,0 +1,102 @@
+"""Pointwise ops (with broadcasting): shards win over replicas, Partials stay Partial where the op is linear."""
+from __future__ import annotations
+
+import torch
+
+from . import Choice, rule, tensor_inputs
+from .choose import PARTIAL, REPLICATE, anchor, broadcast_dim, is_shard, to_output_dim
+
+aten = torch.ops.aten
+
+NONLINEAR = [
+    aten.exp, aten.log, aten.log1p, aten.expm1, aten.sqrt, aten.rsqrt, aten.pow, aten.gelu, aten.gelu_backward,
+    aten.silu, aten.silu_backward, aten.sigmoid, aten.sigmoid_backward, aten.tanh, aten.tanh_backward,
+    aten.relu, aten.threshold_backward, aten.clamp, aten.clamp_min, aten.clamp_max, aten.minimum,
+    aten.maximum, aten.reciprocal, aten.abs, aten.sign, aten.ne, aten.eq, aten.lt, aten.gt, aten.le, aten.ge,
+    aten.logical_not, aten.logical_and, aten.logical_or, aten.bitwise_not, aten.masked_fill, aten.erf,
+    aten.cos, aten.sin, aten.square, aten.lerp, aten.addcmul, aten.addcdiv, aten.isnan, aten.isinf,
+    aten.nan_to_num, aten.floor, aten.ceil, aten.round, aten.fmod, aten.remainder, aten.exp2, aten.log2,
+    aten.softplus, aten.hardtanh, aten.leaky_relu, aten.elu, aten.fill, aten.bitwise_and, aten.bitwise_or,
+    aten.copy,
+]
+SUMS = [aten.add.Tensor, aten.sub.Tensor]                       # linear when every operand is Partial
+PRODUCTS = [aten.mul.Tensor, aten.div.Tensor]                   # linear in one Partial operand
+UNARY_LINEAR = [aten.neg, aten.clone, aten._to_copy, aten.alias, aten.detach, aten.lift_fresh_copy,
+                aten.mul.Scalar, aten.div.Scalar]
+SELECT = [aten.where.self]
+OTHER_ARITHMETIC = [aten.add.Scalar, aten.sub.Scalar, aten.rsub]
+
+_TARGETS: set = set()
+for _op in NONLINEAR + SUMS + PRODUCTS + UNARY_LINEAR + SELECT + OTHER_ARITHMETIC:
+    if isinstance(_op, torch._ops.OpOverloadPacket):
+        _TARGETS.update(getattr(_op, o) for o in _op.overloads())
+    else:
+        _TARGETS.add(_op)
+_SUMS, _PRODUCTS, _SELECT = set(SUMS), set(PRODUCTS), set(SELECT)
+_UNARY_LINEAR = {getattr(p, o) for p in UNARY_LINEAR if isinstance(p, torch._ops.OpOverloadPacket)
+                 for o in p.overloads()} | {p for p in UNARY_LINEAR if not isinstance(p, torch._ops.OpOverloadPacket)}
+
+
+def joins_component(node) -> bool:
+    """Whether `node` shares a layout hint with its same-shape operands."""
+    return node.target in _TARGETS or node.target is torch.ops.fp.constrain.default
+
+
+def _linear_choice(ctx, node, axis, inputs):
+    """The Partial-preserving choice, or None if the op is not linear in its Partial operands."""
+    placements = {i: ctx.placement(i, axis) for i in inputs}
+    partial = [i for i in inputs if placements[i] == PARTIAL]
+    target = node.target
+    if target in _UNARY_LINEAR:
+        return Choice(PARTIAL)
+    if target in _SUMS or target in _SELECT:
+        values = inputs if target in _SUMS else [a for a in node.args[1:] if isinstance(a, torch.fx.Node)]
+        scalar_operand = any(not isinstance(a, torch.fx.Node) for a in (node.args[:2] if target in _SUMS
+                                                                         else node.args[1:3]))
+        if scalar_operand and not all(ctx.is_zeros(v) for v in values):
+            return None
+        if target in _SELECT and placements[node.args[0]] == PARTIAL:
+            return None
+        # Small replicated operands (scalars such as a running norm) and zeros join as Partial by
+        # masking (one rank keeps them); a large replicated operand instead makes the Partial reduce
+        # here, where the user wrote the sum (Megatron's all-reduce before the residual add).
+        if all(placements[v] == PARTIAL or ctx.is_zeros(v) or ctx.numel(v) <= 1 for v in values):
+            return Choice(PARTIAL, {v: PARTIAL for v in values})
+        return None
+    if target in _PRODUCTS:
+        partial_operands = [a for a in node.args[:2] if isinstance(a, torch.fx.Node) and placements[a] == PARTIAL]
+        if len(partial_operands) == 1 and (target is aten.mul.Tensor or partial_operands[0] is node.args[0]):
+            return Choice(PARTIAL)
+    return None
+
+
+@rule(*sorted(_TARGETS, key=str))
+def elementwise(ctx, node, axis):
+    inputs = tensor_inputs(node)
+    out_shape = ctx.shape(node)
+    shards: dict[int, list] = {}
+    for inp in inputs:
+        placement = ctx.placement(inp, axis)
+        if is_shard(placement):
+            shards.setdefault(to_output_dim(ctx, node, inp, placement), []).append(inp)
+    if len(shards) > 1:
+        winner = anchor(ctx, axis, [i for group in shards.values() for i in group])
+        dim = to_output_dim(ctx, node, winner, ctx.placement(winner, axis))
+    elif shards:
+        dim = next(iter(shards))
+    else:
+        dim = None
+        if any(ctx.placement(i, axis) == PARTIAL for i in inputs):
+            choice = _linear_choice(ctx, node, axis, inputs)
+            if choice is not None:
+                return choice
+            hint = ctx.hint(node, axis)
+            if is_shard(hint) and ctx.divisible(out_shape, hint, axis):
+                dim = hint
+    if dim is None:
+        return Choice(REPLICATE, {i: REPLICATE for i in inputs})
+    required = {}
+    for inp in inputs:
+        in_dim = broadcast_dim(ctx, node, inp, dim)
+        required[inp] = REPLICATE if in_dim is None else in_dim
+    return Choice(dim, required)

@@ -1,0 +1,76 @@
+"""Contractions (mm, bmm) as einsum letters: shards on a kept letter carry to the output,
+shards on the contracted letter on both sides give a Partial, conflicts move the non-anchor."""
+from __future__ import annotations
+
+import torch
+
+from . import Choice, rule
+from .choose import PARTIAL, REPLICATE, anchor, is_shard
+
+aten = torch.ops.aten
+
+EQUATIONS = {
+    aten.mm.default: ("mk", "kn", "mn"),
+    aten.bmm.default: ("bmk", "bkn", "bmn"),
+}
+
+
+def _letter(spec: str, placement):
+    return spec[placement] if is_shard(placement) else placement
+
+
+def contraction(ctx, node, axis, a, b, spec_a, spec_b, spec_out):
+    la, lb = _letter(spec_a, ctx.placement(a, axis)), _letter(spec_b, ctx.placement(b, axis))
+    contracted = set(spec_a) & set(spec_b) - set(spec_out)
+
+    def placement_in(spec, letter):
+        return spec.index(letter) if letter in spec else REPLICATE
+
+    if la == PARTIAL or lb == PARTIAL:
+        if la == PARTIAL and lb == REPLICATE or lb == PARTIAL and la == REPLICATE:
+            return Choice(PARTIAL)
+        # Partial times a shard (or a Partial) is not a Partial of anything: reduce it first.
+        keep, reduce = (b, a) if la == PARTIAL else (a, b)
+        return contraction_after(ctx, node, axis, a, b, spec_a, spec_b, spec_out, {reduce: REPLICATE})
+    if la == REPLICATE and lb == REPLICATE:
+        return Choice(REPLICATE)
+    if la == lb or REPLICATE in (la, lb):
+        letter = la if la != REPLICATE else lb
+        if letter in contracted:
+            return Choice(PARTIAL, {a: placement_in(spec_a, letter), b: placement_in(spec_b, letter)})
+        if letter in spec_a and letter in spec_b:  # a batch letter: both operands split the same way
+            return Choice(spec_out.index(letter), {a: spec_a.index(letter), b: spec_b.index(letter)})
+        return Choice(spec_out.index(letter), {a: placement_in(spec_a, letter) if letter in spec_a else REPLICATE,
+                                               b: placement_in(spec_b, letter) if letter in spec_b else REPLICATE})
+    # Both split, on different letters: the anchor keeps its split, the other operand follows it.
+    keeper = anchor(ctx, axis, [a, b])
+    letter = la if keeper is a else lb
+    mover, mover_spec = (b, spec_b) if keeper is a else (a, spec_a)
+    required = {mover: mover_spec.index(letter) if letter in mover_spec else REPLICATE}
+    return contraction_after(ctx, node, axis, a, b, spec_a, spec_b, spec_out, required)
+
+
+def contraction_after(ctx, node, axis, a, b, spec_a, spec_b, spec_out, required):
+    """The choice once `required` placements are applied (they are communication the rule asks for)."""
+    placements = {a: ctx.placement(a, axis), b: ctx.placement(b, axis)}
+    placements.update(required)
+    la, lb = _letter(spec_a, placements[a]), _letter(spec_b, placements[b])
+    letter = la if la != REPLICATE else lb
+    if letter == REPLICATE:
+        return Choice(REPLICATE, required)
+    contracted = set(spec_a) & set(spec_b) - set(spec_out)
+    if letter in contracted:
+        required.setdefault(a, spec_a.index(letter))
+        required.setdefault(b, spec_b.index(letter))
+        required[a], required[b] = spec_a.index(letter), spec_b.index(letter)
+        return Choice(PARTIAL, required)
+    return Choice(spec_out.index(letter), required)
+
+
+@rule(*EQUATIONS)
+def matmul(ctx, node, axis):
+    spec_a, spec_b, spec_out = EQUATIONS[node.target]
+    a, b = node.args[0], node.args[1]
+    if a is b:
+        raise ctx.error(node, "a product of a tensor with itself is not supported")
+    return contraction(ctx, node, axis, a, b, spec_a, spec_b, spec_out)

@@ -1,0 +1,186 @@
+"""Views and shape ops: shards follow their dim through reshapes, transposes, slices and concatenations.
+
+A reshape keeps a shard when the sharded dim leads its group of merged/split dims (then each
+rank's block is still contiguous); otherwise the dim is gathered first. Partials pass through
+every view (they are linear).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import Choice, rule, tensor_inputs
+from .choose import PARTIAL, REPLICATE, is_shard
+
+aten = torch.ops.aten
+
+
+def view_groups(in_shape, out_shape) -> list[tuple[list[int], list[int]]]:
+    """Pair up runs of input and output dims with equal products."""
+    groups, i, j = [], 0, 0
+    while i < len(in_shape) or j < len(out_shape):
+        in_dims, out_dims, pi, pj = [], [], 1, 1
+        if i < len(in_shape):
+            in_dims.append(i)
+            pi, i = pi * in_shape[i], i + 1
+        if j < len(out_shape):
+            out_dims.append(j)
+            pj, j = pj * out_shape[j], j + 1
+        while pi != pj:
+            if pi < pj:
+                in_dims.append(i)
+                pi, i = pi * in_shape[i], i + 1
+            else:
+                out_dims.append(j)
+                pj, j = pj * out_shape[j], j + 1
+        groups.append((in_dims, out_dims))
+    return groups
+
+
+def _first_significant(dims, shape):
+    return next((d for d in dims if shape[d] > 1), None)
+
+
+@rule(aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.view.dtype)
+def reshape(ctx, node, axis):
+    x = node.args[0]
+    placement = ctx.placement(x, axis)
+    if not is_shard(placement):
+        return Choice(placement)
+    in_shape, out_shape = ctx.shape(x), ctx.shape(node)
+    count = ctx.layout(x).shard_count(placement, ctx.axis_sizes)
+    for in_dims, out_dims in view_groups(in_shape, out_shape):
+        if placement in in_dims:
+            target = _first_significant(out_dims, out_shape)
+            if (_first_significant(in_dims, in_shape) == placement and target is not None
+                    and out_shape[target] % count == 0):
+                return Choice(target)
+            break
+    return Choice(REPLICATE, {x: REPLICATE})
+
+
+def _mapped(ctx, node, axis, dim_map):
+    """Output placement when input dim d becomes output dim dim_map[d] (None: the dim disappears)."""
+    placement = ctx.placement(node.args[0], axis)
+    if not is_shard(placement):
+        return Choice(placement)
+    target = dim_map(placement)
+    if target is None:
+        return Choice(REPLICATE, {node.args[0]: REPLICATE})
+    return Choice(target)
+
+
+@rule(aten.t.default)
+def t(ctx, node, axis):
+    return _mapped(ctx, node, axis, lambda d: 1 - d if ctx.ndim(node.args[0]) == 2 else d)
+
+
+@rule(aten.transpose.int)
+def transpose(ctx, node, axis):
+    ndim = ctx.ndim(node.args[0])
+    d0, d1 = node.args[1] % ndim, node.args[2] % ndim
+    return _mapped(ctx, node, axis, lambda d: d1 if d == d0 else d0 if d == d1 else d)
+
+
+@rule(aten.permute.default)
+def permute(ctx, node, axis):
+    ndim = ctx.ndim(node.args[0])
+    order = [d % ndim for d in node.args[1]]
+    return _mapped(ctx, node, axis, lambda d: order.index(d))
+
+
+@rule(aten.unsqueeze.default)
+def unsqueeze(ctx, node, axis):
+    new = node.args[1] % ctx.ndim(node)
+    return _mapped(ctx, node, axis, lambda d: d + 1 if d >= new else d)
+
+
+@rule(aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default)
+def squeeze(ctx, node, axis):
+    in_shape, out_nd = ctx.shape(node.args[0]), ctx.ndim(node)
+    if node.target is aten.squeeze.default:
+        removed = [d for d, s in enumerate(in_shape) if s == 1]
+    else:
+        dims = node.args[1] if isinstance(node.args[1], (list, tuple)) else [node.args[1]]
+        removed = [d % len(in_shape) for d in dims if in_shape[d % len(in_shape)] == 1]
+    del out_nd
+    return _mapped(ctx, node, axis, lambda d: None if d in removed else d - sum(r < d for r in removed))
+
+
+@rule(aten.expand.default)
+def expand(ctx, node, axis):
+    offset = ctx.ndim(node) - ctx.ndim(node.args[0])
+    in_shape, out_shape = ctx.shape(node.args[0]), ctx.shape(node)
+    return _mapped(ctx, node, axis, lambda d: d + offset if in_shape[d] == out_shape[d + offset] else None)
+
+
+def _is_full_slice(shape, dim, start, end, step) -> bool:
+    return (start in (None, 0)) and (end is None or end >= shape[dim]) and step in (None, 1)
+
+
+@rule(aten.slice.Tensor)
+def slice_(ctx, node, axis):
+    x = node.args[0]
+    args = list(node.args) + [None] * (5 - len(node.args))
+    dim = (args[1] or 0) % ctx.ndim(x)
+    full = _is_full_slice(ctx.shape(x), dim, args[2], args[3], args[4])
+    return _mapped(ctx, node, axis, lambda d: d if (d != dim or full) else None)
+
+
+@rule(aten.slice_backward.default, aten.select_backward.default)
+def slice_backward(ctx, node, axis):
+    dim = node.args[2] % ctx.ndim(node)
+    if node.target is aten.select_backward.default:
+        return _mapped(ctx, node, axis, lambda d: d + 1 if d >= dim else d)
+    return _mapped(ctx, node, axis, lambda d: None if d == dim else d)
+
+
+@rule(aten.select.int)
+def select(ctx, node, axis):
+    dim = node.args[1] % ctx.ndim(node.args[0])
+    return _mapped(ctx, node, axis, lambda d: None if d == dim else (d - 1 if d > dim else d))
+
+
+@rule(aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int, aten.chunk.default)
+def split(ctx, node, axis):
+    x = node.args[0]
+    ndim = ctx.ndim(x)
+    default_dim = 0
+    dim = (node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", default_dim))
+    if node.target is aten.unbind.int:
+        dim = node.args[1] if len(node.args) > 1 else 0
+    dim %= ndim
+    count = len(node.meta["val"])
+    placement = ctx.placement(x, axis)
+    if is_shard(placement) and placement == dim:
+        return Choice((REPLICATE,) * count, {x: REPLICATE})
+    if node.target is aten.unbind.int and is_shard(placement) and placement > dim:
+        placement -= 1
+    return Choice((placement,) * count)
+
+
+def _concatenate(ctx, node, axis, dim, shift):
+    inputs = tensor_inputs(node)
+    placements = {ctx.placement(i, axis) for i in inputs}
+    if len(placements) == 1:
+        (placement,) = placements
+        if not is_shard(placement):
+            return Choice(placement)
+        if shift or placement != dim:
+            return Choice(placement + (1 if shift and placement >= dim else 0))
+    elif placements <= {PARTIAL, REPLICATE} and all(
+            ctx.placement(i, axis) == PARTIAL or ctx.is_zeros(i) or ctx.numel(i) <= 1 for i in inputs):
+        # Concatenation is linear: replicated pieces join as Partial by masking (no communication).
+        return Choice(PARTIAL, {i: PARTIAL for i in inputs})
+    return Choice(REPLICATE, {i: REPLICATE for i in inputs})
+
+
+@rule(aten.cat.default)
+def cat(ctx, node, axis):
+    dim = (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) % ctx.ndim(node)
+    return _concatenate(ctx, node, axis, dim, shift=False)
+
+
+@rule(aten.stack.default)
+def stack(ctx, node, axis):
+    dim = (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) % ctx.ndim(node)
+    return _concatenate(ctx, node, axis, dim, shift=True)

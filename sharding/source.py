@@ -1,0 +1,49 @@
+"""The user's source line behind each traced node, for error messages and the collective log."""
+from __future__ import annotations
+
+import contextlib
+import os
+import traceback
+
+import torch
+from torch.fx.experimental.proxy_tensor import PythonKeyTracer
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_SHARDING_DIR = os.path.dirname(__file__)
+
+
+def _is_user_frame(frame: traceback.FrameSummary) -> bool:
+    filename = frame.filename
+    return not (filename.startswith(_TORCH_DIR) or filename.startswith(_SHARDING_DIR)
+                or "/optree/" in filename or filename.startswith("<"))
+
+
+@contextlib.contextmanager
+def user_stack_traces():
+    """Keep every user frame in `node.meta["stack_trace"]`.
+
+    make_fx on its own keeps only frames named `forward` (nn.Module code); our models are plain
+    functions, so we widen the filter while tracing (torch is pinned, so this hook is stable).
+    """
+    original = PythonKeyTracer._filter_traceback_frames
+
+    def keep_user_frames(self, stack):
+        return traceback.StackSummary.from_list([f for f in stack if _is_user_frame(f)])
+
+    PythonKeyTracer._filter_traceback_frames = keep_user_frames
+    try:
+        yield
+    finally:
+        PythonKeyTracer._filter_traceback_frames = original
+
+
+def source_line(node: torch.fx.Node) -> str:
+    """`file:line in function: code` of the innermost user frame that made `node` (or "")."""
+    trace = node.meta.get("stack_trace") or ""
+    lines = [line.strip() for line in trace.strip().splitlines() if line.strip()]
+    for index in range(len(lines) - 1, -1, -1):
+        if lines[index].startswith("File "):
+            location = lines[index][len("File "):].replace('"', "").replace(", line ", ":").replace(", in ", " in ")
+            code = lines[index + 1] if index + 1 < len(lines) and not lines[index + 1].startswith("File ") else ""
+            return f"{location}: {code}" if code else location
+    return ""

@@ -1,0 +1,39 @@
+"""`P`, the PartitionSpec: one entry per leading tensor dim, JAX semantics."""
+from __future__ import annotations
+
+
+class P(tuple):
+    """PartitionSpec. Each entry is `None`, a mesh axis name, or a tuple of axis names.
+
+    Missing trailing dims are replicated. `P()` replicates the whole tensor.
+    """
+
+    def __new__(cls, *entries):
+        return super().__new__(cls, tuple(_normalize(e) for e in entries))
+
+    def __repr__(self) -> str:
+        return "P(" + ", ".join(repr(e) for e in self) + ")"
+
+    def axes_of(self, dim: int) -> tuple[str, ...]:
+        """Mesh axes that shard tensor dim `dim` (empty when replicated)."""
+        if dim >= len(self) or self[dim] is None:
+            return ()
+        entry = self[dim]
+        return entry if isinstance(entry, tuple) else (entry,)
+
+    def all_axes(self) -> list[str]:
+        """Every axis named by this spec, in order of appearance (duplicates kept)."""
+        return [axis for dim in range(len(self)) for axis in self.axes_of(dim)]
+
+
+def _normalize(entry):
+    if entry is None or isinstance(entry, str):
+        return entry
+    if isinstance(entry, (tuple, list)):
+        entry = tuple(entry)
+        if not all(isinstance(a, str) for a in entry):
+            raise TypeError(f"P entries must be None, an axis name or a tuple of axis names; got {entry!r}")
+        if len(entry) == 0:
+            return None
+        return entry[0] if len(entry) == 1 else entry
+    raise TypeError(f"P entries must be None, an axis name or a tuple of axis names; got {entry!r}")

@@ -1,0 +1,135 @@
+"""Stage 1, trace: `fn` on fake tensors of *global* shape -> a flat aten `GraphModule`.
+
+Local shapes times the spec's axis sizes give the global shapes; nothing is allocated. A few
+composite losses are decomposed so every op left has a sharding rule that is exact (a mean
+becomes sum / count, so a sharded mean is a Partial sum over the global count).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import optree
+import torch
+from torch._decomp import get_decompositions
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from .constrain import tracing_context
+from .source import source_line, user_stack_traces
+from .errors import PropagationError, SpecError
+from .layout import Layout, layout_from_spec
+from .mesh import Mesh
+from .spec import P
+from .tree import NAMESPACE, flat_specs, leaf_paths
+
+aten = torch.ops.aten
+
+
+
+def _mean_dim(x, dim=None, keepdim=False, *, dtype=None):
+    dims = list(range(x.dim())) if dim is None or (isinstance(dim, (list, tuple)) and not dim) else (
+        [dim] if isinstance(dim, int) else list(dim))
+    count = 1
+    for d in dims:
+        count *= x.shape[d]
+    return aten.sum.dim_IntList(x, dims, keepdim, dtype=dtype) / count
+
+
+def _mean(x, *, dtype=None):
+    return _mean_dim(x, None, False, dtype=dtype)
+
+
+DECOMPOSITIONS = {
+    **get_decompositions([aten.nll_loss_forward, aten.nll_loss_backward, aten.embedding_dense_backward,
+                          aten._log_softmax_backward_data, aten.nll_loss2d_forward]),
+    aten.mean.dim: _mean_dim,
+    aten.mean.default: _mean,
+}
+
+
+@dataclass
+class Traced:
+    """The global-shape graph and what the later stages need to know about its inputs/outputs."""
+
+    graph_module: torch.fx.GraphModule
+    in_paths: list[str]
+    in_layouts: list[Layout]
+    out_treedef: Any
+    out_paths: list[str]
+
+
+def global_shape(local_shape: Sequence[int], spec: P, mesh: Mesh) -> list[int]:
+    shape = list(local_shape)
+    for dim in range(min(len(spec), len(shape))):
+        for axis in spec.axes_of(dim):
+            if axis in mesh.axis_names:
+                shape[dim] *= mesh.axis_size(axis)
+    return shape
+
+
+def input_layouts(args: tuple, in_specs: Sequence, mesh: Mesh) -> tuple[list[str], list, list[Layout], list]:
+    """Flatten the arguments and validate every leaf's spec against its global shape."""
+    if len(in_specs) != len(args):
+        raise SpecError(f"in_specs has {len(in_specs)} entries but the function got {len(args)} arguments; "
+                        f"give one spec (or spec tree) per argument")
+    paths, leaves, layouts, shapes = [], [], [], []
+    for position, (arg, specs) in enumerate(zip(args, in_specs)):
+        arg_paths, arg_leaves, _ = leaf_paths(arg)
+        for path, leaf, spec in zip(arg_paths, arg_leaves, flat_specs(specs, arg, f"argument {position}")):
+            where = f"argument {position}" + (f" leaf {path!r}" if path else "")
+            if not isinstance(leaf, torch.Tensor):
+                raise SpecError(f"{where}: expected a tensor, got {type(leaf).__name__}")
+            shape = global_shape(leaf.shape, spec, mesh)
+            layouts.append(layout_from_spec(spec, shape, mesh.axis_names, mesh.axis_sizes, where=where))
+            paths.append(f"{position}/{path}" if path else str(position))
+            leaves.append(leaf)
+            shapes.append(shape)
+    return paths, leaves, layouts, shapes
+
+
+def _out_of_place(target):
+    name = target._schema.name.split("::")[-1]
+    if not name.endswith("_") or name.startswith("_"):
+        return None
+    packet = getattr(aten, name[:-1], None)
+    return getattr(packet, target._overloadname, None) if packet is not None else None
+
+
+def remove_inplace(graph_module: torch.fx.GraphModule) -> None:
+    """Rewrite in-place ops on temporaries (autograd formulas such as silu's backward write
+    `empty_like(x).fill_(1).sub_(s)`) to their out-of-place forms, so every node is a value."""
+    order = {node: i for i, node in enumerate(graph_module.graph.nodes)}
+    for node in graph_module.graph.nodes:
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        functional = _out_of_place(node.target)
+        if functional is None:
+            continue
+        mutated = node.args[0]
+        if any(order[user] > order[node] for user in mutated.users if user is not node):
+            raise PropagationError(f"in-place {node.target} on a tensor that is used again later "
+                                   f"(at {source_line(node)}); write it out of place")
+        node.target = functional
+    graph_module.recompile()
+
+
+def trace(fn: Callable, args: tuple, in_specs: Sequence, mesh: Mesh, logical_rules=None) -> Traced:
+    paths, leaves, layouts, shapes = input_layouts(args, in_specs, mesh)
+    arg_treedef = optree.tree_structure(tuple(args), namespace=NAMESPACE, none_is_leaf=False)
+    out_info = {}
+
+    def flat_fn(*flat):
+        out = fn(*optree.tree_unflatten(arg_treedef, list(flat)))
+        out_paths, out_leaves, out_treedef = leaf_paths(out)
+        out_info.update(treedef=out_treedef, paths=out_paths)
+        return tuple(out_leaves)
+
+    with FakeTensorMode(allow_non_fake_inputs=False) as mode:
+        fakes = [torch.empty(shape, dtype=leaf.dtype, device=leaf.device) for shape, leaf in zip(shapes, leaves)]
+    with tracing_context(logical_rules, mesh.axis_names), user_stack_traces():
+        graph_module = make_fx(flat_fn, decomposition_table=DECOMPOSITIONS, tracing_mode="fake",
+                               record_stack_traces=True)(*fakes)
+    remove_inplace(graph_module)
+    del mode
+    return Traced(graph_module, paths, layouts, out_info["treedef"], out_info["paths"])

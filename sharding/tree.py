@@ -1,0 +1,106 @@
+"""Pytrees of specs: `match` rules to leaves, and `shard` / `unshard` global <-> local trees."""
+from __future__ import annotations
+
+import re
+from typing import Any, Sequence
+
+import optree
+import torch
+import torch.utils._cxx_pytree  # noqa: F401  (insertion-ordered dicts in optree's "torch" namespace, as make_fx)
+
+from . import collectives
+from .errors import SpecError
+from .layout import layout_from_spec
+from .mesh import Mesh
+from .spec import P
+
+NAMESPACE = "torch"
+
+
+def _is_spec(x) -> bool:
+    return isinstance(x, P)
+
+
+def leaf_paths(tree) -> tuple[list[str], list[Any], Any]:
+    """Flatten with "a/0/b" paths; one convention (optree, namespace "torch") everywhere."""
+    paths, leaves, treedef = optree.tree_flatten_with_path(tree, namespace=NAMESPACE, none_is_leaf=False)
+    return ["/".join(str(k) for k in path) for path in paths], leaves, treedef
+
+
+def match(tree, rules: Sequence[tuple[str, P]]):
+    """A spec for every leaf: the first rule whose regex is found in the leaf path; else `P()`."""
+    compiled = [(re.compile(pattern), spec if isinstance(spec, P) else P(*spec)) for pattern, spec in rules]
+    paths, leaves, treedef = leaf_paths(tree)
+    specs = []
+    for path, leaf in zip(paths, leaves):
+        spec = next((s for regex, s in compiled if regex.search(path)), P())
+        specs.append(P(*list(spec)[: leaf.dim()]) if isinstance(leaf, torch.Tensor) and len(spec) > leaf.dim()
+                     and all(e is None for e in list(spec)[leaf.dim():]) else spec)
+    return optree.tree_unflatten(treedef, specs)
+
+
+def flat_specs(specs, tree, what: str = "argument") -> list[P]:
+    """One spec per leaf of `tree`: `specs` is a P for every leaf, or a tree (prefix) of P's."""
+    if _is_spec(specs):
+        return [specs] * len(leaf_paths(tree)[1])
+    if specs is None:
+        return [P()] * len(leaf_paths(tree)[1])
+    try:
+        broadcast = optree.tree_broadcast_prefix(specs, tree, is_leaf=_is_spec, namespace=NAMESPACE)
+    except ValueError as error:
+        spec_paths = leaf_paths_of_specs(specs)
+        tree_paths = leaf_paths(tree)[0]
+        missing = sorted(set(tree_paths) - set(spec_paths))[:5]
+        extra = sorted(set(spec_paths) - set(tree_paths))[:5]
+        raise SpecError(f"{what}: the spec tree does not match the value tree "
+                        f"(leaves without a spec: {missing}; specs without a leaf: {extra}); {error}") from None
+    return optree.tree_leaves(broadcast, is_leaf=_is_spec, namespace=NAMESPACE)
+
+
+def leaf_paths_of_specs(specs) -> list[str]:
+    paths, _, _ = optree.tree_flatten_with_path(specs, is_leaf=_is_spec, namespace=NAMESPACE)
+    return ["/".join(str(k) for k in path) for path in paths]
+
+
+def _block(mesh: Mesh, layout, dim: int) -> tuple[int, int]:
+    """(index, count) of this rank's block along `dim`: nested over the axes in mesh order."""
+    index, count = 0, 1
+    for axis_index, placement in enumerate(layout.placements):
+        if placement == dim:
+            size = mesh.axis_sizes[axis_index]
+            index, count = index * size + mesh.coordinate[axis_index], count * size
+    return index, count
+
+
+def shard(tree, specs, mesh: Mesh):
+    """This rank's slice of every global tensor in `tree`."""
+    paths, leaves, treedef = leaf_paths(tree)
+    out = []
+    for path, leaf, spec in zip(paths, leaves, flat_specs(specs, tree, "shard")):
+        layout = layout_from_spec(spec, leaf.shape, mesh.axis_names, mesh.axis_sizes, where=path or "value")
+        for dim in range(leaf.dim()):
+            index, count = _block(mesh, layout, dim)
+            if count > 1:
+                leaf = collectives.local_slice(leaf, dim, index, count)
+        out.append(leaf)
+    return optree.tree_unflatten(treedef, out)
+
+
+def unshard(tree, specs, mesh: Mesh):
+    """The global tensors, on every rank, from each rank's local slices."""
+    paths, leaves, treedef = leaf_paths(tree)
+    out = []
+    for path, leaf, spec in zip(paths, leaves, flat_specs(specs, tree, "unshard")):
+        global_shape = list(leaf.shape)
+        for dim in range(len(spec)):
+            for axis in spec.axes_of(dim):
+                global_shape[dim] *= mesh.axis_size(axis) if axis in mesh.axis_names else 1
+        layout = layout_from_spec(spec, global_shape, mesh.axis_names, mesh.axis_sizes, where=path or "value")
+        # Gather inner axes first so nested blocks reassemble in mesh order.
+        for axis_index in reversed(range(len(mesh.axis_names))):
+            placement = layout.placements[axis_index]
+            if isinstance(placement, int):
+                leaf = collectives.all_gather(leaf, placement, mesh.axis_sizes[axis_index],
+                                              mesh.group_name(axis_index))
+        out.append(leaf)
+    return optree.tree_unflatten(treedef, out)

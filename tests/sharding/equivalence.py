@@ -1,0 +1,68 @@
+"""Shared multi-rank check: one strategy's compiled step against the single-process reference."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from functional_parallel import optim
+from functional_parallel.models import build
+from functional_parallel.parallel import Strategy, compile_step
+from sharding import Mesh, P, shard, unshard
+
+MESHES = {"dp": {"dp": 4, "tp": 1}, "zero1": {"dp": 4, "tp": 1}, "zero2": {"dp": 4, "tp": 1},
+          "zero3": {"dp": 4, "tp": 1}, "tp": {"dp": 2, "tp": 2}, "tp_sp": {"dp": 2, "tp": 2},
+          "fsdp_tp": {"dp": 2, "tp": 2}}
+GLOBAL_BATCH = 8
+
+
+def make_problem(arch: str, seed: int = 0):
+    """Model, float64 params, AdamW state, a fixed global batch, and the step that also returns grads."""
+    model = build(arch, "tiny")
+    params = model.init(seed, dtype=torch.float64)
+    optimizer = optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(1e-2, weight_decay=0.1))
+    opt_state = optimizer.init(params)
+    generator = torch.Generator().manual_seed(seed + 1)
+    tokens = torch.randint(0, model.cfg.vocab_size, (GLOBAL_BATCH, model.cfg.seq_len + 1), generator=generator)
+    batch = {"inputs": tokens[:, :-1].contiguous(), "targets": tokens[:, 1:].contiguous()}
+    grad_and_loss = torch.func.grad_and_value(model.loss)
+
+    def step(params, opt_state, batch):
+        grads, loss = grad_and_loss(params, batch)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optim.apply_updates(params, updates)
+        return params, opt_state, {"loss": loss, "grads": grads}
+
+    return step, params, opt_state, batch
+
+
+def reference(arch: str, steps: int = 3):
+    step, params, opt_state, batch = make_problem(arch)
+    losses, grads = [], None
+    for i in range(steps):
+        params, opt_state, metrics = step(params, opt_state, batch)
+        losses.append(metrics["loss"])
+        grads = grads or metrics["grads"]
+    return {"losses": losses, "grads": grads, "params": params}
+
+
+def run_strategy(rank: int, world: int, arch: str, strategy_name: str, steps: int = 3):
+    """On each rank: compile, run `steps` steps, unshard; returns what the test compares."""
+    step, params, opt_state, batch = make_problem(arch)
+    strategy = Strategy.load(strategy_name)
+    mesh = Mesh(MESHES[strategy_name])
+    started = time.perf_counter()
+    # Grads come out in the parameter layout (the strategy's out spec for the metrics' grads).
+    compiled, (pspecs, sspecs, bspec) = compile_step(step, strategy, mesh, params, opt_state)
+    compiled.out_specs = (pspecs, sspecs, {"loss": P(), "grads": pspecs})
+    local = (shard(params, pspecs, mesh), shard(opt_state, sspecs, mesh), shard(batch, bspec, mesh))
+    lowered = compiled.lower(*local)
+    compile_s = time.perf_counter() - started
+    losses, grads = [], None
+    p, s = local[0], local[1]
+    for _ in range(steps):
+        p, s, metrics = compiled(p, s, local[2])
+        losses.append(metrics["loss"])
+        grads = grads or unshard(metrics["grads"], pspecs, mesh)
+    return {"losses": losses, "grads": grads, "params": unshard(p, pspecs, mesh),
+            "collectives": lowered.collectives, "compile_s": compile_s, "timings": lowered.timings}
