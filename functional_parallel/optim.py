@@ -46,8 +46,10 @@ def apply_updates(params: Tree, updates: Tree) -> Tree:
 def global_norm(tree: Tree) -> torch.Tensor:
     """sqrt of the sum of squares of every leaf, accumulated in at least float32."""
     leaves = tree_leaves(tree)
-    squares = [leaf.to(torch.promote_types(leaf.dtype, torch.float32)).pow(2).sum() for leaf in leaves]
-    return torch.stack(squares).sum().sqrt()
+    total = torch.zeros((), dtype=torch.float32, device=leaves[0].device if leaves else None)
+    for leaf in leaves:  # a chain of scalar adds (elementwise), not a `stack`: simpler to partition
+        total = total + leaf.to(torch.promote_types(leaf.dtype, torch.float32)).pow(2).sum()
+    return total.sqrt()
 
 
 def _zero_count(params: Tree) -> torch.Tensor:
