@@ -128,3 +128,19 @@ def test_config_validation():
         llama.LlamaConfig(d_model=32, n_heads=4, n_kv_heads=3)
     with pytest.raises(ValueError, match="unknown architecture"):
         models.build("mamba")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_abstract_init_matches_real_layout(arch):
+    """meta and fake inits (the planner's) give the same tree, shapes and dtypes as a real one."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    model = models.build(arch, "tiny")
+    real = model.init(0, torch.bfloat16)
+    with torch.device("meta"):
+        meta = model.init(0, torch.bfloat16)
+    with FakeTensorMode():
+        fake = model.init(0, torch.bfloat16)
+    assert leaf_paths(real) == leaf_paths(meta) == leaf_paths(fake)
+    for r, m, f in zip(tree_leaves(real), tree_leaves(meta), tree_leaves(fake)):
+        assert r.shape == m.shape == f.shape and r.dtype == m.dtype == f.dtype and m.is_meta
