@@ -159,6 +159,13 @@ def _apply_compute_layouts(ctx: Context, node, inputs) -> None:
         if layout.has_partial() and reduced is not None:
             # Already reduced for an earlier consumer: reuse that copy rather than reduce again.
             ctx.effective[inp] = layout = reduced
+        elif layout.has_partial() and len(inp.users) > 1 and any(
+                is_shard(layout.placements[a]) for a in ctx.data_axes):
+            # An activation's Partial (the value is split along a data axis) used twice is reduced
+            # once, before its first use: the consumers share one reduction instead of each carrying
+            # its own Partial (Megatron's one all-reduce per norm backward). A gradient's Partial
+            # stays lazy, so the optimizer's layout decides between reduce-scatter and all-reduce.
+            ctx.effective[inp] = layout = _reduced(ctx, inp, layout)
         if not ctx.param_like(inp):
             continue
         if ctx.hints.same_component(inp, node):
@@ -169,6 +176,17 @@ def _apply_compute_layouts(ctx: Context, node, inputs) -> None:
                 placements[axis] = REPLICATE
         if tuple(placements) != layout.placements:
             ctx.effective[inp] = Layout(tuple(placements))
+
+
+def _reduced(ctx: Context, node, layout: Layout) -> Layout:
+    """`layout` with each Partial reduced: into the hinted shard where there is one, else replicated."""
+    placements = list(layout.placements)
+    for axis, placement in enumerate(placements):
+        if placement == PARTIAL:
+            hint = ctx.hint(node, axis)
+            shardable = is_shard(hint) and hint not in placements and ctx.divisible(ctx.shape(node), hint, axis)
+            placements[axis] = hint if shardable else REPLICATE
+    return Layout(tuple(placements))
 
 
 def _record(ctx: Context, node, requires: dict, out_layout) -> None:
