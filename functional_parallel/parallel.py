@@ -96,3 +96,31 @@ def compile_step(step: Callable, strategy: Strategy, mesh: Mesh, params, opt_sta
     compiled = jit(step, mesh=mesh, in_specs=(pspecs, sspecs, strategy.batch), out_specs=(pspecs, sspecs, P()),
                    logical_rules=strategy.logical)
     return compiled, (pspecs, sspecs, strategy.batch)
+
+
+def lower_abstract(arch: str, size: str, strategy_name: str, mesh_shape: Mapping[str, int], global_batch: int,
+                   optimizer=None, seed: int = 0):
+    """Lower the AdamW train step of a named model under a strategy on an abstract mesh.
+
+    No processes and no collectives run: the result's `.collectives` and `.cost` are what the
+    step would do on rank 0 of that mesh. Returns (model, params, lowered).
+    """
+    import torch
+
+    from sharding import shard
+
+    from . import optim
+    from .models import build
+    from .train import make_train_step
+
+    model = build(arch, size)
+    params = model.init(seed)
+    optimizer = optimizer or optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(1e-2, weight_decay=0.1))
+    state = optimizer.init(params)
+    mesh = Mesh.abstract(dict(mesh_shape))
+    compiled, (pspecs, sspecs, bspec) = compile_step(make_train_step(model.loss, optimizer),
+                                                     Strategy.load(strategy_name), mesh, params, state)
+    tokens = torch.zeros(global_batch, model.cfg.seq_len, dtype=torch.long)
+    batch = {"inputs": tokens, "targets": tokens}
+    lowered = compiled.lower(shard(params, pspecs, mesh), shard(state, sspecs, mesh), shard(batch, bspec, mesh))
+    return model, params, lowered

@@ -12,3 +12,13 @@ def test_readme_api_example_runs():
     namespace: dict = {}
     exec(compile(blocks[0], "README.md", "exec"), namespace)
     assert namespace["metrics"]["loss"].item() < namespace["metrics"]["loss"].new_tensor(4.7).item()
+
+
+def test_readme_strategy_table_is_what_the_compiler_prints():
+    """README's strategy table is generated (`python -m experiments.strategies write_readme=true`), not typed."""
+    from experiments.strategies import MESHES, README_MARKERS, table
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    begin, end = README_MARKERS
+    written = readme.split(begin)[1].split(end)[0].strip()
+    assert written == table("gpt", "tiny", 8, list(MESHES)).strip()

@@ -5,11 +5,9 @@ from collections import Counter
 
 import pytest
 
-from functional_parallel import optim
-from functional_parallel.models import build
-from functional_parallel.parallel import Strategy, compile_step
-from functional_parallel.train import make_train_step
-from sharding import Mesh, shard
+import optree
+
+from functional_parallel.parallel import lower_abstract
 
 from .equivalence import MESHES
 
@@ -17,18 +15,7 @@ ACTIVATION_DIMS = 3  # [batch, seq, embed]: the residual stream and its gradient
 
 
 def lower(arch: str, strategy_name: str):
-    model = build(arch, "tiny")
-    params = model.init(0)
-    optimizer = optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(1e-2, weight_decay=0.1))
-    state = optimizer.init(params)
-    mesh = Mesh.abstract(MESHES[strategy_name])
-    compiled, (pspecs, sspecs, bspec) = compile_step(make_train_step(model.loss, optimizer),
-                                                     Strategy.load(strategy_name), mesh, params, state)
-    import torch
-    tokens = torch.zeros(8, model.cfg.seq_len, dtype=torch.long)
-    batch = {"inputs": tokens, "targets": tokens}
-    lowered = compiled.lower(shard(params, pspecs, mesh), shard(state, sspecs, mesh), shard(batch, bspec, mesh))
-    return model, params, lowered
+    return lower_abstract(arch, "tiny", strategy_name, MESHES[strategy_name], global_batch=8)
 
 
 def kinds(lowered, axis, min_dims=0):
@@ -36,7 +23,7 @@ def kinds(lowered, axis, min_dims=0):
 
 
 def param_sized(lowered, params):
-    shapes = {tuple(p.shape) for p in __import__("optree").tree_leaves(params, namespace="torch")}
+    shapes = {tuple(p.shape) for p in optree.tree_leaves(params, namespace="torch")}
     return [c for c in lowered.collectives if c["shape"] in shapes]
 
 
@@ -45,7 +32,7 @@ def test_dp_all_reduces_gradients_and_gathers_nothing(arch):
     model, params, lowered = lower(arch, "dp")
     counts = kinds(lowered, "dp")
     assert counts["all_gather"] == 0 and counts["reduce_scatter"] == 0
-    n_params = len(__import__("optree").tree_leaves(params, namespace="torch"))
+    n_params = len(optree.tree_leaves(params, namespace="torch"))
     assert len([c for c in param_sized(lowered, params) if c["kind"] == "all_reduce"]) == n_params
 
 
@@ -53,7 +40,7 @@ def test_dp_all_reduces_gradients_and_gathers_nothing(arch):
 @pytest.mark.parametrize("strategy", ["zero1", "zero2"])
 def test_zero12_reduce_scatter_gradients_and_gather_parameters(arch, strategy):
     model, params, lowered = lower(arch, strategy)
-    n_params = len(__import__("optree").tree_leaves(params, namespace="torch"))
+    n_params = len(optree.tree_leaves(params, namespace="torch"))
     sized = Counter(c["kind"] for c in param_sized(lowered, params))
     assert sized["reduce_scatter"] == n_params and sized["all_gather"] == n_params
     assert sized["all_reduce"] == 0
@@ -62,7 +49,7 @@ def test_zero12_reduce_scatter_gradients_and_gather_parameters(arch, strategy):
 @pytest.mark.parametrize("arch", ["gpt", "llama"])
 def test_zero3_gathers_parameters_and_reduce_scatters_gradients(arch):
     model, params, lowered = lower(arch, "zero3")
-    n_params = len(__import__("optree").tree_leaves(params, namespace="torch"))
+    n_params = len(optree.tree_leaves(params, namespace="torch"))
     sized = Counter(c["kind"] for c in param_sized(lowered, params))
     assert sized["all_gather"] == n_params and sized["reduce_scatter"] == n_params
     assert sized["all_reduce"] == 0, "no parameter-sized all-reduce under ZeRO-3"

@@ -1,0 +1,80 @@
+"""`python -m experiments.strategies`: the collectives each strategy lowers to, as a markdown table.
+
+No processes run: every strategy's train step is lowered on an abstract mesh, so the table is
+exactly what the compiler inserts (README's strategy table is this command's output).
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+from functional_parallel.parallel import lower_abstract
+
+MESHES = {"dp": {"dp": 4, "tp": 1}, "zero1": {"dp": 4, "tp": 1}, "zero2": {"dp": 4, "tp": 1},
+          "zero3": {"dp": 4, "tp": 1}, "tp": {"dp": 2, "tp": 2}, "tp_sp": {"dp": 2, "tp": 2},
+          "fsdp_tp": {"dp": 2, "tp": 2}}
+README_MARKERS = ("<!-- strategies:begin -->", "<!-- strategies:end -->")
+
+
+@dataclass
+class StrategiesConfig:
+    arch: str = "gpt"
+    size: str = "tiny"
+    global_batch: int = 8
+    strategies: list = field(default_factory=lambda: list(MESHES))
+    write_readme: bool = False
+
+
+ConfigStore.instance().store(name="strategies_config", node=StrategiesConfig)
+
+
+def table(arch: str, size: str, global_batch: int, strategies) -> str:
+    kinds = ("all_gather", "reduce_scatter", "all_reduce")
+    lines = [f"Train step of `{arch}/{size}` (AdamW, global batch {global_batch}), per rank; "
+             f"cells are count × kind on a mesh axis, with bytes.", "",
+             "| strategy | mesh | " + " | ".join(kinds) + " | bytes moved | peak bytes (estimate) |",
+             "|---|---|" + "---|" * len(kinds) + "---|---|"]
+    for name in strategies:
+        mesh = {a: s for a, s in MESHES[name].items() if s > 1}
+        _, _, lowered = lower_abstract(arch, size, name, MESHES[name], global_batch)
+        cells = []
+        for kind in kinds:
+            per_axis = Counter()
+            volume = Counter()
+            for record in lowered.collectives:
+                if record["kind"] == kind:
+                    per_axis[record["axes"][0]] += 1
+                    volume[record["axes"][0]] += record["bytes"]
+            cells.append(", ".join(f"{n}× {axis} ({volume[axis]:,} B)" for axis, n in sorted(per_axis.items()))
+                         or "—")
+        lines.append(f"| {name} | {' × '.join(f'{a}={s}' for a, s in mesh.items())} | " + " | ".join(cells)
+                     + f" | {lowered.cost['bytes_moved']:,} | {lowered.cost['peak_bytes']:,} |")
+    return "\n".join(lines)
+
+
+def write_into_readme(text: str, readme: Path) -> None:
+    begin, end = README_MARKERS
+    content = readme.read_text()
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+    replacement = f"{begin}\n{text}\n{end}"
+    content = pattern.sub(lambda _: replacement, content) if pattern.search(content) else content + "\n" + replacement
+    readme.write_text(content)
+
+
+@hydra.main(version_base=None, config_name="strategies_config")
+def main(cfg: StrategiesConfig) -> None:
+    cfg = OmegaConf.to_object(cfg)
+    text = table(cfg.arch, cfg.size, cfg.global_batch, cfg.strategies)
+    print(text)
+    if cfg.write_readme:
+        write_into_readme(text, Path(hydra.utils.get_original_cwd()) / "README.md")
+
+
+if __name__ == "__main__":
+    main()
