@@ -1,6 +1,8 @@
 """Cost model of a lowered step: the collective log, bytes moved, and a liveness estimate of peak memory."""
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx as fx
 
@@ -51,7 +53,7 @@ def peak_bytes(graph_module: fx.GraphModule, axis_sizes) -> int:
     peak = live
     sizes = {}
     for index, node in enumerate(nodes):
-        if node.op == "call_function" and root[node] is node and node.target is not __import__("operator").getitem:
+        if node.op == "call_function" and root[node] is node and node.target is not operator.getitem:
             sizes[node] = _local_bytes(node, axis_sizes)
             live += sizes[node]
             peak = max(peak, live)

@@ -7,15 +7,11 @@ axis first and slices outer axis first, so blocks split by several axes nest in 
 """
 from __future__ import annotations
 
-import torch
 import torch.fx as fx
 
 from . import collectives
 from .layout import PARTIAL, REPLICATE, Layout, is_shard
 from .source import source_line
-
-COLLECTIVE_KINDS = {collectives.all_gather: "all_gather", collectives.reduce_scatter: "reduce_scatter",
-                    collectives.all_reduce: "all_reduce", collectives.all_to_all: "all_to_all"}
 
 
 def plan_steps(src: Layout, dst: Layout) -> list[tuple[str, int, object]]:
@@ -37,8 +33,6 @@ def plan_steps(src: Layout, dst: Layout) -> list[tuple[str, int, object]]:
             continue
         if current[a] == PARTIAL:
             steps.append(("all_reduce", a, None) if target[a] == REPLICATE else ("reduce_scatter", a, target[a]))
-            if target[a] not in (REPLICATE,) and not is_shard(target[a]):
-                raise AssertionError(f"cannot redistribute Partial to {target[a]}")
         elif is_shard(target[a]):
             steps.append(("local_slice", a, target[a]))
         else:
@@ -124,5 +118,3 @@ class Inserter:
 def insert(graph_module: fx.GraphModule, ctx, mesh) -> fx.GraphModule:
     return Inserter(graph_module, ctx, mesh).run()
 
-
-__all__ = ["insert", "plan_steps", "COLLECTIVE_KINDS", "torch"]

@@ -121,11 +121,8 @@ def _propagate_node(ctx: Context, node: torch.fx.Node) -> None:
     if node.target is torch.ops.fp.constrain.default:
         source, encoded = node.args
         spec = decode_spec(encoded)
-        try:
-            layout = layout_from_spec(spec, ctx.shape(source), ctx.axis_names, ctx.axis_sizes,
-                                      where=f"constrain at {source_line(node) or node.name}")
-        except Exception as error:
-            raise type(error)(str(error)) from None
+        layout = layout_from_spec(spec, ctx.shape(source), ctx.axis_names, ctx.axis_sizes,
+                                  where=f"constrain at {source_line(node) or node.name}")
         _record(ctx, node, {source: layout}, layout)
         return
     rule_fn = RULES.get(node.target)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from . import Choice, rule
-from .choose import PARTIAL, REPLICATE, is_shard
+from .choose import REPLICATE, is_shard
 
 aten = torch.ops.aten
 
@@ -22,5 +22,3 @@ def like(ctx, node, axis):
     placement = ctx.placement(node.args[0], axis)
     return Choice(placement if is_shard(placement) else REPLICATE, {})
 
-
-__all__ = ["PARTIAL"]

@@ -45,7 +45,6 @@ def joins_component(node) -> bool:
 def _linear_choice(ctx, node, axis, inputs):
     """The Partial-preserving choice, or None if the op is not linear in its Partial operands."""
     placements = {i: ctx.placement(i, axis) for i in inputs}
-    partial = [i for i in inputs if placements[i] == PARTIAL]
     target = node.target
     if target in _UNARY_LINEAR:
         return Choice(PARTIAL)

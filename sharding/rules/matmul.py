@@ -60,8 +60,6 @@ def contraction_after(ctx, node, axis, a, b, spec_a, spec_b, spec_out, required)
         return Choice(REPLICATE, required)
     contracted = set(spec_a) & set(spec_b) - set(spec_out)
     if letter in contracted:
-        required.setdefault(a, spec_a.index(letter))
-        required.setdefault(b, spec_b.index(letter))
         required[a], required[b] = spec_a.index(letter), spec_b.index(letter)
         return Choice(PARTIAL, required)
     return Choice(spec_out.index(letter), required)

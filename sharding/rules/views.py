@@ -96,13 +96,12 @@ def unsqueeze(ctx, node, axis):
 
 @rule(aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default)
 def squeeze(ctx, node, axis):
-    in_shape, out_nd = ctx.shape(node.args[0]), ctx.ndim(node)
+    in_shape = ctx.shape(node.args[0])
     if node.target is aten.squeeze.default:
         removed = [d for d, s in enumerate(in_shape) if s == 1]
     else:
         dims = node.args[1] if isinstance(node.args[1], (list, tuple)) else [node.args[1]]
         removed = [d % len(in_shape) for d in dims if in_shape[d % len(in_shape)] == 1]
-    del out_nd
     return _mapped(ctx, node, axis, lambda d: None if d in removed else d - sum(r < d for r in removed))
 
 
@@ -144,8 +143,7 @@ def select(ctx, node, axis):
 def split(ctx, node, axis):
     x = node.args[0]
     ndim = ctx.ndim(x)
-    default_dim = 0
-    dim = (node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", default_dim))
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
     if node.target is aten.unbind.int:
         dim = node.args[1] if len(node.args) > 1 else 0
     dim %= ndim
