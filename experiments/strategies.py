@@ -14,11 +14,8 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
+from functional_parallel.parallel import EXAMPLE_MESHES as MESHES
 from functional_parallel.parallel import lower_abstract
-
-MESHES = {"dp": {"dp": 4, "tp": 1}, "zero1": {"dp": 4, "tp": 1}, "zero2": {"dp": 4, "tp": 1},
-          "zero3": {"dp": 4, "tp": 1}, "tp": {"dp": 2, "tp": 2}, "tp_sp": {"dp": 2, "tp": 2},
-          "fsdp_tp": {"dp": 2, "tp": 2}}
 README_MARKERS = ("<!-- strategies:begin -->", "<!-- strategies:end -->")
 
 

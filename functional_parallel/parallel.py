@@ -19,6 +19,10 @@ from sharding.tree import leaf_paths
 from .tree import tree_unflatten
 
 STRATEGY_DIR = Path(__file__).resolve().parent.parent / "conf" / "strategy"
+# The 4-rank mesh each strategy is shown and tested on (dp-only strategies use all 4 ranks for dp).
+EXAMPLE_MESHES = {"dp": {"dp": 4, "tp": 1}, "zero1": {"dp": 4, "tp": 1}, "zero2": {"dp": 4, "tp": 1},
+                  "zero3": {"dp": 4, "tp": 1}, "tp": {"dp": 2, "tp": 2}, "tp_sp": {"dp": 2, "tp": 2},
+                  "fsdp_tp": {"dp": 2, "tp": 2}}
 
 
 def _spec(entries) -> P:

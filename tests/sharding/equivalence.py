@@ -7,12 +7,9 @@ import torch
 
 from functional_parallel import optim
 from functional_parallel.models import build
+from functional_parallel.parallel import EXAMPLE_MESHES as MESHES
 from functional_parallel.parallel import Strategy, compile_step
 from sharding import Mesh, P, shard, unshard
-
-MESHES = {"dp": {"dp": 4, "tp": 1}, "zero1": {"dp": 4, "tp": 1}, "zero2": {"dp": 4, "tp": 1},
-          "zero3": {"dp": 4, "tp": 1}, "tp": {"dp": 2, "tp": 2}, "tp_sp": {"dp": 2, "tp": 2},
-          "fsdp_tp": {"dp": 2, "tp": 2}}
 GLOBAL_BATCH = 8
 
 
