@@ -46,17 +46,6 @@ class Lowered:
         return "\n".join(lines)
 
 
-def _default_data_axes(args, in_specs, mesh) -> tuple[str, ...]:
-    """Axes that split an integer input (token ids): the data. Everything else is a model axis."""
-    axes = []
-    for arg, specs in zip(args, in_specs):
-        _, leaves, _ = leaf_paths(arg)
-        for leaf, spec in zip(leaves, flat_specs(specs, arg)):
-            if isinstance(leaf, torch.Tensor) and not leaf.is_floating_point():
-                axes += [a for a in spec.all_axes() if a in mesh.axis_names and a not in axes]
-    return tuple(axes)
-
-
 class jit:
     """Compile `fn` for `mesh`: local shards in, local shards out.
 
@@ -96,8 +85,8 @@ class jit:
         traced = trace(self.fn, tuple(args), self.in_specs, mesh, self.logical_rules)
         traced_at = time.perf_counter()
         out_layouts = self._out_layouts(traced)
-        data_axes = self.data_axes if self.data_axes is not None else _default_data_axes(args, self.in_specs, mesh)
-        unknown = [a for a in data_axes if a not in mesh.axis_names]
+        data_axes = self.data_axes
+        unknown = [a for a in data_axes or () if a not in mesh.axis_names]
         if unknown:
             raise SpecError(f"data_axes {tuple(unknown)} are not mesh axes {mesh.axis_names}")
         graph_module = traced.graph_module

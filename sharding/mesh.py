@@ -61,6 +61,15 @@ class Mesh:
     def axis_size(self, axis: str) -> int:
         return self.axis_sizes[self.axis_index(axis)]
 
+    def global_shape(self, local_shape, spec) -> list[int]:
+        """The global shape of a tensor whose local block is `local_shape` under `spec` (a P)."""
+        shape = list(local_shape)
+        for dim in range(min(len(spec), len(shape))):
+            for axis in spec.axes_of(dim):
+                if axis in self.axis_names:
+                    shape[dim] *= self.axis_size(axis)
+        return shape
+
     def shape(self) -> dict[str, int]:
         return dict(zip(self.axis_names, self.axis_sizes))
 

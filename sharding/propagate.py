@@ -30,7 +30,7 @@ load_all()
 class Context:
     """What a rule may ask about the graph while the pass walks it."""
 
-    def __init__(self, graph: torch.fx.Graph, axis_names, axis_sizes, data_axes: Sequence[str], hints: Hints):
+    def __init__(self, axis_names, axis_sizes, data_axes: Sequence[str], hints: Hints):
         self.axis_names = tuple(axis_names)
         self.axis_sizes = tuple(axis_sizes)
         self.data_axes = {self.axis_names.index(a) for a in data_axes}
@@ -74,9 +74,9 @@ class Context:
     def is_zeros(self, node) -> bool:
         return self.hints.is_zeros(node)
 
-    def divisible(self, node_shape, dim: int, axis: int, layout: Layout | None = None) -> bool:
-        count = self.axis_sizes[axis] * (layout.shard_count(dim, self.axis_sizes) if layout else 1)
-        return dim < len(node_shape) and node_shape[dim] % count == 0 and node_shape[dim] >= count
+    def divisible(self, shape, dim: int, axis: int) -> bool:
+        size = self.axis_sizes[axis]
+        return dim < len(shape) and shape[dim] % size == 0 and shape[dim] >= size
 
     def error(self, node, message: str) -> PropagationError:
         where = source_line(node)
@@ -84,17 +84,26 @@ class Context:
                                 + (f", at {where}" if where else "") + ")")
 
 
+def is_data(val) -> bool:
+    """Integer inputs (token ids) are the data; everything a step computes from them depends on it."""
+    return isinstance(val, torch.Tensor) and not val.is_floating_point() and not val.is_complex()
+
+
 def propagate(graph: torch.fx.Graph, in_layouts: Sequence[Layout], out_layouts: Sequence[Layout],
-              axis_names, axis_sizes, data_axes: Sequence[str]) -> Context:
-    hints = Hints(graph, in_layouts, out_layouts, axis_names, axis_sizes)
-    ctx = Context(graph, axis_names, axis_sizes, data_axes, hints)
+              axis_names, axis_sizes, data_axes: Sequence[str] | None = None) -> Context:
+    """`data_axes` defaults to the axes that split the data (the integer inputs)."""
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    data_inputs = [n for n in placeholders if is_data(n.meta.get("val"))]
+    if data_axes is None:
+        data_axes = [name for axis, name in enumerate(axis_names)
+                     if any(is_shard(layout.placements[axis])
+                            for node, layout in zip(placeholders, in_layouts) if node in data_inputs)]
+    hints = Hints(graph, in_layouts, out_layouts, axis_names, axis_sizes)
+    ctx = Context(axis_names, axis_sizes, data_axes, hints)
+    ctx.data_dependent.update(data_inputs)
     for node, layout in zip(placeholders, in_layouts):
         ctx.layouts[node] = layout
         node.meta["fp_layout"] = layout
-        val = node.meta.get("val")
-        if isinstance(val, torch.Tensor) and not val.is_floating_point() and not val.is_complex():
-            ctx.data_dependent.add(node)
     for node in graph.nodes:
         if node.op == "call_function":
             _propagate_node(ctx, node)
@@ -109,6 +118,7 @@ def propagate(graph: torch.fx.Graph, in_layouts: Sequence[Layout], out_layouts: 
 
 
 def _propagate_node(ctx: Context, node: torch.fx.Node) -> None:
+    ctx.effective.clear()
     inputs = tensor_inputs(node)
     if any(i in ctx.data_dependent for i in inputs):
         ctx.data_dependent.add(node)
@@ -146,8 +156,8 @@ def _propagate_node(ctx: Context, node: torch.fx.Node) -> None:
 
 
 def _apply_compute_layouts(ctx: Context, node, inputs) -> None:
-    """Rule 2: data-axis shards of data-independent values are gathered before use (ZeRO-3)."""
-    ctx.effective.clear()
+    """The layouts this node sees its inputs in: a Partial already reduced (or used twice) is
+    taken reduced, and rule 2 gathers data-axis shards of data-independent values (ZeRO-3)."""
     for inp in inputs:
         layout = ctx.layouts[inp]
         if not isinstance(layout, Layout):
@@ -188,10 +198,8 @@ def _reduced(ctx: Context, node, layout: Layout) -> Layout:
 
 def _record(ctx: Context, node, requires: dict, out_layout) -> None:
     for inp in list(requires):
-        if requires[inp] == ctx.layouts[inp] and inp not in ctx.effective:
+        if requires[inp] == ctx.layouts[inp]:
             del requires[inp]
-    for inp, layout in ctx.effective.items():
-        requires.setdefault(inp, layout)
     for inp, layout in requires.items():
         ctx.available.setdefault(inp, []).append(layout)
     ctx.layouts[node] = out_layout
@@ -210,5 +218,3 @@ def _check_divisible(ctx: Context, node, layout: Layout) -> None:
                                   f"(layout {layout.pretty(ctx.axis_names)}, shape {shape}); choose sizes "
                                   f"divisible by the mesh axes or add a constrain")
 
-
-__all__ = ["propagate", "Context", "PARTIAL", "REPLICATE"]

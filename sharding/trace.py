@@ -20,7 +20,6 @@ from .source import source_line, user_stack_traces
 from .errors import PropagationError, SpecError
 from .layout import Layout, layout_from_spec
 from .mesh import Mesh
-from .spec import P
 from .tree import NAMESPACE, flat_specs, leaf_paths
 
 aten = torch.ops.aten
@@ -53,39 +52,28 @@ class Traced:
     """The global-shape graph and what the later stages need to know about its inputs/outputs."""
 
     graph_module: torch.fx.GraphModule
-    in_paths: list[str]
     in_layouts: list[Layout]
     out_treedef: Any
     out_paths: list[str]
 
 
-def global_shape(local_shape: Sequence[int], spec: P, mesh: Mesh) -> list[int]:
-    shape = list(local_shape)
-    for dim in range(min(len(spec), len(shape))):
-        for axis in spec.axes_of(dim):
-            if axis in mesh.axis_names:
-                shape[dim] *= mesh.axis_size(axis)
-    return shape
-
-
-def input_layouts(args: tuple, in_specs: Sequence, mesh: Mesh) -> tuple[list[str], list, list[Layout], list]:
+def input_layouts(args: tuple, in_specs: Sequence, mesh: Mesh) -> tuple[list, list[Layout], list]:
     """Flatten the arguments and validate every leaf's spec against its global shape."""
     if len(in_specs) != len(args):
         raise SpecError(f"in_specs has {len(in_specs)} entries but the function got {len(args)} arguments; "
                         f"give one spec (or spec tree) per argument")
-    paths, leaves, layouts, shapes = [], [], [], []
+    leaves, layouts, shapes = [], [], []
     for position, (arg, specs) in enumerate(zip(args, in_specs)):
         arg_paths, arg_leaves, _ = leaf_paths(arg)
         for path, leaf, spec in zip(arg_paths, arg_leaves, flat_specs(specs, arg, f"argument {position}")):
             where = f"argument {position}" + (f" leaf {path!r}" if path else "")
             if not isinstance(leaf, torch.Tensor):
                 raise SpecError(f"{where}: expected a tensor, got {type(leaf).__name__}")
-            shape = global_shape(leaf.shape, spec, mesh)
+            shape = mesh.global_shape(leaf.shape, spec)
             layouts.append(layout_from_spec(spec, shape, mesh.axis_names, mesh.axis_sizes, where=where))
-            paths.append(f"{position}/{path}" if path else str(position))
             leaves.append(leaf)
             shapes.append(shape)
-    return paths, leaves, layouts, shapes
+    return leaves, layouts, shapes
 
 
 def _out_of_place(target):
@@ -115,7 +103,7 @@ def remove_inplace(graph_module: torch.fx.GraphModule) -> None:
 
 
 def trace(fn: Callable, args: tuple, in_specs: Sequence, mesh: Mesh, logical_rules=None) -> Traced:
-    paths, leaves, layouts, shapes = input_layouts(args, in_specs, mesh)
+    leaves, layouts, shapes = input_layouts(args, in_specs, mesh)
     arg_treedef = optree.tree_structure(tuple(args), namespace=NAMESPACE, none_is_leaf=False)
     out_info = {}
 
@@ -125,11 +113,10 @@ def trace(fn: Callable, args: tuple, in_specs: Sequence, mesh: Mesh, logical_rul
         out_info.update(treedef=out_treedef, paths=out_paths)
         return tuple(out_leaves)
 
-    with FakeTensorMode(allow_non_fake_inputs=False) as mode:
+    with FakeTensorMode(allow_non_fake_inputs=False):
         fakes = [torch.empty(shape, dtype=leaf.dtype, device=leaf.device) for shape, leaf in zip(shapes, leaves)]
     with tracing_context(logical_rules, mesh.axis_names), user_stack_traces():
         graph_module = make_fx(flat_fn, decomposition_table=DECOMPOSITIONS, tracing_mode="fake",
                                record_stack_traces=True)(*fakes)
     remove_inplace(graph_module)
-    del mode
-    return Traced(graph_module, paths, layouts, out_info["treedef"], out_info["paths"])
+    return Traced(graph_module, layouts, out_info["treedef"], out_info["paths"])

@@ -91,11 +91,7 @@ def unshard(tree, specs, mesh: Mesh):
     paths, leaves, treedef = leaf_paths(tree)
     out = []
     for path, leaf, spec in zip(paths, leaves, flat_specs(specs, tree, "unshard")):
-        global_shape = list(leaf.shape)
-        for dim in range(len(spec)):
-            for axis in spec.axes_of(dim):
-                global_shape[dim] *= mesh.axis_size(axis) if axis in mesh.axis_names else 1
-        layout = layout_from_spec(spec, global_shape, mesh.axis_names, mesh.axis_sizes, where=path or "value")
+        layout = layout_from_spec(spec, mesh.global_shape(leaf.shape, spec), mesh.axis_names, mesh.axis_sizes, where=path or "value")
         # Gather inner axes first so nested blocks reassemble in mesh order.
         for axis_index in reversed(range(len(mesh.axis_names))):
             placement = layout.placements[axis_index]

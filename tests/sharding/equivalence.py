@@ -8,8 +8,8 @@ import torch
 from functional_parallel import optim
 from functional_parallel.models import build
 from functional_parallel.parallel import EXAMPLE_MESHES as MESHES
-from functional_parallel.parallel import Strategy, compile_step
-from sharding import Mesh, P, shard, unshard
+from functional_parallel.parallel import Strategy, param_specs, state_specs
+from sharding import Mesh, P, jit, shard, unshard
 GLOBAL_BATCH = 8
 
 
@@ -49,9 +49,10 @@ def run_strategy(rank: int, world: int, arch: str, strategy_name: str, steps: in
     strategy = Strategy.load(strategy_name)
     mesh = Mesh(MESHES[strategy_name])
     started = time.perf_counter()
-    # Grads come out in the parameter layout (the strategy's out spec for the metrics' grads).
-    compiled, (pspecs, sspecs, bspec) = compile_step(step, strategy, mesh, params, opt_state)
-    compiled.out_specs = (pspecs, sspecs, {"loss": P(), "grads": pspecs})
+    pspecs, sspecs, bspec = param_specs(strategy, params), state_specs(strategy, opt_state, params), strategy.batch
+    # Grads come out in the parameter layout, so they unshard like the parameters.
+    compiled = jit(step, mesh=mesh, in_specs=(pspecs, sspecs, bspec),
+                   out_specs=(pspecs, sspecs, {"loss": P(), "grads": pspecs}), logical_rules=strategy.logical)
     local = (shard(params, pspecs, mesh), shard(opt_state, sspecs, mesh), shard(batch, bspec, mesh))
     lowered = compiled.lower(*local)
     compile_s = time.perf_counter() - started
