@@ -66,14 +66,9 @@ def _first_match(rules, path: str) -> P | None:
     return next((spec for pattern, spec in rules if re.search(pattern, path)), None)
 
 
-def _fit(spec: P, ndim: int) -> P:
-    """Rules are written for matrices; a lower-rank leaf keeps only the entries it has dims for."""
-    return P(*list(spec)[:ndim])
-
-
 def param_specs(strategy: Strategy, params):
     paths, leaves, treedef = leaf_paths(params)
-    specs = [_fit(_first_match(strategy.params, path) or P(), leaf.dim()) for path, leaf in zip(paths, leaves)]
+    specs = [_first_match(strategy.params, path) or P() for path in paths]
     return tree_unflatten(treedef, specs)
 
 
@@ -87,7 +82,7 @@ def state_specs(strategy: Strategy, opt_state, params):
         mirrored = next((p for p in param_paths if path.endswith("/" + p) and
                          tuple(param_paths[p].shape) == tuple(leaf.shape)), None)
         spec = (_first_match(rules, mirrored) or P()) if mirrored is not None else P()
-        specs.append(_fit(spec, leaf.dim()))
+        specs.append(spec)
     return tree_unflatten(treedef, specs)
 
 

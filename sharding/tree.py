@@ -31,11 +31,7 @@ def match(tree, rules: Sequence[tuple[str, P]]):
     """A spec for every leaf: the first rule whose regex is found in the leaf path; else `P()`."""
     compiled = [(re.compile(pattern), spec if isinstance(spec, P) else P(*spec)) for pattern, spec in rules]
     paths, leaves, treedef = leaf_paths(tree)
-    specs = []
-    for path, leaf in zip(paths, leaves):
-        spec = next((s for regex, s in compiled if regex.search(path)), P())
-        specs.append(P(*list(spec)[: leaf.dim()]) if isinstance(leaf, torch.Tensor) and len(spec) > leaf.dim()
-                     and all(e is None for e in list(spec)[leaf.dim():]) else spec)
+    specs = [next((spec for regex, spec in compiled if regex.search(path)), P()) for path in paths]
     return optree.tree_unflatten(treedef, specs)
 
 
