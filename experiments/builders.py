@@ -7,18 +7,24 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from functional_parallel import models, optim
-from functional_parallel.parallel import Strategy
-from sharding import P
+from functional_parallel import data, models, optim
+from functional_parallel.parallel import Strategy, param_specs, state_specs
+from sharding import Mesh, P, shard
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
 
+def padded_vocab(vocab_size: int, multiple: int) -> int:
+    """`vocab_size` rounded up to a multiple of `multiple` (the extra rows are never a target)."""
+    return -(-vocab_size // max(multiple, 1)) * max(multiple, 1)
+
+
 def build_model(model_cfg: Any, vocab_size: int) -> models.Model:
-    """The configured architecture and size, with the tokenizer's vocabulary."""
+    """The configured architecture and size, with the tokenizer's vocabulary padded to `vocab_multiple`."""
     overrides = {key: model_cfg[key] for key in ("d_model", "n_layers", "n_heads", "seq_len",
                                                   "fused_qkv", "n_kv_heads")}
-    return models.build(model_cfg.arch, model_cfg.size, vocab_size=vocab_size, **overrides)
+    return models.build(model_cfg.arch, model_cfg.size, vocab_size=padded_vocab(vocab_size, model_cfg.vocab_multiple),
+                        **overrides)
 
 
 def build_schedule(optim_cfg: Any, steps: int) -> optim.Schedule:
@@ -53,12 +59,28 @@ def mesh_shape(mesh_cfg: Any) -> dict[str, int]:
     return {"dp": int(mesh_cfg.dp), "tp": int(mesh_cfg.tp)}
 
 
+def check_layouts(cfg: Any, strategy: Strategy) -> None:
+    """Every parameter and optimizer-state leaf splits evenly under the strategy on the mesh.
+
+    Built on the meta device (no memory, no processes), so a leaf that does not divide is a
+    `SpecError` naming its path before any rank starts.
+    """
+    vocab_size = data.load_dataset(cfg.data.name, cfg.data.val_fraction).vocab_size
+    model = build_model(cfg.model, vocab_size)
+    with torch.device("meta"):
+        params = model.init(cfg.seed, DTYPES[cfg.model.dtype])
+        opt_state = build_optimizer(cfg.optim, build_schedule(cfg.optim, cfg.steps)).init(params)
+    mesh = Mesh.abstract(mesh_shape(cfg.mesh))
+    shard(params, param_specs(strategy, params), mesh)
+    shard(opt_state, state_specs(strategy, opt_state, params), mesh)
+
+
 def validate(cfg: Any, world_size: int | None = None) -> Strategy:
     """Everything about the config that would otherwise fail (or hang) inside the ranks.
 
     Checks the strategy, that it names only mesh axes, that the mesh fits the world (when
-    given), and that the global batch splits evenly over the axes the strategy splits it on.
-    Returns the `Strategy`.
+    given), that the global batch splits evenly over the axes the strategy splits it on, and
+    that every parameter and state leaf splits evenly. Returns the `Strategy`.
     """
     strategy = build_strategy(cfg.strategy)
     shape = mesh_shape(cfg.mesh)
@@ -82,5 +104,6 @@ def validate(cfg: Any, world_size: int | None = None) -> Strategy:
     if cfg.data.global_batch % split:
         raise ValueError(f"data.global_batch={cfg.data.global_batch} must be divisible by the "
                          f"{' x '.join(batch_axes)} = {split} ranks strategy {strategy.name!r} splits the batch over "
-                         f"(e.g. data.global_batch={split * max(1, cfg.data.global_batch // split)})")
+                         f"(e.g. data.global_batch={split * -(-cfg.data.global_batch // split)})")
+    check_layouts(cfg, strategy)
     return strategy

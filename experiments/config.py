@@ -31,6 +31,9 @@ class ModelConfig:
     fused_qkv: Optional[bool] = None  # gpt only
     n_kv_heads: Optional[int] = None  # llama only
     dtype: str = "float32"  # float32 | float64 | bfloat16
+    # The tokenizer's vocabulary is padded up to a multiple of this (Megatron's
+    # make-vocab-size-divisible-by) so embedding rows split evenly over dp and tp ranks.
+    vocab_multiple: int = 64
 
 
 @dataclasses.dataclass

@@ -22,6 +22,7 @@ from functional_parallel.parallel import compile_step
 from functional_parallel.train import make_train_step
 from functional_parallel.tree import tree_map
 from sharding import Lowered, Mesh, P, jit, shard
+from sharding.memory import MemoryTracker
 
 from .builders import DTYPES, build_model, build_optimizer, build_schedule, mesh_shape, validate
 from .metrics import MetricsWriter, new_task, plot_losses, progress_bar
@@ -70,6 +71,7 @@ class Session:
     window: Window = dataclasses.field(default_factory=Window)
     step_times: list = dataclasses.field(default_factory=list)
     first_loss: float | None = None
+    peak_bytes_measured: int | None = None
     started: float = dataclasses.field(default_factory=time.perf_counter)
 
 
@@ -103,7 +105,9 @@ def setup(cfg: Any, rank: int, device: torch.device, output_dir: pathlib.Path | 
                       schedule=schedule, compiled_train=compiled, compiled_eval=compiled_eval, specs=specs,
                       lowered=None, compile_s=0.0, state=state, output_dir=output_dir)
     session.lowered = compiled.lower(state.params, state.opt_state, local_batch(session, "train", 0))
+    compiled_eval.lower(state.params, local_batch(session, "val", 0))  # compiled here, not in the first eval
     session.compile_s = time.perf_counter() - started
+    session.window = Window()  # throughput is timed from the first step, not from the compile
     if rank == 0:
         session.writer = MetricsWriter(output_dir)
         session.progress = progress_bar(cfg.progress)
@@ -112,12 +116,29 @@ def setup(cfg: Any, rank: int, device: torch.device, output_dir: pathlib.Path | 
     return session
 
 
+def measured_step(session: Session, batch: dict):
+    """The step under `MemoryTracker`: its inputs plus everything it allocates, peak of live bytes.
+
+    Counting every allocation slows the step, so it is done once (the run's first step, whose
+    time is left out of the median anyway).
+    """
+    state = session.state
+    with MemoryTracker(session.device) as memory:
+        memory.track((state.params, state.opt_state, batch))
+        outputs = session.compiled_train(state.params, state.opt_state, batch)
+    session.peak_bytes_measured = memory.peak_bytes
+    return outputs
+
+
 def train_step(session: Session) -> dict[str, float]:
     """Run step `session.state.step`; advance the state; return this step's loss, grad norm and time."""
     state = session.state
     batch = local_batch(session, "train", state.step)
     started = time.perf_counter()
-    params, opt_state, metrics = session.compiled_train(state.params, state.opt_state, batch)
+    if session.peak_bytes_measured is None:
+        params, opt_state, metrics = measured_step(session, batch)
+    else:
+        params, opt_state, metrics = session.compiled_train(state.params, state.opt_state, batch)
     loss = metrics["loss"].item()  # also waits for the step (CUDA is asynchronous)
     seconds = time.perf_counter() - started
     session.state = TrainState(params, opt_state, state.step + 1)
@@ -167,7 +188,8 @@ def rank_report(session: Session) -> dict:
     times = session.step_times[1:] or session.step_times  # the first step warms caches
     return {"rank": session.rank, "coordinate": dict(zip(session.mesh.axis_names, session.mesh.coordinate)),
             "step_time_s": statistics.median(times) if times else None,
-            "peak_bytes_predicted": session.lowered.cost["peak_bytes"]}
+            "peak_bytes_predicted": session.lowered.cost["peak_bytes"],
+            "peak_bytes_measured": session.peak_bytes_measured}
 
 
 def finish(session: Session) -> dict:
