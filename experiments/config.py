@@ -114,6 +114,11 @@ def rank_zero_dir(path: str) -> str:
     return path if rank == 0 else os.path.join(tempfile.gettempdir(), f"functional-parallel-rank{rank}-{os.getpid()}")
 
 
+def rank_zero_only(value: Any) -> Any:
+    """`${rank_zero_only:.hydra}` in `hydra.output_subdir`: the value on rank 0, null (nothing written) elsewhere."""
+    return value if int(os.environ.get("RANK", "0")) == 0 else None
+
+
 def register() -> None:
     """Put the schemas in the ConfigStore and the resolver in OmegaConf (idempotent; called on import)."""
     store = ConfigStore.instance()
@@ -124,6 +129,7 @@ def register() -> None:
     store.store(group="strategy", name="base_strategy", node=StrategyConfig)
     store.store(group="mesh", name="base_mesh", node=MeshConfig)
     OmegaConf.register_new_resolver("rank_zero_dir", rank_zero_dir, replace=True)
+    OmegaConf.register_new_resolver("rank_zero_only", rank_zero_only, replace=True)
 
 
 register()

@@ -134,3 +134,24 @@ def test_run_trains_on_two_ranks_and_writes_outputs(tmp_path):
     assert cost["bytes_moved"] == sum(cost["bytes_by_kind"].values()) > 0
     for rank in written["ranks"]:
         assert rank["peak_bytes_measured"] > 0 and rank["peak_bytes_predicted"] > 0 and rank["step_time_s"] > 0
+
+
+@pytest.mark.slow
+def test_torchrun_runs_one_rank_each_and_only_rank_zero_writes_the_run_dir(tmp_path):
+    """Two torchrun processes (env:// rendezvous, gloo on CPU): one run dir, written by rank 0 only."""
+    import os
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "experiments.train", "model=gpt_tiny", "steps=4", "log_every=2", "eval_batches=1",
+               "data.global_batch=8", "progress=false"]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_dirs = list((tmp_path / "outputs").glob("*/*"))
+    assert len(run_dirs) == 1, run_dirs
+    summary = json.loads((run_dirs[0] / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 4
+    assert [r["step"] for r in map(json.loads, (run_dirs[0] / "metrics.jsonl").read_text().splitlines())] == [2, 4]
