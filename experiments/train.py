@@ -56,10 +56,9 @@ def run_spawned(cfg: DictConfig, output_dir: pathlib.Path) -> dict:
 
 def run_torchrun_rank(cfg: DictConfig, output_dir: pathlib.Path) -> dict:
     """This process is one rank of a torchrun job; rank 0 writes the run dir and returns the summary."""
-    validate(cfg)
+    validate(cfg)  # before joining the job; the world size is checked in `trainer.setup`
     rank, world_size, device = launch.init_from_env(cfg.timeout_s)
     try:
-        validate(cfg, world_size)
         if rank == 0:
             _write_config(cfg, output_dir)
         return trainer.train(cfg, rank, device, output_dir if rank == 0 else None)
