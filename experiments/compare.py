@@ -1,7 +1,9 @@
 """`python -m experiments.compare`: every strategy on the same model, data and seed; same loss or a loud failure.
 
-Each strategy trains on its example mesh (spawned gloo ranks, `experiments.train.run_spawned`)
-into `<run dir>/<strategy>/`; a single-process run without the compiler is the reference.
+Each strategy trains on its example mesh into `<run dir>/<strategy>/` with `experiments.trainer`
+(the loop of `experiments.train`); strategies whose meshes have the same number of ranks run one
+after another in the same spawned gloo ranks (starting processes costs more than a tiny model's
+steps). A single-process run without the compiler is the reference.
 Every strategy's per-step loss must match the reference within a tolerance set by the dtype
 (else: non-zero exit naming the strategy and the step). Then `report.md` and its PNGs (loss
 curves, peak memory per rank measured vs predicted, bytes per collective kind, step time)
@@ -14,15 +16,16 @@ import pathlib
 from typing import Dict, List, Optional
 
 import hydra
+import torch
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from experiments import config as _config
-from experiments import report, train
+from experiments import report, train, trainer
 from experiments.builders import DTYPES, build_model, build_optimizer, build_schedule, validate
 from experiments.metrics import read_metrics
-from functional_parallel import data
+from functional_parallel import data, launch
 from functional_parallel.parallel import EXAMPLE_MESHES, STRATEGY_DIR
 from functional_parallel.train import make_train_step
 
@@ -43,7 +46,7 @@ class CompareConfig:
     steps: int = 20
     seed: int = 0
     rtol: Optional[float] = None  # null: TOLERANCES[model.dtype]
-    eval_batches: int = 2
+    eval_batches: int = 0  # validation loss per strategy (0: none; the equivalence check uses train losses)
     timeout_s: float = 300.0
 
 
@@ -98,6 +101,29 @@ def check_equivalent(strategy: str, losses: list[float], reference: list[float],
     return worst
 
 
+def _train_in_turn(rank: int, world_size: int, runs: list[tuple[str, dict]], output_dir: str) -> dict:
+    """On one spawned rank: train each (strategy, resolved config) in order; rank 0 returns the summaries."""
+    summaries = {}
+    for name, resolved in runs:
+        run_dir = pathlib.Path(output_dir) / name if rank == 0 else None
+        summaries[name] = trainer.train(train.config_from_dict(resolved), rank, torch.device("cpu"), run_dir)
+    return summaries
+
+
+def run_strategies(configs: dict[str, DictConfig], output_dir: pathlib.Path, timeout_s: float) -> dict[str, dict]:
+    """Train every strategy; one set of spawned ranks per world size. Returns rank 0's summaries."""
+    by_world: dict[int, list] = {}
+    for name, train_cfg in configs.items():
+        train.write_config(train_cfg, output_dir / name)
+        by_world.setdefault(train_cfg.mesh.dp * train_cfg.mesh.tp, []).append(
+            (name, OmegaConf.to_container(train_cfg, resolve=True)))
+    summaries = {}
+    for world_size, runs in by_world.items():
+        summaries.update(launch.spawn(_train_in_turn, world_size, runs, str(output_dir), timeout_s=timeout_s,
+                                      rendezvous_file=str(output_dir / train.RENDEZVOUS_FILE), backend="gloo")[0])
+    return {name: summaries[name] for name in configs}
+
+
 def compare(cfg: DictConfig, output_dir: str | pathlib.Path) -> dict:
     """Run, check and report. Returns {"results": per-strategy summaries, "reference": losses}."""
     output_dir = pathlib.Path(output_dir)
@@ -107,8 +133,8 @@ def compare(cfg: DictConfig, output_dir: str | pathlib.Path) -> dict:
     rtol = cfg.rtol if cfg.rtol is not None else TOLERANCES[cfg.model.dtype]
     reference = reference_losses(cfg)
     results, failures = {}, []
-    for name, train_cfg in configs.items():
-        summary = train.run_spawned(train_cfg, output_dir / name)
+    for name, summary in run_strategies(configs, output_dir, cfg.timeout_s).items():
+        train_cfg = configs[name]
         summary["losses"] = [r["loss"] for r in read_metrics(output_dir / name / "metrics.jsonl")]
         try:
             summary["max_rel_diff"] = check_equivalent(name, summary["losses"], reference, rtol)

@@ -98,7 +98,7 @@ class Config:
     seed: int = 0
     log_every: int = 10
     eval_every: int = 100
-    eval_batches: int = 4
+    eval_batches: int = 4  # 0: no validation
     threads: Optional[int] = None  # torch intra-op threads; null keeps torch's default
     progress: bool = True  # rich progress bar (rank 0)
     timeout_s: float = 300.0  # a collective that waits longer than this fails instead of hanging

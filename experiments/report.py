@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import pathlib
 
+from functional_parallel.parallel import Strategy
+
 KINDS = ("all_gather", "reduce_scatter", "all_reduce")
 PLOTS = {"loss": "loss_curves.png", "memory": "memory.png", "collectives": "collectives.png",
          "step_time": "step_time.png"}
@@ -125,8 +127,24 @@ def table(results: dict) -> list[str]:
     return lines
 
 
+def what_is_split(strategy_name: str) -> str:
+    """In words, what a strategy (conf/strategy/<name>.yaml) splits over which mesh axes."""
+    strategy = Strategy.load(strategy_name)
+    param_axes = sorted({axis for _, spec in strategy.params for axis in spec.all_axes()})
+    state_rules = strategy.opt_state if strategy.opt_state is not None else strategy.params
+    state_axes = sorted({axis for _, spec in state_rules for axis in spec.all_axes()})
+    parts = []
+    if param_axes:
+        parts.append(f"parameters and gradients over {'/'.join(param_axes)}")
+    if state_axes:
+        parts.append(f"optimizer state over {'/'.join(state_axes)}")
+    if "seq" in strategy.logical:
+        parts.append(f"activations' sequence dim over {strategy.logical['seq']}")
+    return "splits " + ", ".join(parts) if parts else "replicates parameters, gradients and optimizer state"
+
+
 def findings(results: dict, rtol: float) -> list[str]:
-    """Generated prose: the cheapest and costliest strategy in memory and traffic, the fastest, the model's fit."""
+    """Generated prose: equivalence; the cheapest and costliest strategy in memory, traffic and time; the model's fit."""
     def peak(name):
         return measured_peak(results[name]) or max(r["peak_bytes_predicted"] for r in results[name]["ranks"])
 
@@ -141,28 +159,32 @@ def findings(results: dict, rtol: float) -> list[str]:
                      f"relative difference is {results[worst]['max_rel_diff']:.1e} ({worst}), within {rtol:g}.")
     if len(names) > 1:
         by_peak = sorted(names, key=peak)
+        low, high = by_peak[0], by_peak[-1]
         source = "measured" if all(measured_peak(results[n]) is not None for n in names) else "predicted"
-        lines.append(f"- **Memory:** {by_peak[0]} is cheapest ({peak(by_peak[0]):,} B peak on its fullest rank, "
-                     f"{source}), {by_peak[-1]} the most expensive ({peak(by_peak[-1]):,} B, "
-                     f"{peak(by_peak[-1]) / peak(by_peak[0]):.1f}×): sharding parameters and optimizer state "
-                     f"removes replicated copies from every rank.")
+        lines.append(f"- **Memory:** {low} is cheapest ({peak(low):,} B peak on its fullest rank, {source}; it "
+                     f"{what_is_split(low)}), {high} the most expensive ({peak(high):,} B, {peak(high) / peak(low):.1f}×; "
+                     f"it {what_is_split(high)}).")
         by_bytes = sorted(names, key=lambda n: results[n]["cost"]["bytes_moved"])
-        most, least = results[by_bytes[-1]], results[by_bytes[0]]
-        kind = max(most["cost"]["bytes_by_kind"], key=most["cost"]["bytes_by_kind"].get)
-        lines.append(f"- **Traffic:** {by_bytes[-1]} moves the most bytes per rank per step "
-                     f"({most['cost']['bytes_moved']:,} B, mostly {kind}), {by_bytes[0]} the fewest "
-                     f"({least['cost']['bytes_moved']:,} B): memory saved by sharding is paid for in all-gathers "
-                     f"and reduce-scatters.")
+        most, least = by_bytes[-1], by_bytes[0]
+        by_kind = results[most]["cost"]["bytes_by_kind"]
+        kind = max(by_kind, key=by_kind.get)
+        moved = results[most]["cost"]["bytes_moved"]
+        lines.append(f"- **Traffic:** {most} moves the most bytes per rank per step ({moved:,} B, "
+                     f"{100 * by_kind[kind] / moved:.0f}% of it in {kind}), {least} the fewest "
+                     f"({results[least]['cost']['bytes_moved']:,} B, all in "
+                     f"{', '.join(sorted(results[least]['cost']['bytes_by_kind'])) or 'nothing'}).")
         by_time = sorted(names, key=lambda n: results[n]["step_time_s"])
-        lines.append(f"- **Time:** {by_time[0]} has the fastest step ({1e3 * results[by_time[0]]['step_time_s']:.1f} ms), "
-                     f"{by_time[-1]} the slowest ({1e3 * results[by_time[-1]]['step_time_s']:.1f} ms) on this "
-                     f"machine (local gloo ranks sharing CPU cores: latency per collective dominates at this size).")
+        fast, slow = results[by_time[0]], results[by_time[-1]]
+        lines.append(f"- **Time:** {by_time[0]} has the fastest step ({1e3 * fast['step_time_s']:.1f} ms, "
+                     f"{fast['cost']['num_collectives']} collectives), {by_time[-1]} the slowest "
+                     f"({1e3 * slow['step_time_s']:.1f} ms, {slow['cost']['num_collectives']} collectives); "
+                     f"times are from local gloo ranks sharing this machine's cores.")
     ratios = [measured_peak(results[n]) / max(r["peak_bytes_predicted"] for r in results[n]["ranks"])
               for n in names if measured_peak(results[n]) is not None]
     if ratios:
-        lines.append(f"- **Prediction:** measured peak / predicted peak ranges {min(ratios):.2f}–{max(ratios):.2f} "
-                     f"(the prediction is a liveness walk over the lowered graph; the measurement counts the "
-                     f"storages the step really allocates).")
+        lines.append(f"- **Prediction:** measured peak / predicted peak is {min(ratios):.2f}–{max(ratios):.2f} "
+                     f"(the prediction walks the lowered graph's liveness; the measurement counts the storages "
+                     f"one real step allocates).")
     return lines
 
 

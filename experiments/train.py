@@ -37,7 +37,8 @@ def _spawned_rank(rank: int, world_size: int, resolved: dict, output_dir: str) -
     return trainer.train(cfg, rank, torch.device("cpu"), pathlib.Path(output_dir) if rank == 0 else None)
 
 
-def _write_config(cfg: DictConfig, output_dir: pathlib.Path) -> None:
+def write_config(cfg: DictConfig, output_dir: pathlib.Path) -> None:
+    """The resolved config into the run dir (rank 0 / the launching process only)."""
     output_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
 
@@ -45,7 +46,7 @@ def _write_config(cfg: DictConfig, output_dir: pathlib.Path) -> None:
 def run_spawned(cfg: DictConfig, output_dir: pathlib.Path) -> dict:
     """Spawn the mesh's ranks on this machine (gloo) and return rank 0's summary."""
     validate(cfg)  # bad strategy / mesh / batch: a clear error before any process starts
-    _write_config(cfg, output_dir)
+    write_config(cfg, output_dir)
     shape = mesh_shape(cfg.mesh)
     world_size = shape["dp"] * shape["tp"]
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -60,7 +61,7 @@ def run_torchrun_rank(cfg: DictConfig, output_dir: pathlib.Path) -> dict:
     rank, world_size, device = launch.init_from_env(cfg.timeout_s)
     try:
         if rank == 0:
-            _write_config(cfg, output_dir)
+            write_config(cfg, output_dir)
         return trainer.train(cfg, rank, device, output_dir if rank == 0 else None)
     finally:
         dist.destroy_process_group()

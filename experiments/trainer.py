@@ -83,6 +83,12 @@ def local_batch(session: Session, split: str, index: int) -> dict:
     return tree_map(lambda x: x.to(session.device), batch)
 
 
+def initial_state(params, opt_state, specs: tuple, mesh: Mesh, device: torch.device) -> TrainState:
+    """Step 0: this rank's shards of the freshly initialised global params and optimizer state."""
+    return TrainState(params=tree_map(lambda x: x.to(device), shard(params, specs[0], mesh)),
+                      opt_state=tree_map(lambda x: x.to(device), shard(opt_state, specs[1], mesh)), step=0)
+
+
 def setup(cfg: Any, rank: int, device: torch.device, output_dir: pathlib.Path | None) -> Session:
     """Build model, optimizer and strategy; shard the initial state; lower the step once (its cost)."""
     strategy = validate(cfg, dist.get_world_size())
@@ -99,13 +105,13 @@ def setup(cfg: Any, rank: int, device: torch.device, output_dir: pathlib.Path | 
     compiled, specs = compile_step(make_train_step(model.loss, optimizer), strategy, mesh, params, opt_state)
     compiled_eval = jit(model.loss, mesh=mesh, in_specs=(specs[0], specs[2]), out_specs=P(),
                         logical_rules=strategy.logical)
-    state = TrainState(params=tree_map(lambda x: x.to(device), shard(params, specs[0], mesh)),
-                       opt_state=tree_map(lambda x: x.to(device), shard(opt_state, specs[1], mesh)))
+    state = initial_state(params, opt_state, specs, mesh, device)
     session = Session(cfg=cfg, rank=rank, mesh=mesh, device=device, dataset=dataset, seq_len=model.cfg.seq_len,
                       schedule=schedule, compiled_train=compiled, compiled_eval=compiled_eval, specs=specs,
                       lowered=None, compile_s=0.0, state=state, output_dir=output_dir)
     session.lowered = compiled.lower(state.params, state.opt_state, local_batch(session, "train", 0))
-    compiled_eval.lower(state.params, local_batch(session, "val", 0))  # compiled here, not in the first eval
+    if cfg.eval_batches:
+        compiled_eval.lower(state.params, local_batch(session, "val", 0))  # compiled here, not in the first eval
     session.compile_s = time.perf_counter() - started
     session.window = Window()  # throughput is timed from the first step, not from the compile
     if rank == 0:
@@ -169,7 +175,7 @@ def log_step(session: Session, metrics: dict[str, float]) -> None:
               "lr": session.schedule(torch.tensor(step - 1)).item(),
               "tokens_per_s": tokens / (time.perf_counter() - window.started),
               "step_time_s": window.step_seconds / window.steps}
-    if step % cfg.eval_every == 0 or last:
+    if cfg.eval_batches and (step % cfg.eval_every == 0 or last):
         record["val_loss"] = evaluate(session)
     if session.writer is not None:
         session.writer.write(step, record)

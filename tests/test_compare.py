@@ -58,5 +58,6 @@ def test_two_strategies_are_equivalent_and_reported(tmp_path):
     assert "| dp | dp=2 |" in text and "| zero3 | dp=2 |" in text
     # zero3 splits parameters and state: less memory, more traffic than dp, and the prose says so
     assert "**Memory:** zero3 is cheapest" in text and "**Traffic:** zero3 moves the most" in text
+    assert "it splits parameters and gradients over dp, optimizer state over dp" in text
     zero3, dp = results["zero3"]["ranks"][0], results["dp"]["ranks"][0]
     assert zero3["peak_bytes_measured"] < dp["peak_bytes_measured"]
