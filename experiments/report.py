@@ -42,7 +42,7 @@ def plot_losses(results: dict, reference: list[float], path: pathlib.Path) -> No
     axes.plot(steps, reference, "k--", label="reference (1 process)", linewidth=1)
     axes.set_xlabel("step")
     axes.set_ylabel("train loss (nats/char)")
-    axes.set_title("Loss curves (they overlap: same math)")
+    axes.set_title("Train loss per step: each strategy and the single-process reference", fontsize=10)
     axes.legend(fontsize=8)
     axes.grid(alpha=0.3)
     figure.tight_layout()
@@ -67,7 +67,7 @@ def plot_memory(results: dict, path: pathlib.Path) -> None:
                       label="predicted" if index == 0 and rank["rank"] == 0 else None)
     axes.set_xticks(range(len(results)), list(results), rotation=20)
     axes.set_ylabel("peak MiB per rank")
-    axes.set_title("Peak memory per rank of one step: measured (bars) vs predicted (ticks)")
+    axes.set_title("Peak memory per rank, one step: measured (bars), predicted (ticks)", fontsize=10)
     axes.legend()
     axes.grid(alpha=0.3, axis="y")
     figure.tight_layout()
@@ -80,14 +80,15 @@ def plot_collectives(results: dict, path: pathlib.Path) -> None:
     plt = _pyplot()
     figure, axes = plt.subplots(figsize=(max(6, 1.1 * len(results)), 4))
     bottom = [0.0] * len(results)
-    for kind in KINDS:
+    kinds = list(KINDS) + sorted({k for s in results.values() for k in s["cost"]["bytes_by_kind"]} - set(KINDS))
+    for kind in kinds:
         values = [s["cost"]["bytes_by_kind"].get(kind, 0) / 2**10 for s in results.values()]
         axes.bar(list(results), values, bottom=bottom, label=kind)
         bottom = [b + v for b, v in zip(bottom, values)]
     axes.set_ylabel("KiB per rank per step")
     axes.set_title("Bytes moved per step by collective kind")
     axes.tick_params(axis="x", rotation=20)
-    axes.legend()
+    axes.legend(loc="upper left", fontsize=8)
     axes.grid(alpha=0.3, axis="y")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -143,6 +144,10 @@ def what_is_split(strategy_name: str) -> str:
     return "splits " + ", ".join(parts) if parts else "replicates parameters, gradients and optimizer state"
 
 
+def _join(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
 def findings(results: dict, rtol: float) -> list[str]:
     """Generated prose: equivalence; the cheapest and costliest strategy in memory, traffic and time; the model's fit."""
     def peak(name):
@@ -164,15 +169,17 @@ def findings(results: dict, rtol: float) -> list[str]:
         lines.append(f"- **Memory:** {low} is cheapest ({peak(low):,} B peak on its fullest rank, {source}; it "
                      f"{what_is_split(low)}), {high} the most expensive ({peak(high):,} B, {peak(high) / peak(low):.1f}×; "
                      f"it {what_is_split(high)}).")
-        by_bytes = sorted(names, key=lambda n: results[n]["cost"]["bytes_moved"])
-        most, least = by_bytes[-1], by_bytes[0]
-        by_kind = results[most]["cost"]["bytes_by_kind"]
+        def moved(name):
+            return results[name]["cost"]["bytes_moved"]
+
+        most = [n for n in names if moved(n) == max(map(moved, names))]
+        least = [n for n in names if moved(n) == min(map(moved, names))]
+        by_kind = results[most[0]]["cost"]["bytes_by_kind"]
         kind = max(by_kind, key=by_kind.get)
-        moved = results[most]["cost"]["bytes_moved"]
-        lines.append(f"- **Traffic:** {most} moves the most bytes per rank per step ({moved:,} B, "
-                     f"{100 * by_kind[kind] / moved:.0f}% of it in {kind}), {least} the fewest "
-                     f"({results[least]['cost']['bytes_moved']:,} B, all in "
-                     f"{', '.join(sorted(results[least]['cost']['bytes_by_kind'])) or 'nothing'}).")
+        lines.append(f"- **Traffic:** {_join(most)} {'moves' if len(most) == 1 else 'move'} the most bytes per rank "
+                     f"per step ({moved(most[0]):,} B, {100 * by_kind[kind] / moved(most[0]):.0f}% of it in {kind}), "
+                     f"{_join(least)} the fewest ({moved(least[0]):,} B, in "
+                     f"{', '.join(sorted(results[least[0]]['cost']['bytes_by_kind'])) or 'nothing'}).")
         by_time = sorted(names, key=lambda n: results[n]["step_time_s"])
         fast, slow = results[by_time[0]], results[by_time[-1]]
         lines.append(f"- **Time:** {by_time[0]} has the fastest step ({1e3 * fast['step_time_s']:.1f} ms, "
