@@ -13,8 +13,10 @@ precision: 2-byte params and grads, 4-byte fp32 master copy and Adam moments):
   buffer between micro-batches (ZeRO-1 keeps full gradients, ZeRO-2 only shards);
 - optimizer: the local shard of every optimizer-state input (Adam m and v) plus the fp32
   master copy of the params, which lives in the optimizer-state layout (as in ZeRO);
-- activations: forward values kept alive across the forward/backward boundary (the loss)
-  because backward reads them — what Korthikanti et al. call activation memory.
+- activations: forward values computed from the batch and kept alive across the
+  forward/backward boundary (the loss) because backward reads them — what Korthikanti et al.
+  call activation memory; values computed from parameters alone that are kept the same way
+  (all-gathered ZeRO-3 weights) are reported apart, as gathered_params.
 """
 from __future__ import annotations
 
@@ -120,9 +122,10 @@ def _storage_roots(nodes) -> dict:
     return root
 
 
-def saved_activation_bytes(lowered, axis_sizes, data_placeholders: int) -> int:
-    """Bytes per rank of forward values that backward reads: computed from the batch up to the loss,
-    used after it. Parameters (and their all-gathered copies) do not depend on the batch: not counted."""
+def saved_across_backward(lowered, axis_sizes, data_placeholders: int) -> tuple[int, int]:
+    """Bytes per rank of values computed up to the loss and read again after it, split into
+    (activations: computed from the batch, parameter copies: computed from parameters alone,
+    e.g. ZeRO-3's all-gathered weights when backward does not gather them again)."""
     graph = lowered.graph.graph
     nodes = list(graph.nodes)
     index = {node: i for i, node in enumerate(nodes)}
@@ -137,11 +140,11 @@ def saved_activation_bytes(lowered, axis_sizes, data_placeholders: int) -> int:
     for node in nodes[boundary + 1:]:
         if node.op == "output":
             continue
-        for inp in node.all_input_nodes:
-            owner = root[inp]
-            if index[owner] <= boundary and owner.op == "call_function" and owner in data_dependent:
-                saved.add(owner)
-    return sum(_local_bytes(node, axis_sizes) for node in saved)
+        saved.update(root[i] for i in node.all_input_nodes
+                     if index[root[i]] <= boundary and root[i].op == "call_function")
+    activations = sum(_local_bytes(n, axis_sizes) for n in saved if n in data_dependent)
+    parameter_copies = sum(_local_bytes(n, axis_sizes) for n in saved if n not in data_dependent)
+    return activations, parameter_copies
 
 
 def _loss_node(lowered, nodes) -> fx.Node:
@@ -184,7 +187,7 @@ def account(lowered, params, opt_state, strategy: Strategy, mesh: Mesh, precisio
         grad_layout = state_layout if spec is None else layout_from_spec(spec, shape, mesh.axis_names, axis_sizes,
                                                                           where=f"grads {path!r}")
         out["grads"] += _numel(grad_layout.local_shape(shape, axis_sizes)) * precision.grad_bytes
-    out["activations"] = saved_activation_bytes(lowered, axis_sizes, data_placeholders=2)
+    out["activations"], out["gathered_params"] = saved_across_backward(lowered, axis_sizes, data_placeholders=2)
     for record in lowered.collectives:
         axis = "/".join(record["axes"])
         out[f"comm/{axis}/{record['kind']}/bytes"] += record["bytes"]
@@ -203,3 +206,50 @@ def extrapolate(shallow: Mapping[str, int], deeper: Mapping[str, int], depth: in
 def per_layer(shallow: Mapping[str, int], deeper: Mapping[str, int]) -> dict[str, int]:
     keys = set(shallow) | set(deeper)
     return {k: deeper.get(k, 0) - shallow.get(k, 0) for k in keys}
+
+
+def padded_vocab(vocab_size: int, mesh_shape: Mapping[str, int], multiple: int = 128) -> int:
+    """The vocabulary rounded up, as Megatron pads it, so embedding rows split over every mesh axis."""
+    step = math.lcm(multiple, math.prod(mesh_shape.values()))
+    return -(-vocab_size // step) * step
+
+
+def model_axes(strategy: Strategy, mesh_shape: Mapping[str, int]) -> tuple[int, bool]:
+    """(t, sp) in Korthikanti's terms, read from the strategy's data: t is the product of the mesh
+    axes that split parameters but not the batch; sp is whether the sequence dim is split."""
+    data_axes = set(strategy.batch.axes_of(0)) if len(strategy.batch) else set()
+    named = {axis for _, spec in strategy.params for dim in range(len(spec)) for axis in spec.axes_of(dim)}
+    t = math.prod(mesh_shape[axis] for axis in sorted(named - data_axes) if axis in mesh_shape)
+    return t, strategy.logical.get("seq") is not None
+
+
+@dataclass
+class StrategyPlan:
+    """One strategy's per-rank figures at the full depth, and how they were obtained."""
+
+    strategy: str
+    figures: dict[str, int]  # memory by role, "comm/<axis>/<kind>/bytes|count", "comm/<axis>/volume"
+    per_layer: dict[str, int]  # the same keys: what one more layer adds
+    lowered_depths: tuple[int, ...]
+    seconds: float
+
+
+def plan_strategy(build_model, layers: int, strategy: Strategy, mesh_shape: Mapping[str, int], global_batch: int,
+                  precision: Precision, depth: int | None = 1) -> StrategyPlan:
+    """Lower `build_model(n_layers)` at `depth` and `depth + 1` layers and account both: their
+    difference is one layer's figures, and every figure is extrapolated linearly to `layers` (exact:
+    tests/test_plan.py checks it against a full lowering). `depth=None` lowers `layers - 1` and
+    `layers`, so the full-depth figures come from a full lowering."""
+    import time
+
+    start = time.perf_counter()
+    first = max(1, layers - 1) if depth is None else depth
+    depths = (first, first + 1)
+    figures = []
+    for n_layers in depths:
+        lowered, params, state, mesh = lower_fake(build_model(n_layers), strategy, mesh_shape, global_batch,
+                                                  precision)
+        figures.append(account(lowered, params, state, strategy, mesh, precision))
+        del lowered, params, state
+    return StrategyPlan(strategy.name, extrapolate(figures[0], figures[1], first, layers),
+                        per_layer(figures[0], figures[1]), depths, time.perf_counter() - start)
