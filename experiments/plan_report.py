@@ -38,12 +38,18 @@ def memory_table(result: dict) -> tuple[str, list[str], list[list[str]]]:
     return title, headers, rows
 
 
+def reproduces_zero_table(result: dict) -> bool:
+    """Whether the planned model and mesh are ZeRO Table 1's (Ψ within 2% of 7.5B, N_d = 64, mixed precision)."""
+    psi = result["strategies"][0]["figures"]["parameters"]
+    return (abs(psi / 7.5e9 - 1) < 0.02 and result["mesh"].get("dp") == 64
+            and result["precision"]["name"] == "bf16")
+
+
 def zero_table(result: dict) -> tuple[str, list[str], list[list[str]]]:
-    dp = result["mesh"].get("dp", 1)
-    title = (f"ZeRO Table 1 (Ψ=7.5B, N_d=64, K=12): model states per rank, GB; formula at our Ψ and N_d={dp}")
+    title = "ZeRO Table 1 (Ψ=7.5B, N_d=64, K=12): model states per rank, GB; the formula at our exact Ψ"
     headers = ["strategy", "paper", "formula", "ours (graph)", "ours − paper"]
     rows = []
-    for row in result["strategies"]:
+    for row in result["strategies"] if reproduces_zero_table(result) else []:
         if "zero_table_1_gb" not in row:
             continue
         ours = _state(row["figures"])
@@ -108,10 +114,12 @@ def notes(result: dict) -> list[str]:
         "micro-batches: the optimizer-state layout the step reduces into, or the strategy's `grads` rules "
         "(ZeRO-1 keeps whole gradients; in one step it lowers to the same program as ZeRO-2).",
         "activations: values computed from the batch before the loss and read by backward (what Korthikanti "
-        "counts); gathered params: values computed from parameters alone kept the same way (ZeRO-3's "
-        "all-gathered weights: this compiler gathers once and keeps them for backward, so ZeRO-3 moves 2Ψ, "
-        "not the paper's 3Ψ, and holds the gathered layer weights instead).",
+        "counts); gathered params: values computed without the batch and kept the same way — ZeRO-3's "
+        "all-gathered weights (this compiler gathers each weight once and keeps it for backward, so ZeRO-3 "
+        "moves 2Ψ, not the paper's 3Ψ, and holds the gathered weights instead), and tables such as RoPE's.",
     ]
+    if not reproduces_zero_table(result):
+        out.append("ZeRO Table 1 itself (Ψ=7.5B, N_d=64): `python -m experiments.plan model=gpt_7_5b`.")
     differences = next((row["layer_differences"] for row in result["strategies"] if row.get("layer_differences")),
                        None)
     if differences:
