@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 
 from experiments.config import ModelConfig
 from experiments.plan_report import markdown, print_tables
+from experiments.strategies import write_into_readme
 from functional_parallel import planner, published
 from functional_parallel.models import build, config as model_config
 from functional_parallel.parallel import Strategy
@@ -38,6 +39,7 @@ class PlanConfig:
     micro_batch: int = 1  # sequences per data-parallel rank (Korthikanti's b)
     depth: Optional[int] = 1  # lower depth and depth + 1 layers and extrapolate; null: lower the full depth
     vocab_multiple: int = 128  # the vocabulary is padded to a multiple of lcm(this, ranks), as Megatron does
+    write_readme: bool = False  # also write the tables into README.md (between "plan model=<name>" markers)
 
 
 ConfigStore.instance().store(name="plan_config", node=PlanConfig)
@@ -93,6 +95,10 @@ def plan(cfg: PlanConfig, progress=None) -> dict[str, Any]:
             "micro_batch": b, "global_batch": b * dp, "depth": cfg.depth, "strategies": rows}
 
 
+def readme_markers(model_choice: str) -> tuple[str, str]:
+    return f"<!-- plan model={model_choice}:begin -->", f"<!-- plan model={model_choice}:end -->"
+
+
 def _product(values) -> int:
     out = 1
     for v in values:
@@ -116,6 +122,9 @@ def main(cfg) -> None:
     (run_dir / "plan.json").write_text(json.dumps(result, indent=2, default=str))
     (run_dir / "plan.md").write_text(markdown(result))
     console.print(f"wrote {run_dir / 'plan.json'} and {run_dir / 'plan.md'}")
+    if cfg.write_readme:
+        markers = readme_markers(HydraConfig.get().runtime.choices["model"])
+        write_into_readme(markdown(result), Path(hydra.utils.get_original_cwd()) / "README.md", markers)
 
 
 if __name__ == "__main__":

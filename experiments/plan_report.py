@@ -118,6 +118,10 @@ def notes(result: dict) -> list[str]:
         "all-gathered weights (this compiler gathers each weight once and keeps it for backward, so ZeRO-3 "
         "moves 2Ψ, not the paper's 3Ψ, and holds the gathered weights instead), and tables such as RoPE's.",
     ]
+    if any(row["sp"] for row in result["strategies"]):
+        out.append("Under SP the all-reduces on the model axis are the gradients of the weights that see the "
+                   "sequence-split residual stream (embeddings, norms, output biases): each rank holds a "
+                   "sequence slice's share. Megatron does the same for norms; its embedding is vocab-parallel.")
     if not reproduces_zero_table(result):
         out.append("ZeRO Table 1 itself (Ψ=7.5B, N_d=64): `python -m experiments.plan model=gpt_7_5b`.")
     differences = next((row["layer_differences"] for row in result["strategies"] if row.get("layer_differences")),
@@ -135,14 +139,15 @@ def tables(result: dict) -> list[tuple[str, list[str], list[list[str]]]]:
             if t[2]]
 
 
+def markdown_table(table: tuple[str, list[str], list[list[str]]]) -> str:
+    title, headers, rows = table
+    lines = [f"**{title}**", "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
+
+
 def markdown(result: dict) -> str:
-    lines = []
-    for title, headers, rows in tables(result):
-        lines += [f"**{title}**", "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-        lines += ["| " + " | ".join(row) + " |" for row in rows]
-        lines.append("")
-    lines += [f"- {note}" for note in notes(result)]
-    return "\n".join(lines) + "\n"
+    return "\n".join(markdown_table(t) for t in tables(result)) + "\n" + "".join(
+        f"- {note}\n" for note in notes(result))
 
 
 def print_tables(result: dict, console: Any) -> None:

@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from experiments import plan as plan_cli
-from experiments.plan_report import markdown
+from experiments.plan_report import markdown, markdown_table, zero_table
 from functional_parallel import planner, published
 from functional_parallel.models import build, config
 from functional_parallel.parallel import Strategy
@@ -104,6 +104,13 @@ def test_report_renders(zero_model_plan):
     text = markdown(zero_model_plan)
     assert "ZeRO Table 1" in text and "Korthikanti" in text and "| zero3 |" in text
     json.dumps(zero_model_plan, default=str)
+
+
+def test_readme_zero_table_is_what_the_planner_prints(zero_model_plan):
+    """README's ZeRO Table 1 block is generated (`python -m experiments.plan model=gpt_7_5b write_readme=true`)."""
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    begin, end = plan_cli.readme_markers("gpt_7_5b")
+    assert markdown_table(zero_table(zero_model_plan)) in readme.split(begin)[1].split(end)[0]
 
 
 def _rss_bytes() -> int:
