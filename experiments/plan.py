@@ -121,7 +121,9 @@ def main(cfg) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     (run_dir / "plan.json").write_text(json.dumps(result, indent=2, default=str))
     (run_dir / "plan.md").write_text(markdown(result))
-    console.print(f"wrote {run_dir / 'plan.json'} and {run_dir / 'plan.md'}")
+    seconds = sum(row["seconds"] for row in result["strategies"])
+    console.print(f"lowered {len(result['strategies'])} strategies in {seconds:.0f} s; "
+                  f"wrote {run_dir / 'plan.json'} and {run_dir / 'plan.md'}")
     if cfg.write_readme:
         markers = readme_markers(HydraConfig.get().runtime.choices["model"])
         write_into_readme(markdown(result), Path(hydra.utils.get_original_cwd()) / "README.md", markers)

@@ -103,9 +103,11 @@ def notes(result: dict) -> list[str]:
             out.append(f"Lowered at {depth[0]} and {depth[1]} layers; every figure extrapolated linearly to {layers} "
                        f"layers (exact: tests/test_plan.py checks it equals a full lowering on a 4-layer model).")
         else:
-            out.append(f"Lowered at the full depth ({layers} layers); per-layer figures from {depth[0]} → {depth[1]}.")
+            out.append(f"Lowered at the full depth ({layers} layers); per-layer figures from {depth[0]} → "
+                       f"{depth[1]} layers.")
     out += [
-        f"Vocabulary padded to {result['model']['config']['vocab_size']} (a multiple of lcm(128, ranks)) so "
+        f"Vocabulary padded to {result['model']['config']['vocab_size']} (a multiple of lcm(128, ranks), as "
+        "Megatron pads it) so "
         "embedding rows split over every axis; strategies that do not name an axis replicate over it.",
         "params/grads/optimizer: local shard shapes of the lowered graph's inputs × bytes per role "
         f"({result['precision']['name']}: params {result['precision']['param_bytes']} B, grads "
@@ -114,7 +116,8 @@ def notes(result: dict) -> list[str]:
         "micro-batches: the optimizer-state layout the step reduces into, or the strategy's `grads` rules "
         "(ZeRO-1 keeps whole gradients; in one step it lowers to the same program as ZeRO-2).",
         "activations: values computed from the batch before the loss and read by backward (what Korthikanti "
-        "counts); gathered params: values computed without the batch and kept the same way — ZeRO-3's "
+        "counts; all alive at the loss, so this is their peak, without backward's transient buffers); "
+        "gathered params: values computed without the batch and kept the same way — ZeRO-3's "
         "all-gathered weights (this compiler gathers each weight once and keeps it for backward, so ZeRO-3 "
         "moves 2Ψ, not the paper's 3Ψ, and holds the gathered weights instead), and tables such as RoPE's.",
     ]

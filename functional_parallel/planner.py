@@ -21,6 +21,7 @@ precision: 2-byte params and grads, 4-byte fp32 master copy and Adam moments):
 from __future__ import annotations
 
 import math
+import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Mapping
@@ -60,7 +61,6 @@ PRECISIONS = {
     "fp32": Precision("fp32", torch.float32, param_bytes=4, grad_bytes=4, master_bytes=0, state_bytes=4),
 }
 
-COLLECTIVE_KINDS = ("all_gather", "reduce_scatter", "all_reduce")
 # The ZeRO paper's communication volume per rank: an all-reduce moves its buffer twice
 # (reduce-scatter + all-gather), the others once (ignoring the (n - 1) / n ring factor).
 VOLUME_FACTOR = {"all_gather": 1, "reduce_scatter": 1, "all_reduce": 2}
@@ -240,8 +240,6 @@ def plan_strategy(build_model, layers: int, strategy: Strategy, mesh_shape: Mapp
     difference is one layer's figures, and every figure is extrapolated linearly to `layers` (exact:
     tests/test_plan.py checks it against a full lowering). `depth=None` lowers `layers - 1` and
     `layers`, so the full-depth figures come from a full lowering."""
-    import time
-
     start = time.perf_counter()
     first = max(1, layers - 1) if depth is None else depth
     depths = (first, first + 1)
