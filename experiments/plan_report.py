@@ -117,10 +117,15 @@ def notes(result: dict) -> list[str]:
         "(ZeRO-1 keeps whole gradients; in one step it lowers to the same program as ZeRO-2).",
         "activations: values computed from the batch before the loss and read by backward (what Korthikanti "
         "counts; all alive at the loss, so this is their peak, without backward's transient buffers); "
-        "gathered params: values computed without the batch and kept the same way — ZeRO-3's "
-        "all-gathered weights (this compiler gathers each weight once and keeps it for backward, so ZeRO-3 "
-        "moves 2Ψ, not the paper's 3Ψ, and holds the gathered weights instead), and tables such as RoPE's.",
+        "gathered params: values computed without the batch and kept the same way (all-gathered weights, "
+        "tables such as RoPE's).",
     ]
+    kept = [row["strategy"] for row in result["strategies"]
+            if row["figures"].get("gathered_params", 0) > 0.5 * row["figures"]["params"] > 0]
+    if kept:
+        out.append(f"{', '.join(kept)}: each weight is all-gathered once and kept for backward (no re-gather), "
+                   "so the gathered weights stay alive until their gradient, and ZeRO-3 moves 2Ψ instead of "
+                   "the paper's 3Ψ (all-gather forward, all-gather backward, reduce-scatter).")
     if any(row["sp"] for row in result["strategies"]):
         out.append("Under SP the all-reduces on the model axis are the gradients of the weights that see the "
                    "sequence-split residual stream (embeddings, norms, output biases): each rank holds a "
