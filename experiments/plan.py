@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -46,9 +47,10 @@ ConfigStore.instance().store(name="plan_config", node=PlanConfig)
 
 
 def _model_builder(cfg: PlanConfig):
+    arch_only = {"n_kv_heads": cfg.model.n_kv_heads} if cfg.model.arch == "llama" else {
+        "fused_qkv": cfg.model.fused_qkv}
     base = model_config(cfg.model.arch, cfg.model.size, d_model=cfg.model.d_model, n_heads=cfg.model.n_heads,
-                        seq_len=cfg.model.seq_len, **({"n_kv_heads": cfg.model.n_kv_heads}
-                                                      if cfg.model.arch == "llama" else {}))
+                        seq_len=cfg.model.seq_len, **arch_only)
     base = dataclasses.replace(base, n_layers=cfg.model.n_layers or base.n_layers,
                                vocab_size=planner.padded_vocab(base.vocab_size, cfg.mesh, cfg.vocab_multiple))
     return base, lambda n_layers: build(cfg.model.arch, cfg=dataclasses.replace(base, n_layers=n_layers))
@@ -90,20 +92,13 @@ def plan(cfg: PlanConfig, progress=None) -> dict[str, Any]:
         if progress is not None:
             progress(row)
     return {"model": {"arch": cfg.model.arch, "config": dataclasses.asdict(base)}, "mesh": mesh,
-            "ranks": _product(mesh.values()), "precision": dataclasses.asdict(precision) | {
+            "ranks": math.prod(mesh.values()), "precision": dataclasses.asdict(precision) | {
                 "compute_dtype": str(precision.compute_dtype).replace("torch.", "")},
             "micro_batch": b, "global_batch": b * dp, "depth": cfg.depth, "strategies": rows}
 
 
 def readme_markers(model_choice: str) -> tuple[str, str]:
     return f"<!-- plan model={model_choice}:begin -->", f"<!-- plan model={model_choice}:end -->"
-
-
-def _product(values) -> int:
-    out = 1
-    for v in values:
-        out *= v
-    return out
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="plan")

@@ -65,9 +65,11 @@ def activation_table(result: dict) -> tuple[str, list[str], list[list[str]]]:
                "unexplained"]
     rows = []
     for row in result["strategies"]:
-        if "korthikanti_layer_bytes" not in row or "activations" not in row["per_layer"]:
+        ours = row["per_layer"]["activations"]
+        if "korthikanti_layer_bytes" not in row:  # the formula is for GPT layers
+            rows.append([row["strategy"], str(row["t"]), "yes" if row["sp"] else "no", f"{ours:,}"] + ["—"] * 4)
             continue
-        ours, theirs = row["per_layer"]["activations"], row["korthikanti_layer_bytes"]
+        theirs = row["korthikanti_layer_bytes"]
         explained = sum(value for _, value in row["layer_differences"])
         rows.append([row["strategy"], str(row["t"]), "yes" if row["sp"] else "no", f"{ours:,}", f"{theirs:,.0f}",
                      f"{ours - theirs:+,.0f}", f"{explained:+,.0f}", f"{ours - theirs - explained:+,.0f}"])
@@ -130,6 +132,9 @@ def notes(result: dict) -> list[str]:
         out.append("Under SP the all-reduces on the model axis are the gradients of the weights that see the "
                    "sequence-split residual stream (embeddings, norms, output biases): each rank holds a "
                    "sequence slice's share. Megatron does the same for norms; its embedding is vocab-parallel.")
+    if any("korthikanti_layer_bytes" not in row for row in result["strategies"]):
+        out.append("Korthikanti's formula counts a GPT layer (LayerNorm, GeLU MLP); for this model only our "
+                   "per-layer activations are shown.")
     if not reproduces_zero_table(result):
         out.append("ZeRO Table 1 itself (Ψ=7.5B, N_d=64): `python -m experiments.plan model=gpt_7_5b`.")
     differences = next((row["layer_differences"] for row in result["strategies"] if row.get("layer_differences")),
