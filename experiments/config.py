@@ -75,6 +75,7 @@ class StrategyConfig:
     logical: Dict[str, Any] = dataclasses.field(default_factory=lambda: {"batch": "dp"})
     params: List[Any] = dataclasses.field(default_factory=list)
     opt_state: Optional[List[Any]] = None  # null: optimizer state follows the parameter rules
+    grads: Optional[List[Any]] = None  # the gradient buffer's layout (read by the planner); null: as opt_state
 
 
 @dataclasses.dataclass
