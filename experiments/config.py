@@ -105,6 +105,9 @@ class Config:
     timeout_s: float = 300.0  # a collective that waits longer than this fails instead of hanging
 
 
+PRIVATE_DIR_PREFIX = "functional-parallel-rank"
+
+
 def rank_zero_dir(path: str) -> str:
     """`${rank_zero_dir:outputs/...}` in `hydra.run.dir`: the run dir on rank 0 of a torchrun job.
 
@@ -112,7 +115,7 @@ def rank_zero_dir(path: str) -> str:
     only rank 0 writes the run dir (outside torchrun RANK is unset and this is `path`).
     """
     rank = int(os.environ.get("RANK", "0"))
-    return path if rank == 0 else os.path.join(tempfile.gettempdir(), f"functional-parallel-rank{rank}-{os.getpid()}")
+    return path if rank == 0 else os.path.join(tempfile.gettempdir(), f"{PRIVATE_DIR_PREFIX}{rank}-{os.getpid()}")
 
 
 def rank_zero_only(value: Any) -> Any:

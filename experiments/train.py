@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import shutil
 from typing import Any
 
 import hydra
@@ -84,9 +85,12 @@ def headline(summary: dict) -> dict:
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> dict:
     """Hydra entry point: run in Hydra's output dir, print the headline, return the summary (for callbacks)."""
-    summary = run(cfg, HydraConfig.get().runtime.output_dir)
+    output_dir = HydraConfig.get().runtime.output_dir
+    summary = run(cfg, output_dir)
     if summary:
         print(json.dumps(headline(summary)))
+    elif pathlib.Path(output_dir).name.startswith(_config.PRIVATE_DIR_PREFIX):
+        shutil.rmtree(output_dir, ignore_errors=True)  # a torchrun rank other than 0: its private dir
     return summary
 
 
