@@ -59,3 +59,16 @@ def test_small_benchmark_run_measures_what_the_compiler_plans():
         assert entry["loss_max_rel_diff_vs_ddp"] < 1e-5, name
         assert entry["step_ms_median"] > 0 and entry["peak_bytes"] > 0
     assert "**met**" in report.table(results) or "**missed**" in report.table(results)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.device_count() < 4, reason="the GPU path needs 4 GPUs (one per rank, NCCL)")
+def test_small_benchmark_run_on_gpus():
+    from benchmarks.strategies import BenchmarkConfig, run
+
+    cfg = BenchmarkConfig(contenders=["dp", "zero3", "ddp", "fsdp2"], d_model=32, seq_len=16, vocab_size=64,
+                          warmup_steps=1, rounds=1, steps_per_round=1, device="cuda", write=False, write_readme=False)
+    results = run(cfg)
+    assert results["machine"]["backend"] == "nccl"
+    for name, entry in results["contenders"].items():
+        assert entry["loss_max_rel_diff_vs_ddp"] < 1e-4, name
