@@ -22,6 +22,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from functional_parallel.launch import spawn
+from functional_parallel.parallel import EXAMPLE_MESHES
 
 from . import report
 from .measure import run_rank
@@ -54,6 +55,13 @@ ConfigStore.instance().store(name="benchmark_config", node=BenchmarkConfig)
 
 
 def run(cfg: BenchmarkConfig) -> dict:
+    known = sorted(EXAMPLE_MESHES) + ["ddp", "fsdp2"]
+    unknown = [name for name in cfg.contenders if name not in known]
+    if unknown:
+        raise SystemExit(f"unknown contenders {unknown}; expected some of {known}")
+    if cfg.world_size != 4:
+        raise SystemExit("world_size must be 4: our strategies run on their 4-rank example meshes "
+                         "(functional_parallel.parallel.EXAMPLE_MESHES)")
     if cfg.device == "cuda" and torch.cuda.device_count() < cfg.world_size:
         raise SystemExit(f"device=cuda needs {cfg.world_size} GPUs (one per rank); found {torch.cuda.device_count()}")
     backend = "nccl" if cfg.device == "cuda" else "gloo"
