@@ -50,7 +50,7 @@ def init_from_env(timeout_s: float = 600.0) -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def _worker(rank, world_size, init_file, result_dir, fn, args, timeout_s, backend):
+def _worker(rank, world_size, init_file, result_dir, fn, args, timeout_s, backend=None):
     torch.set_num_threads(1)
     init_process_group(rank, world_size, init_file, timeout_s, backend)
     path = os.path.join(result_dir, f"rank{rank}.pt")
@@ -77,8 +77,9 @@ def spawn(fn: Callable[..., Any], world_size: int, *args, timeout_s: float = 120
           rendezvous_file: str | None = None, backend: str | None = None) -> list:
     """`fn(rank, world_size, *args)` on `world_size` fresh processes; returns each rank's result.
 
-    The ranks meet through `rendezvous_file` (default: a file in a fresh temp dir); a stale file
-    from an earlier job is removed first, so a run dir can be reused.
+    `backend` defaults to NCCL when there is a GPU per rank, else gloo. The ranks meet through
+    `rendezvous_file` (default: a file in a fresh temp dir); a stale file from an earlier job is
+    removed first, so a run dir can be reused.
     """
     with tempfile.TemporaryDirectory() as tmp:
         init_file = rendezvous_file or os.path.join(tmp, "rendezvous")
