@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 
 from functional_parallel import data, models, optim
 from functional_parallel.parallel import Strategy, param_specs, state_specs
+from functional_parallel.train import check_local_batch
 from sharding import Mesh, P, shard
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
@@ -105,5 +106,6 @@ def validate(cfg: Any, world_size: int | None = None) -> Strategy:
         raise ValueError(f"data.global_batch={cfg.data.global_batch} must be divisible by the "
                          f"{' x '.join(batch_axes)} = {split} ranks strategy {strategy.name!r} splits the batch over "
                          f"(e.g. data.global_batch={split * -(-cfg.data.global_batch // split)})")
+    check_local_batch(cfg.data.global_batch, split, getattr(cfg, "grad_accum", 1))
     check_layouts(cfg, strategy)
     return strategy

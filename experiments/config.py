@@ -97,6 +97,7 @@ class Config:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     steps: int = 300
     seed: int = 0
+    grad_accum: int = 1  # micro-batches per step: one update from their mean gradient, reduced once per step
     log_every: int = 10
     eval_every: int = 100
     eval_batches: int = 4  # 0: no validation

@@ -102,7 +102,7 @@ def setup(cfg: Any, rank: int, device: torch.device, output_dir: pathlib.Path | 
     optimizer = build_optimizer(cfg.optim, schedule)
     opt_state = optimizer.init(params)
     started = time.perf_counter()
-    compiled, specs = compile_step(make_train_step(model.loss, optimizer), strategy, mesh, params, opt_state)
+    compiled, specs = compile_step(make_train_step(model.loss, optimizer, cfg.grad_accum), strategy, mesh, params, opt_state)
     compiled_eval = jit(model.loss, mesh=mesh, in_specs=(specs[0], specs[2]), out_specs=P(),
                         logical_rules=strategy.logical)
     state = initial_state(params, opt_state, specs, mesh, device)

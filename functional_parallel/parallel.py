@@ -9,6 +9,7 @@ into the optimizer-state layout, so ZeRO-1 and ZeRO-2 lower to the same program)
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,16 +104,37 @@ def state_specs(strategy: Strategy, opt_state, params):
 def compile_step(step: Callable, strategy: Strategy, mesh: Mesh, params, opt_state):
     """`jit` of `step(params, opt_state, batch) -> (params, opt_state, metrics)` under `strategy`.
 
-    Returns (compiled step, (param specs, state specs, batch spec)).
+    Returns (compiled step, (param specs, state specs, batch spec)). A step built with
+    `grad_accum=N` first checks that each rank's share of the batch splits into N micro-batches
+    (at trace time, before any collective runs).
     """
     pspecs, sspecs = param_specs(strategy, params), state_specs(strategy, opt_state, params)
+    step = _with_local_batch_check(step, strategy.batch, mesh)
     compiled = jit(step, mesh=mesh, in_specs=(pspecs, sspecs, strategy.batch), out_specs=(pspecs, sspecs, P()),
                    logical_rules=strategy.logical)
     return compiled, (pspecs, sspecs, strategy.batch)
 
 
+def _with_local_batch_check(step: Callable, batch_spec: P, mesh: Mesh) -> Callable:
+    grad_accum = getattr(step, "grad_accum", 1)
+    if grad_accum == 1:
+        return step
+    from .train import check_local_batch
+    from .tree import tree_leaves
+
+    shards = math.prod(mesh.axis_size(a) for a in batch_spec.axes_of(0)) if len(batch_spec) else 1
+
+    def checked(params, opt_state, batch):
+        for leaf in tree_leaves(batch):
+            check_local_batch(leaf.shape[0], shards, grad_accum)
+        return step(params, opt_state, batch)
+
+    checked.grad_accum = grad_accum
+    return checked
+
+
 def lower_abstract(arch: str, size: str, strategy_name: str, mesh_shape: Mapping[str, int], global_batch: int,
-                   optimizer=None, seed: int = 0):
+                   optimizer=None, seed: int = 0, grad_accum: int = 1):
     """Lower the AdamW train step of a named model under a strategy on an abstract mesh.
 
     No processes and no collectives run: the result's `.collectives` and `.cost` are what the
@@ -131,7 +153,7 @@ def lower_abstract(arch: str, size: str, strategy_name: str, mesh_shape: Mapping
     optimizer = optimizer or optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(1e-2, weight_decay=0.1))
     state = optimizer.init(params)
     mesh = Mesh.abstract(dict(mesh_shape))
-    compiled, (pspecs, sspecs, bspec) = compile_step(make_train_step(model.loss, optimizer),
+    compiled, (pspecs, sspecs, bspec) = compile_step(make_train_step(model.loss, optimizer, grad_accum),
                                                      Strategy.load(strategy_name), mesh, params, state)
     tokens = torch.zeros(global_batch, model.cfg.seq_len, dtype=torch.long)
     batch = {"inputs": tokens, "targets": tokens}

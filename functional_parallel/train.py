@@ -3,6 +3,12 @@
 `train_step(params, opt_state, batch) -> (params, opt_state, metrics)` is exactly the
 function the compiler traces (global shapes) and partitions, so it must stay pure: no
 mutation of its inputs, no `.item()`, no Python branches on tensor values.
+
+Gradient accumulation (`grad_accum=N`) runs N micro-batches inside that one step and makes
+one optimizer update from the mean of their gradients. Each rank's micro-batch i is rows
+i, i+N, i+2N, ... of its own local batch (a reshape that keeps the batch split, see
+`microbatches`), so under the compiler every micro-batch gradient is a Partial sum over the
+data axes; the Partials add up locally and are reduced once per step, not once per micro-batch.
 """
 from __future__ import annotations
 
@@ -11,24 +17,72 @@ from typing import Callable
 import torch
 
 from . import optim
+from .tree import tree_leaves, tree_map
 
 LossFn = Callable[[dict, dict], torch.Tensor]  # loss(params, batch) -> scalar
 
 
-def make_train_step(loss_fn: LossFn, optimizer: optim.GradientTransformation) -> Callable:
+def microbatches(batch: dict, n: int) -> list[dict]:
+    """Split every leaf of `batch` along dim 0 into `n` strided micro-batches (row r goes to r % n).
+
+    Strided rather than contiguous: `[B, ...] -> [B/n, n, ...]` keeps a split of dim 0 on the
+    leading B/n dim, so a rank's micro-batches come from its own rows and nothing moves. With
+    equal-sized micro-batches the mean of their mean-losses is the full batch's mean loss, so
+    the row order does not change the result.
+    """
+    sizes = {leaf.shape[0] for leaf in tree_leaves(batch)}
+    if len(sizes) != 1:
+        raise ValueError(f"grad_accum: batch leaves disagree on dim 0 {sorted(sizes)}")
+    size = sizes.pop()
+    if size % n:
+        raise ValueError(f"grad_accum={n} does not divide the batch of {size} rows")
+    return [tree_map(lambda x, i=i: x.reshape(size // n, n, *x.shape[1:])[:, i], batch) for i in range(n)]
+
+
+def check_local_batch(batch_rows: int, batch_shards: int, grad_accum: int) -> None:
+    """Each rank's local batch (`batch_rows / batch_shards`) must split into `grad_accum` micro-batches.
+
+    Called before tracing, so a bad combination fails with this message before any collective runs
+    (otherwise the reshape would silently gather the batch onto every rank).
+    """
+    if grad_accum < 1:
+        raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
+    if batch_rows % batch_shards or (batch_rows // batch_shards) % grad_accum:
+        raise ValueError(f"grad_accum={grad_accum}: the global batch of {batch_rows} rows over {batch_shards} "
+                         f"data-parallel ranks gives {batch_rows / batch_shards:g} rows per rank, which does not "
+                         f"split into {grad_accum} equal micro-batches; use a global batch divisible by "
+                         f"{batch_shards * grad_accum}")
+
+
+def make_train_step(loss_fn: LossFn, optimizer: optim.GradientTransformation, grad_accum: int = 1) -> Callable:
     """Build `train_step(params, opt_state, batch) -> (params, opt_state, metrics)`.
 
+    With `grad_accum=N` the batch is split into N micro-batches (`microbatches`); their gradients
+    and losses are averaged and one update is made, equal to the update on the whole batch.
     metrics = {"loss": the loss before the update, "grad_norm": global norm of the raw
-    gradient (before any clipping)}, both 0-dim tensors.
+    (accumulated) gradient, before any clipping}, both 0-dim tensors.
     """
+    if not isinstance(grad_accum, int) or grad_accum < 1:
+        raise ValueError(f"grad_accum must be an integer >= 1, got {grad_accum!r}")
     grad_and_loss = torch.func.grad_and_value(loss_fn)
 
+    def accumulated_grad_and_loss(params, batch):
+        if grad_accum == 1:
+            return grad_and_loss(params, batch)
+        grads, loss = None, None
+        for micro in microbatches(batch, grad_accum):
+            g, l = grad_and_loss(params, micro)
+            grads = g if grads is None else tree_map(torch.add, grads, g)
+            loss = l if loss is None else loss + l
+        return tree_map(lambda g: g / grad_accum, grads), loss / grad_accum
+
     def train_step(params, opt_state, batch):
-        grads, loss = grad_and_loss(params, batch)
+        grads, loss = accumulated_grad_and_loss(params, batch)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optim.apply_updates(params, updates)
         return params, opt_state, {"loss": loss, "grad_norm": optim.global_norm(grads)}
 
+    train_step.grad_accum = grad_accum  # read by `parallel.compile_step` to check each rank's batch
     return train_step
 
 

@@ -101,6 +101,7 @@ def test_every_model_and_optimizer_builds():
     (["strategy=tp", "mesh.dp=1", "mesh.tp=3"], SpecError, r"blocks/0/attn/wq: dim 1 .* not divisible by 3"),
     (["strategy=zero3", "model.vocab_multiple=1"], SpecError, r"wte: dim 0 has size 103, not divisible by 2"),
     (["mesh.dp=0"], ValueError, r"mesh.dp=0"),
+    (["grad_accum=3", "data.global_batch=8"], ValueError, r"4 rows per rank, .* into 3 equal micro-batches"),
 ])
 def test_bad_strategy_or_mesh_fails_before_spawning(overrides, error, message, tmp_path, monkeypatch):
     cfg = compose_config(overrides)
