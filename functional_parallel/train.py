@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 
 from . import optim
+from .precision import Precision, update_loss_scale, where_finite
 from .tree import tree_leaves, tree_map
 
 LossFn = Callable[[dict, dict], torch.Tensor]  # loss(params, batch) -> scalar
@@ -54,35 +55,59 @@ def check_local_batch(batch_rows: int, batch_shards: int, grad_accum: int) -> No
                          f"{batch_shards * grad_accum}")
 
 
-def make_train_step(loss_fn: LossFn, optimizer: optim.GradientTransformation, grad_accum: int = 1) -> Callable:
+def make_train_step(loss_fn: LossFn, optimizer: optim.GradientTransformation, grad_accum: int = 1,
+                    precision: Precision | str = "fp32") -> Callable:
     """Build `train_step(params, opt_state, batch) -> (params, opt_state, metrics)`.
 
     With `grad_accum=N` the batch is split into N micro-batches (`microbatches`); their gradients
     and losses are averaged and one update is made, equal to the update on the whole batch.
+    `precision` (a `Precision` or its name) casts the parameters to the compute dtype inside the
+    step and the gradients back (`functional_parallel.precision`); under fp16 `opt_state` is
+    `precision.init_opt_state(...)` (the optimizer's state plus the loss scale).
     metrics = {"loss": the loss before the update, "grad_norm": global norm of the raw
-    (accumulated) gradient, before any clipping}, both 0-dim tensors.
+    (accumulated, unscaled) gradient, before any clipping}, both 0-dim tensors.
     """
     if not isinstance(grad_accum, int) or grad_accum < 1:
         raise ValueError(f"grad_accum must be an integer >= 1, got {grad_accum!r}")
-    grad_and_loss = torch.func.grad_and_value(loss_fn)
+    policy = Precision.named(precision) if isinstance(precision, str) else precision
 
-    def accumulated_grad_and_loss(params, batch):
-        if grad_accum == 1:
-            return grad_and_loss(params, batch)
+    def scaled_loss(low_params, batch, scale):
+        loss = loss_fn(low_params, batch)
+        loss = loss.to(torch.promote_types(loss.dtype, torch.float32))  # a low-precision loss is reported in fp32
+        return loss * scale, loss
+
+    grad_and_loss = torch.func.grad(scaled_loss, has_aux=True)
+
+    def accumulated_grad_and_loss(params, batch, scale):
+        low = policy.cast_params(params)
         grads, loss = None, None
-        for micro in microbatches(batch, grad_accum):
-            g, l = grad_and_loss(params, micro)
+        for micro in microbatches(batch, grad_accum) if grad_accum > 1 else [batch]:
+            g, l = grad_and_loss(low, micro, scale)
+            g = policy.to_master(g, params)
             grads = g if grads is None else tree_map(torch.add, grads, g)
             loss = l if loss is None else loss + l
-        return tree_map(lambda g: g / grad_accum, grads), loss / grad_accum
+        if grad_accum > 1 or policy.loss_scaling:
+            divisor = scale * grad_accum if policy.loss_scaling else grad_accum
+            grads, loss = tree_map(lambda g: g / divisor, grads), loss / grad_accum
+        return grads, loss
 
     def train_step(params, opt_state, batch):
-        grads, loss = accumulated_grad_and_loss(params, batch)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        params = optim.apply_updates(params, updates)
-        return params, opt_state, {"loss": loss, "grad_norm": optim.global_norm(grads)}
+        scaling = opt_state["loss_scale"] if policy.loss_scaling else None
+        inner = opt_state["optimizer"] if policy.loss_scaling else opt_state
+        grads, loss = accumulated_grad_and_loss(params, batch, scaling["scale"] if scaling else 1.0)
+        grad_norm = optim.global_norm(grads)
+        updates, new_inner = optimizer.update(grads, inner, params)
+        new_params = optim.apply_updates(params, updates)
+        metrics = {"loss": loss, "grad_norm": grad_norm}
+        if not policy.loss_scaling:
+            return new_params, new_inner, metrics
+        finite = torch.isfinite(grad_norm)
+        new_state = {"optimizer": where_finite(finite, new_inner, inner),
+                     "loss_scale": update_loss_scale(policy, scaling, finite)}
+        return where_finite(finite, new_params, params), new_state, metrics
 
     train_step.grad_accum = grad_accum  # read by `parallel.compile_step` to check each rank's batch
+    train_step.precision = policy
     return train_step
 
 

@@ -1,0 +1,98 @@
+"""Mixed-precision policy applied by the train step (never by model code).
+
+Master parameters and optimizer state stay in their own dtype (fp32), sharded by the strategy.
+Each step casts the parameters to the compute dtype at the start, so under the compiler the cast
+runs on the local shard and a ZeRO-3 all-gather moves compute-dtype bytes (FSDP2's
+MixedPrecisionPolicy). Gradients come back in the compute dtype as Partial sums; `reduce_dtype`
+picks the dtype they are reduced in:
+
+- None (the compute dtype): they are cast to the master dtype after the reduction (the compiler
+  reduces a Partial before a widening cast, where it is smaller);
+- a wider dtype (float32): they are first added to a zero buffer of that dtype. A sum with zeros
+  is linear, so the Partial survives the widening and is reduced in float32.
+
+fp16 adds dynamic loss scaling as pure state in the optimizer state (`init_opt_state`): the loss
+is multiplied by `scale`, gradients divided by it; a step whose gradient norm is not finite is
+skipped (params and optimizer state unchanged) and halves the scale; `growth_interval` finite
+steps in a row double it (torch.amp.GradScaler's rule, as `torch.where`s, so it compiles).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import optim
+from .tree import tree_leaves, tree_map
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+REDUCE_DTYPES = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Precision:
+    """compute_dtype None: no casts (full precision). reduce_dtype None: the compute dtype."""
+
+    compute_dtype: torch.dtype | None = None
+    reduce_dtype: torch.dtype | None = None
+    loss_scaling: bool = False
+    init_scale: float = 2.0 ** 15
+    growth_interval: int = 2000
+    growth_factor: float = 2.0
+    backoff_factor: float = 0.5
+
+    @classmethod
+    def named(cls, name: str, reduce_dtype: str | None = None, **scaling) -> "Precision":
+        """`fp32`, `bf16` or `fp16` (fp16 turns on loss scaling); reduce_dtype: null|float32|bfloat16|float16."""
+        if name not in DTYPES:
+            raise ValueError(f"unknown precision {name!r}; expected one of {sorted(DTYPES)}")
+        if reduce_dtype not in REDUCE_DTYPES:
+            raise ValueError(f"unknown reduce_dtype {reduce_dtype!r}; expected one of {list(REDUCE_DTYPES)}")
+        if name == "fp32" and reduce_dtype is not None:
+            raise ValueError("reduce_dtype needs a low-precision policy (precision=bf16 or fp16)")
+        return cls(DTYPES[name], REDUCE_DTYPES[reduce_dtype], loss_scaling=name == "fp16", **scaling)
+
+    def cast_params(self, params):
+        """The compute copy: floating leaves in the compute dtype (the masters are untouched)."""
+        if self.compute_dtype is None:
+            return params
+        return tree_map(lambda p: p.to(self.compute_dtype) if p.is_floating_point() else p, params)
+
+    def to_master(self, grads, params):
+        """Compute-dtype gradients -> the masters' dtype, reduced in `reduce_dtype` (see module doc)."""
+        if self.compute_dtype is None:
+            return grads
+        reduce = self.reduce_dtype
+
+        def widen(g, p):
+            if reduce is not None and reduce.itemsize > g.dtype.itemsize:
+                g = torch.zeros(g.shape, dtype=reduce, device=g.device) + g  # linear: stays Partial
+            return g.to(p.dtype)
+
+        return tree_map(widen, grads, params)
+
+
+def init_opt_state(optimizer: optim.GradientTransformation, params, precision: Precision):
+    """The optimizer state the train step expects: the optimizer's own, plus the loss scale under fp16."""
+    state = optimizer.init(params)
+    if not precision.loss_scaling:
+        return state
+    leaves = tree_leaves(params)
+    device = leaves[0].device if leaves else None
+    return {"optimizer": state, "loss_scale": {"scale": torch.tensor(precision.init_scale, device=device),
+                                               "good_steps": torch.zeros((), device=device)}}
+
+
+def update_loss_scale(precision: Precision, loss_scale: dict, finite: torch.Tensor) -> dict:
+    """Halve the scale on a non-finite step; double it after `growth_interval` finite steps in a row."""
+    scale, good = loss_scale["scale"], loss_scale["good_steps"] + 1
+    grow = good >= precision.growth_interval
+    scale = torch.where(finite, torch.where(grow, scale * precision.growth_factor, scale),
+                        scale * precision.backoff_factor)
+    good = torch.where(finite & ~grow, good, torch.zeros_like(good))
+    return {"scale": scale, "good_steps": good}
+
+
+def where_finite(finite: torch.Tensor, new, old):
+    """`new` where the step was finite, else `old` (leafwise): a skipped step changes nothing."""
+    return tree_map(lambda n, o: torch.where(finite, n, o), new, old)

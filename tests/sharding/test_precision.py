@@ -1,0 +1,140 @@
+"""Mixed precision as a train-step policy: low-precision collectives, fp32 reductions on request,
+fp16 loss scaling that skips and recovers, and every strategy equal to a reference that casts
+identically (bf16 tolerance)."""
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+
+from functional_parallel import optim
+from functional_parallel.launch import spawn
+from functional_parallel.models import build
+from functional_parallel.parallel import EXAMPLE_MESHES, Strategy, compile_step
+from functional_parallel.precision import Precision, init_opt_state
+from functional_parallel.train import make_train_step
+from functional_parallel.tree import tree_leaves
+from sharding import Mesh, shard, unshard
+
+GLOBAL_BATCH = 8
+
+
+def _problem(dtype=torch.float32):
+    model = build("gpt", "tiny")
+    params = model.init(0, dtype=dtype)
+    optimizer = optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(1e-2, weight_decay=0.1))
+    tokens = torch.randint(0, model.cfg.vocab_size, (GLOBAL_BATCH, model.cfg.seq_len + 1),
+                           generator=torch.Generator().manual_seed(1))
+    batch = {"inputs": tokens[:, :-1].contiguous(), "targets": tokens[:, 1:].contiguous()}
+    return model, params, optimizer, batch
+
+
+def _gradient_collectives(strategy: str, policy: Precision):
+    model, params, optimizer, batch = _problem()
+    state, mesh = init_opt_state(optimizer, params, policy), Mesh.abstract(EXAMPLE_MESHES[strategy])
+    step, (pspecs, sspecs, bspec) = compile_step(make_train_step(model.loss, optimizer, precision=policy),
+                                                 Strategy.load(strategy), mesh, params, state)
+    lowered = step.lower(shard(params, pspecs, mesh), shard(state, sspecs, mesh), shard(batch, bspec, mesh))
+    n_params = len(tree_leaves(params))
+    counts = Counter((c["kind"], c["dtype"]) for c in lowered.collectives if c["axes"] == ("dp",) and c["shape"])
+    return counts, n_params
+
+
+def test_zero3_gathers_and_reduces_in_bf16():
+    counts, n = _gradient_collectives("zero3", Precision.named("bf16"))
+    assert counts == Counter({("all_gather", "bfloat16"): n, ("reduce_scatter", "bfloat16"): n})
+
+
+def test_reduce_dtype_float32_reduces_gradients_in_float32():
+    counts, n = _gradient_collectives("zero3", Precision.named("bf16", reduce_dtype="float32"))
+    assert counts == Counter({("all_gather", "bfloat16"): n, ("reduce_scatter", "float32"): n})
+    counts, n = _gradient_collectives("dp", Precision.named("bf16", reduce_dtype="float32"))
+    assert counts == Counter({("all_reduce", "float32"): n})
+
+
+def test_bad_policy_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown precision 'fp8'"):
+        Precision.named("fp8")
+    with pytest.raises(ValueError, match="reduce_dtype needs a low-precision policy"):
+        Precision.named("fp32", reduce_dtype="float32")
+
+
+def _fp16_run(init_scale: float, steps: int):
+    model, params, optimizer, batch = _problem()
+    policy = Precision.named("fp16", init_scale=init_scale)
+    step, state = make_train_step(model.loss, optimizer, precision=policy), init_opt_state(optimizer, params, policy)
+    history = []
+    for _ in range(steps):
+        params, state, metrics = step(params, state, batch)
+        history.append((params, state, metrics))
+    return history
+
+
+def test_fp16_loss_scale_skips_on_inf_and_recovers():
+    # 2^17 and 2^16 overflow fp16 (max 65504) in the backward: inf gradients, so both steps are skipped
+    # (params and Adam state untouched, scale halved); from 2^15 on the run is the one started at 2^15.
+    injected, clean = _fp16_run(2.0 ** 17, 5), _fp16_run(2.0 ** 15, 3)
+    model, params, optimizer, _ = _problem()
+    start = init_opt_state(optimizer, params, Precision.named("fp16"))["optimizer"]
+    for skipped in injected[:2]:
+        assert not torch.isfinite(skipped[2]["grad_norm"])
+        assert all(torch.equal(a, b) for a, b in zip(tree_leaves(skipped[0]), tree_leaves(params)))
+        assert all(torch.equal(a, b) for a, b in zip(tree_leaves(skipped[1]["optimizer"]), tree_leaves(start)))
+    assert [h[1]["loss_scale"]["scale"].item() for h in injected] == [2.0 ** 16] + [2.0 ** 15] * 4
+    for (got, _, m), (want, _, w) in zip(injected[2:], clean):
+        assert torch.isfinite(m["grad_norm"]) and torch.equal(m["loss"], w["loss"])
+        assert all(torch.equal(a, b) for a, b in zip(tree_leaves(got), tree_leaves(want)))
+    assert clean[-1][2]["loss"] < clean[0][2]["loss"]
+
+
+def test_fp16_loss_scale_grows_after_growth_interval():
+    model, params, optimizer, batch = _problem()
+    policy = Precision.named("fp16", init_scale=2.0 ** 10, growth_interval=2)
+    step, state = make_train_step(model.loss, optimizer, precision=policy), init_opt_state(optimizer, params, policy)
+    scales = []
+    for _ in range(4):
+        params, state, _ = step(params, state, batch)
+        scales.append(state["loss_scale"]["scale"].item())
+    assert scales == [2.0 ** 10, 2.0 ** 11, 2.0 ** 11, 2.0 ** 12]
+
+
+def _reference(policy: Precision, steps: int):
+    model, params, optimizer, batch = _problem()
+    step, state, losses = make_train_step(model.loss, optimizer, precision=policy), \
+        init_opt_state(optimizer, params, policy), []
+    for _ in range(steps):
+        params, state, metrics = step(params, state, batch)
+        losses.append(metrics["loss"])
+    return params, losses
+
+
+def _run(rank, world, cases, steps):
+    model, params, optimizer, batch = _problem()
+    out = {}
+    for name, policy in cases:
+        mesh, state = Mesh(EXAMPLE_MESHES[name]), init_opt_state(optimizer, params, policy)
+        step, (pspecs, sspecs, bspec) = compile_step(make_train_step(model.loss, optimizer, precision=policy),
+                                                     Strategy.load(name), mesh, params, state)
+        p, s, losses = shard(params, pspecs, mesh), shard(state, sspecs, mesh), []
+        for _ in range(steps):
+            p, s, metrics = step(p, s, shard(batch, bspec, mesh))
+            losses.append(metrics["loss"])
+        out[name, policy] = (unshard(p, pspecs, mesh), losses)
+    return out
+
+
+@pytest.mark.slow
+def test_low_precision_strategies_equal_a_reference_that_casts_identically():
+    bf16, fp16 = Precision.named("bf16"), Precision.named("fp16", init_scale=2.0 ** 16)  # fp16: first step skipped
+    cases, steps = [("dp", bf16), ("zero3", bf16), ("tp_sp", bf16), ("zero3", fp16)], 2
+    references = {policy: _reference(policy, steps) for policy in (bf16, fp16)}
+    for rank_result in spawn(_run, 4, cases, steps, timeout_s=300):
+        for name, policy in cases:
+            got, losses = rank_result[name, policy]
+            want, want_losses = references[policy]
+            for a, b in zip(losses, want_losses):
+                assert abs(a.float() - b.float()).item() < 2e-2, (name, policy)
+            error = max((g - w).abs().max().item() for g, w in zip(tree_leaves(got), tree_leaves(want)))
+            print(name, policy.compute_dtype, "max param error", error)
+            assert error < 1e-2, (name, policy)
