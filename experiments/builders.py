@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 
 from functional_parallel import data, models, optim
 from functional_parallel.parallel import Strategy, param_specs, state_specs
+from functional_parallel.precision import Precision
 from functional_parallel.train import check_local_batch
 from sharding import Mesh, P, shard
 
@@ -76,6 +77,11 @@ def check_layouts(cfg: Any, strategy: Strategy) -> None:
     shard(opt_state, state_specs(strategy, opt_state, params), mesh)
 
 
+def build_precision(cfg: Any) -> Precision:
+    """The mixed-precision policy named by `precision` and `reduce_dtype` (fp32 when absent)."""
+    return Precision.named(getattr(cfg, "precision", "fp32"), getattr(cfg, "reduce_dtype", None))
+
+
 def validate(cfg: Any, world_size: int | None = None) -> Strategy:
     """Everything about the config that would otherwise fail (or hang) inside the ranks.
 
@@ -107,5 +113,6 @@ def validate(cfg: Any, world_size: int | None = None) -> Strategy:
                          f"{' x '.join(batch_axes)} = {split} ranks strategy {strategy.name!r} splits the batch over "
                          f"(e.g. data.global_batch={split * -(-cfg.data.global_batch // split)})")
     check_local_batch(cfg.data.global_batch, split, getattr(cfg, "grad_accum", 1))
+    build_precision(cfg)
     check_layouts(cfg, strategy)
     return strategy

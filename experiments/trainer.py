@@ -19,12 +19,13 @@ import torch.distributed as dist
 
 from functional_parallel import data
 from functional_parallel.parallel import compile_step
+from functional_parallel.precision import init_opt_state
 from functional_parallel.train import make_train_step
 from functional_parallel.tree import tree_map
 from sharding import Lowered, Mesh, P, jit, shard
 from sharding.memory import MemoryTracker
 
-from .builders import DTYPES, build_model, build_optimizer, build_schedule, mesh_shape, validate
+from .builders import DTYPES, build_model, build_optimizer, build_precision, build_schedule, mesh_shape, validate
 from .metrics import MetricsWriter, new_task, plot_losses, progress_bar
 
 
@@ -100,9 +101,11 @@ def setup(cfg: Any, rank: int, device: torch.device, output_dir: pathlib.Path | 
     params = model.init(cfg.seed, DTYPES[cfg.model.dtype])
     schedule = build_schedule(cfg.optim, cfg.steps)
     optimizer = build_optimizer(cfg.optim, schedule)
-    opt_state = optimizer.init(params)
+    precision = build_precision(cfg)
+    opt_state = init_opt_state(optimizer, params, precision)
     started = time.perf_counter()
-    compiled, specs = compile_step(make_train_step(model.loss, optimizer, cfg.grad_accum), strategy, mesh, params, opt_state)
+    compiled, specs = compile_step(make_train_step(model.loss, optimizer, cfg.grad_accum, precision), strategy, mesh,
+                                   params, opt_state)
     compiled_eval = jit(model.loss, mesh=mesh, in_specs=(specs[0], specs[2]), out_specs=P(),
                         logical_rules=strategy.logical)
     state = initial_state(params, opt_state, specs, mesh, device)

@@ -102,6 +102,7 @@ def test_every_model_and_optimizer_builds():
     (["strategy=zero3", "model.vocab_multiple=1"], SpecError, r"wte: dim 0 has size 103, not divisible by 2"),
     (["mesh.dp=0"], ValueError, r"mesh.dp=0"),
     (["grad_accum=3", "data.global_batch=8"], ValueError, r"4 rows per rank, .* into 3 equal micro-batches"),
+    (["precision=fp8"], ValueError, r"unknown precision 'fp8'"),
 ])
 def test_bad_strategy_or_mesh_fails_before_spawning(overrides, error, message, tmp_path, monkeypatch):
     cfg = compose_config(overrides)

@@ -20,10 +20,13 @@ from sharding import Mesh, shard, unshard
 GLOBAL_BATCH = 8
 
 
-def _problem(dtype=torch.float32):
+def _problem(adam: bool = True):
+    """AdamW for the policy tests; SGD for equivalence (Adam's g/sqrt(v) turns bf16 noise in a
+    near-zero gradient into a full-size update of either sign)."""
     model = build("gpt", "tiny")
-    params = model.init(0, dtype=dtype)
-    optimizer = optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(1e-2, weight_decay=0.1))
+    params = model.init(0)
+    optimizer = optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(1e-2, weight_decay=0.1)) if adam \
+        else optim.sgd(0.1, momentum=0.9)
     tokens = torch.randint(0, model.cfg.vocab_size, (GLOBAL_BATCH, model.cfg.seq_len + 1),
                            generator=torch.Generator().manual_seed(1))
     batch = {"inputs": tokens[:, :-1].contiguous(), "targets": tokens[:, 1:].contiguous()}
@@ -100,7 +103,7 @@ def test_fp16_loss_scale_grows_after_growth_interval():
 
 
 def _reference(policy: Precision, steps: int):
-    model, params, optimizer, batch = _problem()
+    model, params, optimizer, batch = _problem(adam=False)
     step, state, losses = make_train_step(model.loss, optimizer, precision=policy), \
         init_opt_state(optimizer, params, policy), []
     for _ in range(steps):
@@ -110,7 +113,7 @@ def _reference(policy: Precision, steps: int):
 
 
 def _run(rank, world, cases, steps):
-    model, params, optimizer, batch = _problem()
+    model, params, optimizer, batch = _problem(adam=False)
     out = {}
     for name, policy in cases:
         mesh, state = Mesh(EXAMPLE_MESHES[name]), init_opt_state(optimizer, params, policy)
@@ -129,12 +132,16 @@ def test_low_precision_strategies_equal_a_reference_that_casts_identically():
     bf16, fp16 = Precision.named("bf16"), Precision.named("fp16", init_scale=2.0 ** 16)  # fp16: first step skipped
     cases, steps = [("dp", bf16), ("zero3", bf16), ("tp_sp", bf16), ("zero3", fp16)], 2
     references = {policy: _reference(policy, steps) for policy in (bf16, fp16)}
+    start = _problem()[1]
     for rank_result in spawn(_run, 4, cases, steps, timeout_s=300):
         for name, policy in cases:
             got, losses = rank_result[name, policy]
             want, want_losses = references[policy]
             for a, b in zip(losses, want_losses):
                 assert abs(a.float() - b.float()).item() < 2e-2, (name, policy)
-            error = max((g - w).abs().max().item() for g, w in zip(tree_leaves(got), tree_leaves(want)))
-            print(name, policy.compute_dtype, "max param error", error)
-            assert error < 1e-2, (name, policy)
+            # Each rank rounds its partial sums to the compute dtype before the reduction: compare the
+            # whole update (p - p0) with the reference's, relative to its size, within 2 epsilons of that
+            # dtype (measured: bf16 3.2e-3..3.8e-3, fp16 4e-4)
+            error = optim.global_norm([g - w for g, w in zip(tree_leaves(got), tree_leaves(want))])
+            size = optim.global_norm([w - p for w, p in zip(tree_leaves(want), tree_leaves(start))])
+            assert error / size < 2 * torch.finfo(policy.compute_dtype).eps, (name, policy)
