@@ -30,10 +30,9 @@ def _collectives(strategy: str, grad_accum: int):
 
 
 def _gradient_sized(collectives, axis):
-    """(kind, shape) of every non-scalar, non-activation collective over `axis`: the gradient reductions
-    and ZeRO-3's parameter gathers."""
-    return Counter((c["kind"], c["shape"]) for c in collectives
-                   if c["axes"] == (axis,) and 0 < len(c["shape"]) < ACTIVATION_DIMS)
+    """(kind, shape, dtype) of every non-scalar, non-activation reduction over `axis`: the gradients'."""
+    return Counter((c["kind"], c["shape"], c["dtype"]) for c in collectives
+                   if c["axes"] == (axis,) and 0 < len(c["shape"]) < ACTIVATION_DIMS and c["kind"] != "all_gather")
 
 
 @pytest.mark.parametrize("strategy", ["dp", "zero3", "tp_sp"])

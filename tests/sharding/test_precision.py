@@ -33,10 +33,10 @@ def _problem(adam: bool = True):
     return model, params, optimizer, batch
 
 
-def _gradient_collectives(strategy: str, policy: Precision):
+def _gradient_collectives(strategy: str, policy: Precision, grad_accum: int = 1):
     model, params, optimizer, batch = _problem()
     state, mesh = init_opt_state(optimizer, params, policy), Mesh.abstract(EXAMPLE_MESHES[strategy])
-    step, (pspecs, sspecs, bspec) = compile_step(make_train_step(model.loss, optimizer, precision=policy),
+    step, (pspecs, sspecs, bspec) = compile_step(make_train_step(model.loss, optimizer, grad_accum, policy),
                                                  Strategy.load(strategy), mesh, params, state)
     lowered = step.lower(shard(params, pspecs, mesh), shard(state, sspecs, mesh), shard(batch, bspec, mesh))
     n_params = len(tree_leaves(params))
@@ -54,6 +54,9 @@ def test_reduce_dtype_float32_reduces_gradients_in_float32():
     assert counts == Counter({("all_gather", "bfloat16"): n, ("reduce_scatter", "float32"): n})
     counts, n = _gradient_collectives("dp", Precision.named("bf16", reduce_dtype="float32"))
     assert counts == Counter({("all_reduce", "float32"): n})
+    # composed with accumulation: micro-batch gradients widen, add up as Partials, reduce once in fp32
+    counts, n = _gradient_collectives("zero3", Precision.named("bf16", reduce_dtype="float32"), grad_accum=2)
+    assert counts[("reduce_scatter", "float32")] == n and counts[("reduce_scatter", "bfloat16")] == 0
 
 
 def test_bad_policy_is_a_clear_error():
