@@ -71,12 +71,21 @@ def make_train_step(loss_fn: LossFn, optimizer: optim.GradientTransformation, gr
         raise ValueError(f"grad_accum must be an integer >= 1, got {grad_accum!r}")
     policy = Precision.named(precision) if isinstance(precision, str) else precision
 
-    def scaled_loss(low_params, batch, scale):
+    def reported_loss(low_params, batch):
         loss = loss_fn(low_params, batch)
-        loss = loss.to(torch.promote_types(loss.dtype, torch.float32))  # a low-precision loss is reported in fp32
+        return loss.to(torch.promote_types(loss.dtype, torch.float32))  # a low-precision loss is reported in fp32
+
+    def scaled_loss(low_params, batch, scale):
+        loss = reported_loss(low_params, batch)
         return loss * scale, loss
 
-    grad_and_loss = torch.func.grad(scaled_loss, has_aux=True)
+    if policy.loss_scaling:
+        grad_and_loss = torch.func.grad(scaled_loss, has_aux=True)
+    else:
+        unscaled = torch.func.grad_and_value(reported_loss)
+
+        def grad_and_loss(low_params, batch, scale):
+            return unscaled(low_params, batch)
 
     def accumulated_grad_and_loss(params, batch, scale):
         low = policy.cast_params(params)
@@ -95,9 +104,9 @@ def make_train_step(loss_fn: LossFn, optimizer: optim.GradientTransformation, gr
         scaling = opt_state["loss_scale"] if policy.loss_scaling else None
         inner = opt_state["optimizer"] if policy.loss_scaling else opt_state
         grads, loss = accumulated_grad_and_loss(params, batch, scaling["scale"] if scaling else 1.0)
-        grad_norm = optim.global_norm(grads)
         updates, new_inner = optimizer.update(grads, inner, params)
         new_params = optim.apply_updates(params, updates)
+        grad_norm = optim.global_norm(grads)  # after the update: graph order moves the estimated peak
         metrics = {"loss": loss, "grad_norm": grad_norm}
         if not policy.loss_scaling:
             return new_params, new_inner, metrics
