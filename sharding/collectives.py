@@ -24,9 +24,9 @@ def _named(kind: str, group_size: int, label: str):
     try:
         yield
     except RuntimeError as error:
-        where = f" {label}" if label else ""
+        where = label or f"over {group_size} ranks"
         raise CollectiveError(
-            f"collective {kind}{where} over {group_size} ranks failed or timed out: {error}\n"
+            f"collective {kind} {where} failed or timed out: {error}\n"
             f"A peer rank died, is stuck, or runs a different step; its own error (above or in its log) "
             f"says why. The wait is bounded by the process group timeout (collective_timeout_s).") from error
 

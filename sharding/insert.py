@@ -85,8 +85,8 @@ class Inserter:
             current = current.with_axis(axis, REPLICATE if kind == "all_gather" else
                                         PARTIAL if kind == "mask_partial" else
                                         REPLICATE if kind == "all_reduce" else dim)
-            label = (f"over mesh axis {self.mesh.axis_names[axis]!r} of {old.name} "
-                     f"(shape {tuple(global_val.shape)}){' at ' + source if source else ''}")
+            label = (f"over mesh axis {self.mesh.axis_names[axis]!r} ({self.mesh.axis_sizes[axis]} ranks) of "
+                     f"{old.name} (global shape {tuple(global_val.shape)}){', from ' + source if source else ''}")
             value = self._emit(kind, axis, dim, value, label)
             value.meta.update(val=global_val, fp_layout=current)
             if kind in ("all_gather", "all_reduce", "reduce_scatter"):
