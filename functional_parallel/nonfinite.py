@@ -52,9 +52,9 @@ def apply_update(loss: float, grad_norm: float, step: int, policy: NonFinitePoli
                                  f"parameters or the data are broken (model.dtype, the init, the token ids), "
                                  f"or the checkpoint resumed from holds inf/nan.{kept}")
     if policy.action == "stop":
-        raise NonFiniteLossError(f"step {step}: {values}; stopping (nonfinite.action=stop).{kept} {_ADVICE} "
-                                 f"nonfinite.action=skip skips such steps instead.")
+        raise NonFiniteLossError(f"step {step}: {values}; stopping (nonfinite=stop).{kept} {_ADVICE} "
+                                 f"nonfinite=skip skips such steps instead.")
     if skipped_in_a_row >= policy.max_skips:
         raise NonFiniteLossError(f"step {step}: {values} after {skipped_in_a_row} skipped steps in a row; "
-                                 f"stopping (nonfinite.max_skips={policy.max_skips}).{kept} {_ADVICE}")
+                                 f"stopping (max_skips={policy.max_skips}).{kept} {_ADVICE}")
     return False

@@ -28,7 +28,7 @@ def _named(kind: str, group_size: int, label: str):
         raise CollectiveError(
             f"collective {kind} {where} failed or timed out: {error}\n"
             f"A peer rank died, is stuck, or runs a different step; its own error (above or in its log) "
-            f"says why. The wait is bounded by the process group timeout (collective_timeout_s).") from error
+            f"says why. The wait is bounded by the process group timeout (`timeout_s` of experiments.train).") from error
 
 
 def _to_front(x: torch.Tensor, dim: int) -> torch.Tensor:

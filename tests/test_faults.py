@@ -52,7 +52,7 @@ def test_stuck_rank_times_out_naming_the_collective(tmp_path):
 def test_non_finite_policy_stop_skip_and_limits():
     stop, skip = NonFinitePolicy("stop"), NonFinitePolicy("skip", max_skips=2)
     assert apply_update(2.5, 1.0, 7, stop, 0, first_step=False)
-    with pytest.raises(NonFiniteLossError, match=r"step 7: loss nan.*stopping \(nonfinite.action=stop\)"
+    with pytest.raises(NonFiniteLossError, match=r"step 7: loss nan.*stopping \(nonfinite=stop\)"
                                                  r".*last good checkpoint is ck/step_5"):
         apply_update(math.nan, 1.0, 7, stop, 0, first_step=False, last_good="ck/step_5")
     assert apply_update(2.5, math.inf, 7, skip, 0, first_step=False) is False  # inf gradient: skip too
