@@ -17,8 +17,8 @@ GLOBAL_BATCH = 8
 
 
 def problem(seed: int = 0):
-    """Tiny GPT in float64, AdamW with clipping, and its pure train step."""
-    model = build("gpt", "tiny")
+    """One-layer tiny GPT in float64, AdamW with clipping, and its pure train step."""
+    model = build("gpt", "tiny", n_layers=1)
     params = model.init(seed, dtype=torch.float64)
     optimizer = optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(1e-2, weight_decay=0.1))
     return model, params, optimizer.init(params), make_train_step(model.loss, optimizer)

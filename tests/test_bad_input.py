@@ -107,7 +107,7 @@ def test_non_finite_initial_loss():
 
 def test_checkpoint_of_another_model_shape(saved):
     root, _ = saved
-    model = models.build("gpt", "tiny", d_model=64)
+    model = models.build("gpt", "tiny", n_layers=1, d_model=64)
     params = model.init(0, dtype=torch.float64)
     like = {"params": params, "opt_state": checkpoint_loop.problem()[2]}
     _load_fails(root, like, r"leaf params/wte has global shape \(64, 32\) in the checkpoint but \(64, 64\) in "
@@ -173,7 +173,7 @@ def test_checkpoint_save_never_overwrites(saved):
 
 def _every_rank_rejects(rank, world, root):
     model, params, state, step_fn = checkpoint_loop.problem()
-    other = models.build("gpt", "tiny", n_layers=1).init(0, dtype=torch.float64)
+    other = models.build("gpt", "tiny", n_layers=2).init(0, dtype=torch.float64)
     failures = []
     for bad in (lambda: checkpoint.load(root, {"params": other, "opt_state": state}, None, Mesh({"dp": world})),
                 lambda: checkpoint.load(os.path.join(root, "nowhere"), {"params": params}, None, Mesh({"dp": world})),
