@@ -1,21 +1,22 @@
 """The training loop's checkpoints and non-finite policy: resume, save every N steps, stop or skip.
 
-Small functions the trainer calls between steps; the mechanics are in
-`functional_parallel.checkpoint` (sharded, atomic, reshardable) and `functional_parallel.nonfinite`.
-The data position is the step: a batch is a pure function of (seed, step), so resuming at step k
-with the same seed, corpus and global batch draws exactly the batches an uninterrupted run would.
+Small pieces the trainer calls between steps; the mechanics are in `functional_parallel.checkpoint`
+(sharded, atomic, reshardable) and `functional_parallel.nonfinite`. The data position is the
+step: a batch is a pure function of (seed, step), so resuming at step k with the same seed,
+corpus and global batch draws exactly the batches an uninterrupted run would.
 """
 from __future__ import annotations
 
 import math
 import pathlib
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from functional_parallel import checkpoint
+from functional_parallel import checkpoint, optim
 from functional_parallel.checkpoint import CheckpointError
-from functional_parallel.nonfinite import NonFinitePolicy, apply_update
+from functional_parallel.nonfinite import NonFiniteLossError, NonFinitePolicy, apply_update
+from sharding import P, jit
 
 CHECKPOINT_SUBDIR = "checkpoints"
 
@@ -45,38 +46,64 @@ def check_resumable(cfg: Any, root: pathlib.Path) -> pathlib.Path:
     return path
 
 
-def restore(cfg: Any, root: pathlib.Path, params, opt_state, specs: tuple, mesh) -> tuple[Any, Any, int]:
-    """Load the latest checkpoint into this run's layout: (params, opt_state, next step).
-
-    `params` / `opt_state` are this rank's shards (they give shapes and dtypes); `specs` is
-    (param specs, state specs, ...) on `mesh`. Also restores torch's global generator.
-    """
-    check_resumable(cfg, root)
-    restored = checkpoint.load(root, {"params": params, "opt_state": opt_state},
-                               {"params": specs[0], "opt_state": specs[1]}, mesh)
-    torch.set_rng_state(restored.rng_state)
-    return restored.trees["params"], restored.trees["opt_state"], restored.meta["data"]["step"]
+def norm_of(specs: tuple, mesh) -> Callable:
+    """params -> global norm (a float every rank agrees on: one scalar all-reduce on a mesh)."""
+    if mesh is None:
+        return lambda params: optim.global_norm(params).item()
+    compiled = jit(optim.global_norm, mesh=mesh, in_specs=(specs[0],), out_specs=P())
+    return lambda params: compiled(params).item()
 
 
-def save_due(cfg: Any, step: int, last_step: int) -> bool:
-    """Save after `step` steps: every `checkpoint_every` steps, and at the run's last step."""
-    return bool(cfg.checkpoint_every) and (step % cfg.checkpoint_every == 0 or step == last_step)
+class Checkpointer:
+    """Saves and restores this rank's shards under `root`; every rank holds one and calls it together."""
 
+    def __init__(self, cfg: Any, root: pathlib.Path, specs: tuple, mesh, strategy: str = ""):
+        self.cfg, self.root, self.specs, self.mesh, self.strategy = cfg, pathlib.Path(root), specs, mesh, strategy
+        self._norm = None
 
-def save(cfg: Any, root: pathlib.Path, step: int, params, opt_state, specs: tuple, mesh, strategy: str = "") -> pathlib.Path:
-    """This rank's shards after `step` steps (every rank calls it)."""
-    meta = {"data": data_position(cfg, step), "strategy": strategy, "mesh": mesh.shape(),
-            "model": f"{cfg.model.arch}/{cfg.model.size}"}
-    return checkpoint.save(root, step, {"params": params, "opt_state": opt_state},
-                           {"params": specs[0], "opt_state": specs[1]}, mesh, meta=meta)
+    def _trees_and_specs(self, params, opt_state):
+        return {"params": params, "opt_state": opt_state}, {"params": self.specs[0], "opt_state": self.specs[1]}
+
+    def restore(self, params, opt_state) -> tuple[Any, Any, int]:
+        """The latest checkpoint in this run's layout: (params, opt_state, next step); restores torch's generator.
+
+        `params` / `opt_state` are this rank's shards of a fresh start (they give shapes and dtypes).
+        """
+        check_resumable(self.cfg, self.root)
+        restored = checkpoint.load(self.root, *self._trees_and_specs(params, opt_state), self.mesh)
+        torch.set_rng_state(restored.rng_state)
+        return restored.trees["params"], restored.trees["opt_state"], restored.meta["data"]["step"]
+
+    def due(self, step: int, last_step: int) -> bool:
+        """Save after `step` steps: every `checkpoint_every` steps, and at the run's last step."""
+        return bool(self.cfg.checkpoint_every) and (step % self.cfg.checkpoint_every == 0 or step == last_step)
+
+    def save(self, step: int, params, opt_state) -> pathlib.Path:
+        """The state after `step` steps, if every parameter is finite (else `NonFiniteLossError`, nothing saved)."""
+        self._norm = self._norm or norm_of(self.specs, self.mesh)
+        norm = self._norm(params)
+        if not math.isfinite(norm):
+            last = self.last_good()
+            raise NonFiniteLossError(f"after step {step} the parameters are not finite (global norm {norm}); not "
+                                     f"saved. {f'The last good checkpoint is {last}.' if last else ''} Lower "
+                                     f"optim.lr or keep optim.clip_norm")
+        meta = {"data": data_position(self.cfg, step), "strategy": self.strategy,
+                "mesh": self.mesh.shape() if self.mesh is not None else None,
+                "model": f"{self.cfg.model.arch}/{self.cfg.model.size}"}
+        return checkpoint.save(self.root, step, *self._trees_and_specs(params, opt_state), self.mesh, meta=meta)
+
+    def last_good(self) -> str:
+        """The latest complete checkpoint's path, or "" when there is none."""
+        latest = checkpoint.latest(self.root) if self.root.is_dir() else None
+        return str(latest) if latest is not None else ""
 
 
 class NonFiniteGuard:
-    """Applies the `nonfinite` policy step by step; remembers the last good checkpoint for its message."""
+    """Applies the `nonfinite` policy step by step (stop, or skip at most `max_skips` steps in a row)."""
 
-    def __init__(self, cfg: Any, root: pathlib.Path | None):
+    def __init__(self, cfg: Any, last_good: Callable[[], str] = lambda: ""):
         self.policy = NonFinitePolicy(cfg.nonfinite, cfg.max_skips)
-        self.root = root
+        self.last_good = last_good
         self.skipped_in_a_row = 0
         self.first_step = True
 
@@ -84,14 +111,8 @@ class NonFiniteGuard:
         """True: take this step's new params and state; False: keep the previous ones (skipped)."""
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             if not apply_update(loss, grad_norm, step, self.policy, self.skipped_in_a_row, self.first_step,
-                                self._last_good()):  # raises unless the policy skips
+                                self.last_good()):  # raises unless the policy skips
                 self.skipped_in_a_row += 1
                 return False
         self.first_step, self.skipped_in_a_row = False, 0
         return True
-
-    def _last_good(self) -> str:
-        if self.root is None or not self.root.is_dir():
-            return ""
-        latest = checkpoint.latest(self.root)
-        return str(latest) if latest is not None else ""

@@ -258,3 +258,17 @@ def load(path: str | os.PathLike, like: Mapping[str, Any], specs: Mapping[str, A
         paths, _, treedef = leaf_paths(tree)
         trees[name] = tree_unflatten(treedef, [local[f"{name}/{p}"] for p in paths])
     return Restored(step=int(record["step"]), trees=trees, meta=record["meta"], rng_state=local[RNG_KEY], path=path)
+
+
+def read_global(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(meta.json record, {leaf key: global tensor}) of a checkpoint, read in this process alone.
+
+    Needs no template and no process group: for inspecting, comparing and converting checkpoints.
+    """
+    path = resolve(path)
+    record = read_record(path)
+    dtypes = {name: getattr(torch, name) for name in {leaf["dtype"] for leaf in record["leaves"].values()}}
+    state = {key: torch.empty(leaf["shape"], dtype=dtypes[leaf["dtype"]]) for key, leaf in record["leaves"].items()}
+    with _quiet_single_process():
+        dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    return record, state

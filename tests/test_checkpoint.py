@@ -37,6 +37,15 @@ def test_single_process_round_trip_is_exact_and_restores_step_meta_and_rng(tmp_p
     assert_identical(restored.trees, trees)
 
 
+def test_read_global_needs_no_template(tmp_path):
+    trees = _trees(1)
+    checkpoint.save(tmp_path, 1, trees, None, None, meta={"data_step": 1})
+    record, flat = checkpoint.read_global(tmp_path)
+    assert record["step"] == 1 and record["meta"] == {"data_step": 1}
+    assert torch.equal(flat["params/wte"], trees["params"]["wte"])
+    assert len(flat) == len(tree_leaves(trees))
+
+
 def test_latest_points_at_the_newest_complete_checkpoint_only(tmp_path):
     trees = _trees(0)
     checkpoint.save(tmp_path, 1, trees, None, None)
