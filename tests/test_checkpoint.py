@@ -58,6 +58,26 @@ def test_latest_points_at_the_newest_complete_checkpoint_only(tmp_path):
                                                          "step_00000002"]
 
 
+def test_a_save_that_crashes_half_way_is_never_the_latest(tmp_path, monkeypatch):
+    trees = _trees(0)
+    checkpoint.save(tmp_path, 1, trees, None, None)
+    real_save = checkpoint.dcp.save
+
+    def crash_after_writing(state, checkpoint_id, **kwargs):
+        real_save(state, checkpoint_id=checkpoint_id, **kwargs)
+        raise KeyboardInterrupt("killed while saving")
+
+    monkeypatch.setattr(checkpoint.dcp, "save", crash_after_writing)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(tmp_path, 2, trees, None, None)
+    assert (tmp_path / ".tmp-step_00000002" / ".metadata").exists()  # all the bytes, but not complete
+    assert checkpoint.latest(tmp_path).name == "step_00000001"
+    monkeypatch.setattr(checkpoint.dcp, "save", real_save)
+    checkpoint.save(tmp_path, 2, trees, None, None)  # the next attempt replaces the leftover
+    assert checkpoint.latest(tmp_path).name == "step_00000002"
+    assert not (tmp_path / ".tmp-step_00000002").exists()
+
+
 def test_load_does_not_write_into_the_template(tmp_path):
     checkpoint.save(tmp_path, 1, _trees(1), None, None)
     template = _trees(0)
