@@ -1,0 +1,81 @@
+"""Measured memory: the peak of live tensor bytes on this rank while a block of code runs.
+
+The cost model's `peak_bytes` is a prediction from the graph; this is the measurement it is
+checked against. On CPU every storage created by an op inside the block is counted from the
+moment it is allocated until it is freed (a weakref finalizer on the storage: torch keeps one
+Python object per live storage). Views share their base's storage and are not counted twice.
+Tensors that exist before the block (the step's inputs) are added with `track`. On CUDA the
+allocator's own counter (`torch.cuda.max_memory_allocated`) is the measurement.
+"""
+from __future__ import annotations
+
+import weakref
+
+import optree
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+class MemoryTracker(TorchDispatchMode):
+    """`with MemoryTracker() as mem: mem.track(inputs); step(*inputs)` then `mem.peak_bytes`.
+
+    `live_bytes` is what is still alive (counted) now; `peak_bytes` the largest it has been.
+    `device="cuda"` reads the CUDA allocator instead of counting storages.
+    """
+
+    def __init__(self, device: str | torch.device = "cpu"):
+        super().__init__()
+        self.device = torch.device(device)
+        self.live_bytes = 0
+        self.peak_bytes = 0
+        self._sizes: dict[int, int] = {}
+
+    def track(self, tree) -> None:
+        """Count the tensors in `tree` (each storage once) as live from now until they are freed."""
+        for leaf in optree.tree_leaves(tree, none_is_leaf=False, namespace="torch"):
+            if isinstance(leaf, torch.Tensor):
+                self._add(leaf)
+
+    def reset_peak(self) -> None:
+        """Start a new peak from what is live now."""
+        self.peak_bytes = self.live_bytes
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
+            self.live_bytes = torch.cuda.memory_allocated(self.device)
+            return False
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for leaf in optree.tree_leaves(out, none_is_leaf=False, namespace="torch"):
+            if isinstance(leaf, torch.Tensor):
+                self._add(leaf)
+        return out
+
+    def _add(self, tensor: torch.Tensor) -> None:
+        if tensor.device.type == "meta" or tensor.device.type != self.device.type:
+            return
+        storage = tensor.untyped_storage()
+        key = id(storage)
+        if key in self._sizes:
+            return
+        size = storage.nbytes()
+        self._sizes[key] = size
+        self.live_bytes += size
+        self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+        weakref.finalize(storage, self._free, key)
+
+    def _free(self, key: int) -> None:
+        self.live_bytes -= self._sizes.pop(key, 0)
