@@ -42,9 +42,9 @@ def init_process_group(rank: int, world_size: int, init_file: str,
                             timeout=timedelta(seconds=timeout_s))
 
 
-def _worker(rank, world_size, init_file, result_dir, fn, args, timeout_s):
+def _worker(rank, world_size, init_file, result_dir, fn, args, timeout_s, backend=None):
     torch.set_num_threads(1)
-    init_process_group(rank, world_size, init_file, timeout_s)
+    init_process_group(rank, world_size, init_file, timeout_s, backend)
     path = os.path.join(result_dir, f"rank{rank}.pt")
     ok = False
     try:
@@ -108,15 +108,16 @@ def _wait(processes, timeout_s: float, deadline_s: float | None) -> dict:
 
 
 def spawn(fn: Callable[..., Any], world_size: int, *args, timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S,
-          deadline_s: float | None = None) -> list:
+          deadline_s: float | None = None, backend: str | None = None) -> list:
     """`fn(rank, world_size, *args)` on `world_size` fresh processes; returns each rank's result.
 
     `timeout_s` bounds every collective; `deadline_s` (optional) bounds the whole job. A rank
     that raises or dies makes this raise `RankError` naming every failed rank; it never hangs.
+    `backend` defaults to NCCL when there is a GPU per rank, else gloo.
     """
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "rendezvous")
-        context = mp.start_processes(_worker, args=(world_size, init_file, tmp, fn, args, timeout_s),
+        context = mp.start_processes(_worker, args=(world_size, init_file, tmp, fn, args, timeout_s, backend),
                                      nprocs=world_size, join=False, start_method="spawn")
         killed = _wait(context.processes, timeout_s, deadline_s)
         outcomes = {}
