@@ -26,6 +26,37 @@ def checkpoint_root(cfg: Any, run_dir: str | pathlib.Path) -> pathlib.Path:
     return pathlib.Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else pathlib.Path(run_dir) / CHECKPOINT_SUBDIR
 
 
+def last_step(cfg: Any) -> int:
+    """The step this run ends at: `steps`, or earlier with `stop_after` (the schedule still spans `steps`)."""
+    return min(cfg.steps, cfg.stop_after) if cfg.stop_after is not None else cfg.steps
+
+
+def prepare(cfg: Any, run_dir: str | pathlib.Path, torchrun: bool = False):
+    """Checks that need no process, and the config every rank gets: `checkpoint_dir` absolute when in use.
+
+    Fails before anything starts on a bad policy, a resume with nothing (or the wrong thing) to
+    resume, or a fresh run that would write over an earlier run's checkpoints.
+    """
+    NonFinitePolicy(cfg.nonfinite, cfg.max_skips)
+    if cfg.checkpoint_every < 0 or (cfg.stop_after is not None and cfg.stop_after < 1):
+        raise ValueError(f"checkpoint_every={cfg.checkpoint_every} must be >= 0 and stop_after={cfg.stop_after} "
+                         f">= 1 (or null)")
+    if not (cfg.checkpoint_every or cfg.resume):
+        return cfg
+    if torchrun and not cfg.checkpoint_dir:
+        raise ValueError("under torchrun set checkpoint_dir to a directory every rank can reach (each rank has "
+                         "its own run dir)")
+    root = checkpoint_root(cfg, run_dir).resolve()
+    if cfg.resume:
+        check_resumable(cfg, root)
+    elif root.is_dir() and checkpoint.latest(root) is not None:
+        raise CheckpointError(f"checkpoint_dir {root} already holds checkpoints (latest: {checkpoint.latest(root).name});"
+                              f" resume=true continues from them, or choose another checkpoint_dir")
+    cfg = cfg.copy()
+    cfg.checkpoint_dir = str(root)
+    return cfg
+
+
 def data_position(cfg: Any, step: int) -> dict:
     """Where the data stream stands after `step` steps, and what it depends on."""
     return {"step": step, "seed": cfg.seed, "corpus": cfg.data.name, "global_batch": cfg.data.global_batch}
@@ -41,8 +72,9 @@ def check_resumable(cfg: Any, root: pathlib.Path) -> pathlib.Path:
         described = ", ".join(f"{key}: {old!r} in the checkpoint, {new!r} now" for key, (old, new) in changed.items())
         raise CheckpointError(f"{path} was trained on another data stream ({described}); resuming would not "
                               f"continue the same run. Use the checkpoint's settings, or start without resume")
-    if saved["step"] > cfg.steps:
-        raise CheckpointError(f"{path} is at step {saved['step']}, past steps={cfg.steps}")
+    if saved["step"] >= last_step(cfg):
+        raise CheckpointError(f"{path} is at step {saved['step']}: nothing left to train up to step {last_step(cfg)} "
+                              f"(raise steps or stop_after)")
     return path
 
 

@@ -17,7 +17,7 @@ from tests import checkpoint_loop
 
 def _cfg(**overrides):
     cfg = {"seed": 0, "steps": 10, "data": {"name": "pydoc", "global_batch": 8}, "model": {"arch": "gpt", "size": "tiny"},
-           "checkpoint_every": 5, "nonfinite": "skip", "max_skips": 1}
+           "checkpoint_every": 5, "nonfinite": "skip", "max_skips": 1, "stop_after": None}
     return OmegaConf.merge(OmegaConf.create(cfg), OmegaConf.create(overrides))
 
 
@@ -36,8 +36,8 @@ def test_resume_with_another_seed_is_refused(tmp_path):
     Checkpointer(_cfg(), tmp_path, (None, None), None).save(5, *checkpoint_loop.reference(0))
     with pytest.raises(CheckpointError, match=r"another data stream \(seed: 0 in the checkpoint, 1 now\)"):
         check_resumable(_cfg(seed=1), tmp_path)
-    with pytest.raises(CheckpointError, match=r"is at step 5, past steps=3"):
-        check_resumable(_cfg(steps=3), tmp_path)
+    with pytest.raises(CheckpointError, match=r"is at step 5: nothing left to train up to step 5"):
+        check_resumable(_cfg(steps=10, stop_after=5), tmp_path)
 
 
 def test_non_finite_params_are_never_saved(tmp_path):
