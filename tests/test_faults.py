@@ -41,7 +41,7 @@ def test_stuck_rank_times_out_naming_the_collective(tmp_path):
     root = str(tmp_path / "ckpt")
     started = time.monotonic()
     with pytest.raises(RankError) as info:  # rank 1 sleeps past the timeout before step 1
-        spawn(checkpoint_loop.train, 2, "dp", {"dp": 2}, root, 2, None, 1, TIMEOUT_S + 5,
+        spawn(checkpoint_loop.train, 2, "dp", {"dp": 2}, root, 2, None, 1, TIMEOUT_S + 2,
               timeout_s=TIMEOUT_S, deadline_s=180)
     kind, message, _ = info.value.errors[0]
     assert kind == "CollectiveError" and "Timed out" in message and "mesh axis 'dp'" in message

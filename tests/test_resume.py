@@ -14,7 +14,7 @@ from functional_parallel.launch import RankError
 from tests import checkpoint_loop
 
 CONF_DIR = str(pathlib.Path(__file__).resolve().parents[1] / "conf")
-TINY = ["strategy=zero3", "model=gpt_tiny", "model.n_layers=1", "steps=10", "log_every=5", "eval_every=10", "eval_batches=1",
+TINY = ["strategy=zero3", "model=gpt_tiny", "model.n_layers=1", "steps=10", "log_every=5", "eval_batches=0",
         "progress=false", "data.global_batch=8", "optim.warmup_steps=2", "checkpoint_every=5"]
 
 
