@@ -85,7 +85,9 @@ class Inserter:
             current = current.with_axis(axis, REPLICATE if kind == "all_gather" else
                                         PARTIAL if kind == "mask_partial" else
                                         REPLICATE if kind == "all_reduce" else dim)
-            value = self._emit(kind, axis, dim, value)
+            label = (f"over mesh axis {self.mesh.axis_names[axis]!r} ({self.mesh.axis_sizes[axis]} ranks) of "
+                     f"{old.name} (global shape {tuple(global_val.shape)}){', from ' + source if source else ''}")
+            value = self._emit(kind, axis, dim, value, label)
             value.meta.update(val=global_val, fp_layout=current)
             if kind in ("all_gather", "all_reduce", "reduce_scatter"):
                 local = before if kind != "all_gather" else current
@@ -100,16 +102,16 @@ class Inserter:
                 }
         return value
 
-    def _emit(self, kind, axis, dim, value):
+    def _emit(self, kind, axis, dim, value, label):
         size = self.mesh.axis_sizes[axis]
         group = self.mesh.group_name(axis) if not self.mesh.abstract_only else f"<{self.mesh.axis_names[axis]}>"
         coordinate = self.mesh.coordinate[axis]
         if kind == "all_gather":
-            return self.graph.call_function(collectives.all_gather, (value, dim, size, group))
+            return self.graph.call_function(collectives.all_gather, (value, dim, size, group, label))
         if kind == "reduce_scatter":
-            return self.graph.call_function(collectives.reduce_scatter, (value, dim, size, group))
+            return self.graph.call_function(collectives.reduce_scatter, (value, dim, size, group, label))
         if kind == "all_reduce":
-            return self.graph.call_function(collectives.all_reduce, (value, size, group))
+            return self.graph.call_function(collectives.all_reduce, (value, size, group, label))
         if kind == "local_slice":
             return self.graph.call_function(collectives.local_slice, (value, dim, coordinate, size))
         return self.graph.call_function(collectives.mask_partial, (value, coordinate == 0))
