@@ -163,3 +163,21 @@ def test_torchrun_runs_one_rank_each_and_only_rank_zero_writes_the_run_dir(tmp_p
     summary = json.loads((run_dirs[0] / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 4
     assert [r["step"] for r in map(json.loads, (run_dirs[0] / "metrics.jsonl").read_text().splitlines())] == [2, 4]
+
+
+def test_fp16_overflow_is_left_to_the_loss_scaler():
+    """An inf gradient norm under fp16 is a loss-scale overflow the step already skipped: the trainer's
+    nonfinite guard must not undo it (that would undo the scale's shrink too); under fp32 it does."""
+    import math
+    from types import SimpleNamespace
+
+    from experiments import trainer
+    from experiments.checkpointing import NonFiniteGuard
+
+    for precision, kept in [("fp16", True), ("fp32", False)]:
+        cfg = compose_config([f"precision={precision}", "nonfinite=skip"])
+        session = SimpleNamespace(cfg=cfg, guard=NonFiniteGuard(cfg), state="after the step")
+        assert session.guard.keep(2, 3.0, 1.0)  # a finite first step (a non-finite one always stops)
+        trainer.apply_nonfinite_policy(session, trainer.TrainState("params", "state", 3),
+                                       {"loss": 3.0, "grad_norm": math.inf})
+        assert (session.state == "after the step") == kept, precision
