@@ -1,8 +1,10 @@
-"""The per-rank functions the inserted graph nodes call: one collective or local slice each.
+"""The per-rank pieces of a collective, as graph nodes and as eager functions.
 
-They wrap `torch.ops._c10d_functional` (gloo on CPU, NCCL on CUDA). Those ops work on dim 0,
-so a collective on another dim moves it to the front and back; results are contiguous because
-the traced ops after them (views) were recorded on contiguous tensors.
+In a lowered graph a collective is up to four nodes: `to_front` (contiguous, the collective's
+dim first), the issuing `torch.ops._c10d_functional` op (gloo on CPU, NCCL on CUDA; it returns
+at once), `wait_tensor` (blocks until the result is there) and `from_front`. Keeping issue and
+wait apart lets the schedule passes overlap communication with compute. The eager functions
+below (`all_gather`, ...) issue and wait in one call; `shard`/`unshard` use them.
 """
 from __future__ import annotations
 
@@ -11,24 +13,32 @@ import torch
 _c10d = torch.ops._c10d_functional
 
 
-def _to_front(x: torch.Tensor, dim: int) -> torch.Tensor:
+ISSUE_OPS = {"all_gather": _c10d.all_gather_into_tensor.default, "reduce_scatter": _c10d.reduce_scatter_tensor.default,
+             "all_reduce": _c10d.all_reduce.default}
+WAIT = _c10d.wait_tensor.default
+
+
+def to_front(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """The contiguous tensor a dim-0 collective takes: `dim` moved to the front (no copy if already so)."""
     return (x.movedim(dim, 0) if dim else x).contiguous()
 
 
-def _from_front(x: torch.Tensor, dim: int) -> torch.Tensor:
+def from_front(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Undo `to_front` on a collective's result: dim 0 goes back to `dim`, contiguous."""
     return x.movedim(0, dim).contiguous() if dim else x
+
 
 
 def all_gather(x: torch.Tensor, dim: int, group_size: int, group_name: str) -> torch.Tensor:
     """Shard(dim) -> Replicate: concatenate every rank's block along `dim`."""
-    out = _c10d.all_gather_into_tensor(_to_front(x, dim), group_size, group_name)
-    return _from_front(_c10d.wait_tensor(out), dim)
+    out = _c10d.all_gather_into_tensor(to_front(x, dim), group_size, group_name)
+    return from_front(_c10d.wait_tensor(out), dim)
 
 
 def reduce_scatter(x: torch.Tensor, dim: int, group_size: int, group_name: str) -> torch.Tensor:
     """Partial -> Shard(dim): sum over ranks and keep this rank's block along `dim`."""
-    out = _c10d.reduce_scatter_tensor(_to_front(x, dim), "sum", group_size, group_name)
-    return _from_front(_c10d.wait_tensor(out), dim)
+    out = _c10d.reduce_scatter_tensor(to_front(x, dim), "sum", group_size, group_name)
+    return from_front(_c10d.wait_tensor(out), dim)
 
 
 def all_reduce(x: torch.Tensor, group_size: int, group_name: str) -> torch.Tensor:
