@@ -94,7 +94,8 @@ class jit:
                         data_axes)
         local = localize(insert(graph_module, ctx, mesh), mesh.axis_sizes)
         done = time.perf_counter()
-        return Lowered(graph=local, collectives=collective_log(local), cost=estimate(local, mesh.axis_sizes),
+        flat = optree.tree_leaves(tuple(args), namespace=NAMESPACE, none_is_leaf=False)
+        return Lowered(graph=local, collectives=collective_log(local), cost=estimate(local, flat),
                        out_treedef=traced.out_treedef, global_graph=graph_module,
                        timings={"trace_s": traced_at - start, "partition_s": done - traced_at})
 
