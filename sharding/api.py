@@ -16,6 +16,7 @@ from .layout import layout_from_spec
 from .localize import localize
 from .mesh import Mesh
 from .propagate import propagate
+from .schedule import schedule
 from .spec import P
 from .trace import trace
 from .tree import NAMESPACE, flat_specs, leaf_paths
@@ -52,10 +53,14 @@ class jit:
     `in_specs` has one entry per argument (a P for every leaf, or a tree of P's); `out_specs`
     likewise for the outputs. `logical_rules` maps logical axis names used by `constrain` to
     mesh axes. `data_axes` defaults to the axes that split integer inputs (token ids).
+    The schedule passes (`sharding.schedule`) are on by default: `regather` (ZeRO-3 gathers a
+    parameter again for its backward use), `bucket_bytes` (merge small collectives up to this
+    many bytes per bucket; 0 disables) and `overlap` (issue early, wait late, prefetch gathers).
     """
 
     def __init__(self, fn: Callable, *, mesh: Mesh, in_specs: Sequence, out_specs,
-                 logical_rules: Mapping[str, Any] | None = None, data_axes: Sequence[str] | None = None):
+                 logical_rules: Mapping[str, Any] | None = None, data_axes: Sequence[str] | None = None,
+                 regather: bool = True):
         self.fn = fn
         self.mesh = mesh
         self.in_specs = tuple(in_specs) if isinstance(in_specs, (list, tuple)) and not isinstance(in_specs, P) \
@@ -63,6 +68,7 @@ class jit:
         self.out_specs = out_specs
         self.logical_rules = dict(logical_rules or {})
         self.data_axes = data_axes
+        self.schedule_options = {"regather_params": regather}
         self._cache: dict = {}
 
     def _signature(self, args) -> tuple:
@@ -92,7 +98,7 @@ class jit:
         graph_module = traced.graph_module
         ctx = propagate(graph_module.graph, traced.in_layouts, out_layouts, mesh.axis_names, mesh.axis_sizes,
                         data_axes)
-        local = localize(insert(graph_module, ctx, mesh), mesh.axis_sizes)
+        local = schedule(localize(insert(graph_module, ctx, mesh), mesh.axis_sizes), **self.schedule_options)
         done = time.perf_counter()
         flat = optree.tree_leaves(tuple(args), namespace=NAMESPACE, none_is_leaf=False)
         return Lowered(graph=local, collectives=collective_log(local), cost=estimate(local, flat),

@@ -1,0 +1,68 @@
+"""How one collective sits in a lowered graph: to_front -> issue -> wait_tensor -> [from_front].
+
+The schedule passes move, copy and merge these chains; this module finds them and names
+their parts, so each pass reads as what it does to the chain.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from .. import collectives
+
+aten = torch.ops.aten
+
+# Ops whose output is a view of their input: moving or copying them allocates nothing.
+VIEW_OPS = {aten.view.default, aten._unsafe_view.default, aten.t.default, aten.transpose.int,
+            aten.permute.default, aten.expand.default, aten.slice.Tensor, aten.select.int, aten.unsqueeze.default,
+            aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.alias.default, aten.detach.default}
+
+
+@dataclass(eq=False)
+class Chain:
+    """The nodes of one collective; `result` is what its consumers read (wait or from_front)."""
+
+    front: fx.Node
+    issue: fx.Node
+    wait: fx.Node
+    result: fx.Node
+
+    @property
+    def record(self) -> dict:
+        return self.issue.meta["fp_collective"]
+
+    @property
+    def kind(self) -> str:
+        return self.record["kind"]
+
+    @property
+    def source(self) -> fx.Node:
+        """The value the collective reads (before `to_front`)."""
+        return self.front.args[0]
+
+    @property
+    def dim(self) -> int:
+        return self.front.args[1]
+
+
+def chains(graph: fx.Graph) -> list[Chain]:
+    """Every collective chain, in program order of the issue."""
+    found = []
+    for node in graph.nodes:
+        if "fp_collective" not in node.meta:
+            continue
+        wait = next(user for user in node.users if user.target is collectives.WAIT)
+        result = next((user for user in wait.users if user.target is collectives.from_front), wait)
+        found.append(Chain(front=node.args[0], issue=node, wait=wait, result=result))
+    return found
+
+
+def is_parameter_gather(chain: Chain) -> bool:
+    """An all-gather of a step input (a parameter stored sharded on the gathered axis)."""
+    return chain.kind == "all_gather" and chain.source.op == "placeholder"
+
+
+def positions(graph: fx.Graph) -> dict[fx.Node, int]:
+    return {node: i for i, node in enumerate(graph.nodes)}
