@@ -60,7 +60,7 @@ class jit:
 
     def __init__(self, fn: Callable, *, mesh: Mesh, in_specs: Sequence, out_specs,
                  logical_rules: Mapping[str, Any] | None = None, data_axes: Sequence[str] | None = None,
-                 regather: bool = True):
+                 regather: bool = True, overlap: bool = True):
         self.fn = fn
         self.mesh = mesh
         self.in_specs = tuple(in_specs) if isinstance(in_specs, (list, tuple)) and not isinstance(in_specs, P) \
@@ -68,7 +68,7 @@ class jit:
         self.out_specs = out_specs
         self.logical_rules = dict(logical_rules or {})
         self.data_axes = data_axes
-        self.schedule_options = {"regather_params": regather}
+        self.schedule_options = {"regather_params": regather, "overlap_communication": overlap}
         self._cache: dict = {}
 
     def _signature(self, args) -> tuple:

@@ -8,6 +8,8 @@ below (`all_gather`, ...) issue and wait in one call; `shard`/`unshard` use them
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 _c10d = torch.ops._c10d_functional
@@ -64,3 +66,29 @@ def local_slice(x: torch.Tensor, dim: int, index: int, count: int) -> torch.Tens
 def mask_partial(x: torch.Tensor, keep: bool) -> torch.Tensor:
     """Replicate -> Partial: one rank keeps the value, the others contribute zeros (no communication)."""
     return x.clone() if keep else torch.zeros_like(x)
+
+
+def pack(xs: list[torch.Tensor], dims: list[int], group_size: int, kind: str) -> torch.Tensor:
+    """The flat buffer one bucketed collective moves for several tensors of one dtype.
+
+    all_gather / all_reduce: the members' elements one after another. reduce_scatter: rank r's
+    block of every member, then rank r+1's, so that rank r receives exactly its own blocks.
+    """
+    fronts = [to_front(x, dim) for x, dim in zip(xs, dims)]
+    if kind == "reduce_scatter":
+        return torch.cat([f.view(group_size, -1) for f in fronts], dim=1).view(-1)
+    return torch.cat([f.view(-1) for f in fronts])
+
+
+def unpack(flat: torch.Tensor, shapes: list[list[int]], dims: list[int], group_size: int, kind: str) -> tuple:
+    """Split a bucket's result back into its members (`shapes`: each member's result, dim first).
+
+    reduce_scatter / all_reduce members are views of `flat`; all_gather members are copies,
+    because every rank's block of one member lies apart from the next rank's in the flat result.
+    """
+    sizes = [math.prod(shape) for shape in shapes]
+    if kind == "all_gather":
+        blocks = flat.view(group_size, -1).split([size // group_size for size in sizes], dim=1)
+        return tuple(from_front(block.reshape(shape), dim) if dim else block.reshape(shape)
+                     for block, shape, dim in zip(blocks, shapes, dims))
+    return tuple(from_front(part.view(shape), dim) for part, shape, dim in zip(flat.split(sizes), shapes, dims))

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import torch.fx as fx
 
+from .overlap import overlap
 from .regather import regather
 
-__all__ = ["regather", "schedule"]
+__all__ = ["regather", "overlap", "schedule"]
 
 
-def schedule(graph_module: fx.GraphModule, *, regather_params: bool = True) -> fx.GraphModule:
+def schedule(graph_module: fx.GraphModule, *, regather_params: bool = True,
+             overlap_communication: bool = True) -> fx.GraphModule:
     if regather_params:
         graph_module = regather(graph_module)
+    if overlap_communication:
+        graph_module = overlap(graph_module)
     return graph_module

@@ -5,6 +5,7 @@ their parts, so each pass reads as what it does to the chain.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -39,8 +40,26 @@ class Chain:
 
     @property
     def source(self) -> fx.Node:
-        """The value the collective reads (before `to_front`)."""
-        return self.front.args[0]
+        """The value the collective reads (before `to_front`); for a bucket, its first member's."""
+        return self.sources[0]
+
+    @property
+    def sources(self) -> list[fx.Node]:
+        """Every value the collective reads: one, or a bucket's members in order."""
+        first = self.front.args[0]
+        return list(first) if isinstance(first, (list, tuple)) else [first]
+
+    @property
+    def stream(self) -> tuple:
+        """Collectives of one kind on one process group run one at a time, in program order."""
+        return (self.kind, self.issue.args[-1])
+
+    def consumers(self) -> list[fx.Node]:
+        """The nodes that read the result (through a bucket's per-member getitems)."""
+        found = []
+        for user in self.result.users:
+            found.extend(user.users if user.target is operator.getitem else [user])
+        return found
 
     @property
     def dim(self) -> int:
@@ -54,7 +73,8 @@ def chains(graph: fx.Graph) -> list[Chain]:
         if "fp_collective" not in node.meta:
             continue
         wait = next(user for user in node.users if user.target is collectives.WAIT)
-        result = next((user for user in wait.users if user.target is collectives.from_front), wait)
+        result = next((user for user in wait.users if user.target in (collectives.from_front, collectives.unpack)),
+                      wait)
         found.append(Chain(front=node.args[0], issue=node, wait=wait, result=result))
     return found
 

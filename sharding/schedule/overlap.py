@@ -1,0 +1,84 @@
+"""Schedule pass: issue collectives early and wait on them late, so communication overlaps compute.
+
+Collectives of one kind on one process group form a *stream* and run one at a time in program
+order (as NCCL runs one stream per group, and as FSDP2 keeps one all-gather and one
+reduce-scatter in flight), so memory held by in-flight collectives stays bounded:
+- a gather (its output is bigger than its input) is issued right after the previous gather of
+  its stream is waited on, and waited on just before its first use: the next layer's parameters
+  arrive while the current layer computes (prefetch one ahead);
+- a reduction (reduce-scatter, all-reduce) is issued as soon as its input is computed and waited
+  on just before its first use, or before the next reduction of its stream is issued.
+Every rank lowers the same graph, so every rank issues the same collectives in the same order.
+"""
+from __future__ import annotations
+
+import torch.fx as fx
+
+from .chain import Chain, chains, positions
+
+
+def _last_placeholder(graph: fx.Graph) -> fx.Node:
+    return [node for node in graph.nodes if node.op == "placeholder"][-1]
+
+
+def _ready(chain: Chain, graph: fx.Graph, order: dict) -> fx.Node:
+    """The node after which every input of the collective exists."""
+    computed = [s for s in chain.sources if s.op != "placeholder"]
+    return max(computed, key=order.__getitem__) if computed else _last_placeholder(graph)
+
+
+def _issue_after(chain: Chain, anchor: fx.Node) -> None:
+    anchor.append(chain.front)
+    chain.front.append(chain.issue)
+
+
+def _wait_before(chain: Chain, node: fx.Node) -> None:
+    node.prepend(chain.wait)
+    if chain.result is not chain.wait:
+        node.prepend(chain.result)
+
+
+def _prefetch(graph: fx.Graph, stream: list[Chain]) -> None:
+    order = positions(graph)
+    stream = sorted(stream, key=lambda c: min(order[u] for u in c.consumers()))
+    previous_wait = None
+    for chain in stream:
+        order = positions(graph)
+        _wait_before(chain, min(chain.consumers(), key=order.__getitem__))
+        order = positions(graph)
+        anchor = _ready(chain, graph, order)
+        if previous_wait is not None and order[previous_wait] > order[anchor]:
+            anchor = previous_wait
+        _issue_after(chain, anchor)
+        previous_wait = chain.result
+
+
+def _reduce_early(graph: fx.Graph, stream: list[Chain]) -> None:
+    order = positions(graph)
+    stream = sorted(stream, key=lambda c: order[_ready(c, graph, order)])
+    previous = None
+    for chain in stream:
+        order = positions(graph)
+        anchor = _ready(chain, graph, order)
+        if previous is not None and order[previous.issue] > order[anchor]:
+            anchor = previous.issue
+        _issue_after(chain, anchor)
+        previous = chain
+    for index, chain in enumerate(stream):
+        order = positions(graph)
+        limit = [min(chain.consumers(), key=order.__getitem__)]
+        if index + 1 < len(stream):
+            limit.append(stream[index + 1].front)
+        _wait_before(chain, min(limit, key=order.__getitem__))
+
+
+def overlap(graph_module: fx.GraphModule) -> fx.GraphModule:
+    graph = graph_module.graph
+    streams: dict[tuple, list[Chain]] = {}
+    for chain in chains(graph):
+        streams.setdefault(chain.stream, []).append(chain)
+    for (kind, _), stream in streams.items():
+        (_prefetch if kind == "all_gather" else _reduce_early)(graph, stream)
+    graph.lint()
+    graph_module.recompile()
+    return graph_module
