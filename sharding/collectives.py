@@ -17,7 +17,18 @@ _c10d = torch.ops._c10d_functional
 
 ISSUE_OPS = {"all_gather": _c10d.all_gather_into_tensor.default, "reduce_scatter": _c10d.reduce_scatter_tensor.default,
              "all_reduce": _c10d.all_reduce.default}
-WAIT = _c10d.wait_tensor.default
+
+
+def wait(result: torch.Tensor, *keep_alive: torch.Tensor) -> torch.Tensor:
+    """Block until the collective that returns `result` is done.
+
+    `keep_alive` is the collective's input: the graph holds it until here, so it is freed at a
+    known point (the in-flight work may or may not still hold it, depending on timing).
+    """
+    return _c10d.wait_tensor(result)
+
+
+WAIT = wait
 
 
 def to_front(x: torch.Tensor, dim: int) -> torch.Tensor:

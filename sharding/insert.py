@@ -112,7 +112,7 @@ class Inserter:
                 "all_reduce": (front, "sum", group)}[kind]
         issue = self.graph.call_function(collectives.ISSUE_OPS[kind], args)
         issue.meta["fp_collective"] = record
-        wait = self.graph.call_function(collectives.WAIT, (issue,))
+        wait = self.graph.call_function(collectives.WAIT, (issue, front))
         return self.graph.call_function(collectives.from_front, (wait, dim)) if dim else wait
 
     def _emit_local(self, kind, axis, dim, value):

@@ -4,8 +4,8 @@ What is counted is what `sharding.memory.MemoryTracker` measures: every storage 
 inputs hold (the caller keeps them alive for the whole call), and every storage an op allocates,
 from that op until the last use of any value that refers to it (the generated code drops a
 name right after its last use; outputs stay alive to the end). Views and ops that hand back their
-input (`wait_tensor`, `contiguous` of a contiguous tensor) share their input's storage. An issued
-collective keeps its input alive until its `wait_tensor` (the in-flight work holds it).
+input (`wait`, `contiguous` of a contiguous tensor) share their input's storage. An issued
+collective's input stays alive until its `wait` (the wait node takes it as an argument).
 
 The sizes and the aliasing come from running the per-rank graph on fake tensors of local shape
 (a `FakeTensorMode`: nothing is allocated and no collective runs), so what the cost model
@@ -72,9 +72,6 @@ def storages(graph_module: fx.GraphModule, inputs) -> list[Storage]:
             end = end_of_program
         else:
             end = max((index[user] for user in node.users), default=i)
-        for user in node.users:  # an issued collective holds its input until it is waited on
-            if "fp_collective" in user.meta:
-                end = max(end, max(index[wait] for wait in user.users if wait.target is WAIT))
         for tensor in _tensors(values.get(node)):
             storage = tensor.untyped_storage()
             key = storage._cdata
