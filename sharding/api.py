@@ -16,7 +16,7 @@ from .layout import layout_from_spec
 from .localize import localize
 from .mesh import Mesh
 from .propagate import propagate
-from .schedule import schedule
+from .schedule import DEFAULT_BUCKET_BYTES, schedule
 from .spec import P
 from .trace import trace
 from .tree import NAMESPACE, flat_specs, leaf_paths
@@ -60,7 +60,7 @@ class jit:
 
     def __init__(self, fn: Callable, *, mesh: Mesh, in_specs: Sequence, out_specs,
                  logical_rules: Mapping[str, Any] | None = None, data_axes: Sequence[str] | None = None,
-                 regather: bool = True, overlap: bool = True):
+                 regather: bool = True, bucket_bytes: int = DEFAULT_BUCKET_BYTES, overlap: bool = True):
         self.fn = fn
         self.mesh = mesh
         self.in_specs = tuple(in_specs) if isinstance(in_specs, (list, tuple)) and not isinstance(in_specs, P) \
@@ -68,7 +68,8 @@ class jit:
         self.out_specs = out_specs
         self.logical_rules = dict(logical_rules or {})
         self.data_axes = data_axes
-        self.schedule_options = {"regather_params": regather, "overlap_communication": overlap}
+        self.schedule_options = {"regather_params": regather, "bucket_bytes": bucket_bytes,
+                                 "overlap_communication": overlap}
         self._cache: dict = {}
 
     def _signature(self, args) -> tuple:
@@ -98,9 +99,9 @@ class jit:
         graph_module = traced.graph_module
         ctx = propagate(graph_module.graph, traced.in_layouts, out_layouts, mesh.axis_names, mesh.axis_sizes,
                         data_axes)
-        local = schedule(localize(insert(graph_module, ctx, mesh), mesh.axis_sizes), **self.schedule_options)
-        done = time.perf_counter()
         flat = optree.tree_leaves(tuple(args), namespace=NAMESPACE, none_is_leaf=False)
+        local = schedule(localize(insert(graph_module, ctx, mesh), mesh.axis_sizes), flat, **self.schedule_options)
+        done = time.perf_counter()
         return Lowered(graph=local, collectives=collective_log(local), cost=estimate(local, flat),
                        out_treedef=traced.out_treedef, global_graph=graph_module,
                        timings={"trace_s": traced_at - start, "partition_s": done - traced_at})

@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import torch.fx as fx
 
+from .bucket import DEFAULT_BUCKET_BYTES, bucket
 from .overlap import overlap
 from .regather import regather
 
-__all__ = ["regather", "overlap", "schedule"]
+__all__ = ["regather", "bucket", "overlap", "schedule", "DEFAULT_BUCKET_BYTES"]
 
 
-def schedule(graph_module: fx.GraphModule, *, regather_params: bool = True,
-             overlap_communication: bool = True) -> fx.GraphModule:
+def schedule(graph_module: fx.GraphModule, inputs, *, regather_params: bool = True,
+             bucket_bytes: int = DEFAULT_BUCKET_BYTES, overlap_communication: bool = True) -> fx.GraphModule:
+    """`inputs`: this rank's flat local inputs (real or fake), for the local sizes bucketing needs."""
     if regather_params:
         graph_module = regather(graph_module)
+    graph_module = bucket(graph_module, inputs, bucket_bytes)
     if overlap_communication:
         graph_module = overlap(graph_module)
     return graph_module

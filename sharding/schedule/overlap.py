@@ -12,6 +12,8 @@ Every rank lowers the same graph, so every rank issues the same collectives in t
 """
 from __future__ import annotations
 
+import operator
+
 import torch.fx as fx
 
 from .chain import Chain, chains, positions
@@ -36,6 +38,8 @@ def _wait_before(chain: Chain, node: fx.Node) -> None:
     node.prepend(chain.wait)
     if chain.result is not chain.wait:
         node.prepend(chain.result)
+        for item in [user for user in chain.result.users if user.target is operator.getitem]:
+            node.prepend(item)  # a bucket's per-member results
 
 
 def _prefetch(graph: fx.Graph, stream: list[Chain]) -> None:
