@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import pytest
 
-from functional_parallel.parallel import EXAMPLE_MESHES, lower_abstract
 from functional_parallel.tree import leaf_paths
 from sharding.schedule.chain import chains, is_parameter_gather, positions
 from sharding.schedule.regather import _windows
+
+from .lowered import lower
 
 # Parameters whose gathered value the backward never reads: an embedding's backward scatters
 # into zeros, a bias's gradient is a sum of the output gradient, and the output head's
@@ -15,12 +16,12 @@ NOT_REGATHERED = {"wte", "wpe", "head", "b_in", "b_out"}
 
 
 def _lower(strategy, **options):
-    return lower_abstract("gpt", "tiny", strategy, EXAMPLE_MESHES[strategy], global_batch=8, **options)
+    return lower(strategy, **options)
 
 
 def _param_path(chain, params):
     placeholders = [n for n in chain.issue.graph.nodes if n.op == "placeholder"]
-    return leaf_paths(params)[0][placeholders.index(chain.source)]
+    return leaf_paths(params)[placeholders.index(chain.source)]
 
 
 @pytest.mark.parametrize("strategy", ["zero3", "fsdp_tp"])
@@ -29,9 +30,9 @@ def test_backward_uses_get_a_fresh_gather(strategy):
     gathers = [c for c in chains(lowered.graph.graph) if is_parameter_gather(c)]
     first = [c for c in gathers if not c.record.get("regather")]
     again = [c for c in gathers if c.record.get("regather")]
-    assert sorted(_param_path(c, params) for c in first) == sorted(leaf_paths(params)[0])
+    assert sorted(_param_path(c, params) for c in first) == sorted(leaf_paths(params))
     regathered = {_param_path(c, params) for c in again}
-    expected = {p for p in leaf_paths(params)[0] if p.split("/")[-1] not in NOT_REGATHERED}
+    expected = {p for p in leaf_paths(params) if p.split("/")[-1] not in NOT_REGATHERED}
     assert regathered == expected and len(again) == len(expected)
 
 
