@@ -99,12 +99,14 @@ class jit:
         graph_module = traced.graph_module
         ctx = propagate(graph_module.graph, traced.in_layouts, out_layouts, mesh.axis_names, mesh.axis_sizes,
                         data_axes)
-        flat = optree.tree_leaves(tuple(args), namespace=NAMESPACE, none_is_leaf=False)
-        local = schedule(localize(insert(graph_module, ctx, mesh), mesh.axis_sizes), flat, **self.schedule_options)
+        local = schedule(localize(insert(graph_module, ctx, mesh), mesh.axis_sizes), mesh.axis_sizes,
+                         **self.schedule_options)
         done = time.perf_counter()
-        return Lowered(graph=local, collectives=collective_log(local), cost=estimate(local, flat),
+        cost = estimate(local, optree.tree_leaves(tuple(args), namespace=NAMESPACE, none_is_leaf=False))
+        return Lowered(graph=local, collectives=collective_log(local), cost=cost,
                        out_treedef=traced.out_treedef, global_graph=graph_module,
-                       timings={"trace_s": traced_at - start, "partition_s": done - traced_at})
+                       timings={"trace_s": traced_at - start, "partition_s": done - traced_at,
+                                "cost_s": time.perf_counter() - done})
 
     def _out_layouts(self, traced) -> list:
         output = next(n for n in traced.graph_module.graph.nodes if n.op == "output")

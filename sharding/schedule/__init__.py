@@ -16,12 +16,12 @@ from .regather import regather
 __all__ = ["regather", "bucket", "overlap", "schedule", "DEFAULT_BUCKET_BYTES"]
 
 
-def schedule(graph_module: fx.GraphModule, inputs, *, regather_params: bool = True,
+def schedule(graph_module: fx.GraphModule, axis_sizes, *, regather_params: bool = True,
              bucket_bytes: int = DEFAULT_BUCKET_BYTES, overlap_communication: bool = True) -> fx.GraphModule:
-    """`inputs`: this rank's flat local inputs (real or fake), for the local sizes bucketing needs."""
+    """`axis_sizes`: the mesh's (bucketing needs each collective's local size)."""
     if regather_params:
         graph_module = regather(graph_module)
-    graph_module = bucket(graph_module, inputs, bucket_bytes)
+    graph_module = bucket(graph_module, axis_sizes, bucket_bytes)
     if overlap_communication:
         graph_module = overlap(graph_module)
     return graph_module

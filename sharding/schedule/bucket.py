@@ -14,7 +14,6 @@ import operator
 import torch.fx as fx
 
 from .. import collectives
-from ..liveness import fake_values
 from .chain import Chain, chains, positions
 
 DEFAULT_BUCKET_BYTES = 25 * 2**20  # as DDP's default bucket
@@ -54,11 +53,19 @@ def _record(members: list[Chain]) -> dict:
             "members": [c.record for c in members]}
 
 
-def _merge(graph: fx.Graph, members: list[Chain], values: dict, order: dict) -> None:
+def _result_shape(chain: Chain, axis_sizes) -> list[int]:
+    """This rank's shape of the collective's result with its dim first (what `unpack` rebuilds)."""
+    shape = chain.result.meta["fp_layout"].local_shape(chain.result.meta["val"].shape, axis_sizes)
+    if not shape:  # a 0-dim value (a loss or norm summand)
+        return []
+    return [shape[chain.dim]] + shape[:chain.dim] + shape[chain.dim + 1:]
+
+
+def _merge(graph: fx.Graph, members: list[Chain], axis_sizes, order: dict) -> None:
     kind, first = members[0].kind, members[0].issue
     group_size = 1 if kind == "all_reduce" else first.args[-2]
     dims = [c.dim for c in members]
-    shapes = [list(values[c.wait].shape) for c in members]  # each member's result, dim first
+    shapes = [_result_shape(c, axis_sizes) for c in members]
     ready = max((s for c in members for s in c.sources if s.op != "placeholder"), key=order.__getitem__,
                 default=[n for n in graph.nodes if n.op == "placeholder"][-1])
     need = min((consumer for c in members for consumer in c.consumers()), key=order.__getitem__)
@@ -79,20 +86,23 @@ def _merge(graph: fx.Graph, members: list[Chain], values: dict, order: dict) -> 
             graph.erase_node(node)
 
 
-def bucket(graph_module: fx.GraphModule, inputs, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> fx.GraphModule:
-    """Merge collectives into buckets of at most `bucket_bytes` (0: leave every collective alone)."""
+def bucket(graph_module: fx.GraphModule, axis_sizes, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> fx.GraphModule:
+    """Merge collectives into buckets of at most `bucket_bytes` (0: leave every collective alone).
+
+    `axis_sizes`: the mesh's, to read each member's local shape from its global value and layout.
+    """
     if bucket_bytes <= 0:
         return graph_module
     graph = graph_module.graph
-    values = fake_values(graph_module, inputs)
     streams: dict[tuple, list[Chain]] = {}
     for chain in chains(graph):
         streams.setdefault(chain.stream, []).append(chain)
     order = positions(graph)
     groups = [group for stream in streams.values()
-              for group in _groups(stream, order, bucket_bytes, lambda c: values[c.wait].dtype) if len(group) > 1]
+              for group in _groups(stream, order, bucket_bytes, lambda c: c.result.meta["val"].dtype)
+              if len(group) > 1]
     for group in groups:
-        _merge(graph, group, values, positions(graph))
+        _merge(graph, group, axis_sizes, positions(graph))
     graph.lint()
     graph_module.recompile()
     return graph_module
