@@ -1,6 +1,7 @@
 """`jit`: trace once per input signature, partition for this rank, run with real collectives."""
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -8,6 +9,7 @@ from typing import Any, Callable, Mapping, Sequence
 import optree
 import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .cost import collective_log, estimate
 from .errors import SpecError
@@ -24,14 +26,25 @@ from .tree import NAMESPACE, flat_specs, leaf_paths
 
 @dataclass
 class Lowered:
-    """One partitioned step for this rank: its graph, its collectives and their cost."""
+    """One partitioned step for this rank: its graph, its collectives and their cost.
+
+    `cost` is computed on first use (the liveness analysis runs the graph on fake tensors shaped
+    like `example_inputs`, fake copies of this rank's inputs that hold no memory).
+    """
 
     graph: fx.GraphModule
     collectives: list[dict]
-    cost: dict
     out_treedef: Any
     global_graph: fx.GraphModule
     timings: dict = field(default_factory=dict)
+    example_inputs: list = field(default_factory=list, repr=False)
+
+    @functools.cached_property
+    def cost(self) -> dict:
+        started = time.perf_counter()
+        cost = estimate(self.graph, self.example_inputs)
+        self.timings["cost_s"] = time.perf_counter() - started
+        return cost
 
     def run(self, *args):
         flat = optree.tree_leaves(tuple(args), namespace=NAMESPACE, none_is_leaf=False)
@@ -102,11 +115,12 @@ class jit:
         local = schedule(localize(insert(graph_module, ctx, mesh), mesh.axis_sizes), mesh.axis_sizes,
                          **self.schedule_options)
         done = time.perf_counter()
-        cost = estimate(local, optree.tree_leaves(tuple(args), namespace=NAMESPACE, none_is_leaf=False))
-        return Lowered(graph=local, collectives=collective_log(local), cost=cost,
-                       out_treedef=traced.out_treedef, global_graph=graph_module,
-                       timings={"trace_s": traced_at - start, "partition_s": done - traced_at,
-                                "cost_s": time.perf_counter() - done})
+        fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+        example_inputs = [fake_mode.from_tensor(x) if isinstance(x, torch.Tensor) else x
+                          for x in optree.tree_leaves(tuple(args), namespace=NAMESPACE, none_is_leaf=False)]
+        return Lowered(graph=local, collectives=collective_log(local), out_treedef=traced.out_treedef,
+                       global_graph=graph_module, example_inputs=example_inputs,
+                       timings={"trace_s": traced_at - start, "partition_s": done - traced_at})
 
     def _out_layouts(self, traced) -> list:
         output = next(n for n in traced.graph_module.graph.nodes if n.op == "output")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import optree
 import torch
 import torch.fx as fx
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from .collectives import WAIT
 
@@ -39,9 +39,11 @@ def _tensors(value) -> list[torch.Tensor]:
 
 
 def fake_values(graph_module: fx.GraphModule, inputs) -> dict[fx.Node, object]:
-    """Every node's value on fake tensors shaped like `inputs` (this rank's local tensors)."""
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    fakes = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in inputs]
+    """Every node's value on fake tensors shaped like `inputs` (this rank's local tensors, real or fake)."""
+    given = [x for x in inputs if isinstance(x, FakeTensor)]
+    mode = given[0].fake_mode if given else FakeTensorMode(allow_non_fake_inputs=True)
+    fakes = [mode.from_tensor(x) if isinstance(x, torch.Tensor) and not isinstance(x, FakeTensor) else x
+             for x in inputs]
     values: dict[fx.Node, object] = {}
 
     class Recorder(fx.Interpreter):
