@@ -86,3 +86,37 @@ def is_parameter_gather(chain: Chain) -> bool:
 
 def positions(graph: fx.Graph) -> dict[fx.Node, int]:
     return {node: i for i, node in enumerate(graph.nodes)}
+
+
+class Order:
+    """Program positions that stay valid while nodes move, without renumbering the graph each time.
+
+    A moved node takes the midpoint of its new neighbours' positions; only when a gap is used
+    up is the graph renumbered (a pass that moves thousands of nodes stays linear in practice).
+    """
+
+    def __init__(self, graph: fx.Graph):
+        self.graph = graph
+        self.renumber()
+
+    def renumber(self) -> None:
+        self.position = {node: float(i) for i, node in enumerate(self.graph.nodes)}
+
+    def __getitem__(self, node: fx.Node) -> float:
+        return self.position[node]
+
+    def move_after(self, anchor: fx.Node, node: fx.Node) -> None:
+        anchor.append(node)
+        self._place(node)
+
+    def move_before(self, anchor: fx.Node, node: fx.Node) -> None:
+        anchor.prepend(node)
+        self._place(node)
+
+    def _place(self, node: fx.Node) -> None:
+        low = self.position.get(node.prev, -1.0)
+        high = self.position.get(node.next, float(len(self.position)))
+        if high - low < 1e-6:
+            self.renumber()
+        else:
+            self.position[node] = (low + high) / 2

@@ -16,64 +16,60 @@ import operator
 
 import torch.fx as fx
 
-from .chain import Chain, chains, positions
+from .chain import Chain, Order, chains
 
 
 def _last_placeholder(graph: fx.Graph) -> fx.Node:
     return [node for node in graph.nodes if node.op == "placeholder"][-1]
 
 
-def _ready(chain: Chain, graph: fx.Graph, order: dict) -> fx.Node:
+def _ready(chain: Chain, graph: fx.Graph, order: Order) -> fx.Node:
     """The node after which every input of the collective exists."""
     computed = [s for s in chain.sources if s.op != "placeholder"]
     return max(computed, key=order.__getitem__) if computed else _last_placeholder(graph)
 
 
-def _issue_after(chain: Chain, anchor: fx.Node) -> None:
-    anchor.append(chain.front)
-    chain.front.append(chain.issue)
+def _issue_after(chain: Chain, anchor: fx.Node, order: Order) -> None:
+    order.move_after(anchor, chain.front)
+    order.move_after(chain.front, chain.issue)
 
 
-def _wait_before(chain: Chain, node: fx.Node) -> None:
-    node.prepend(chain.wait)
+def _wait_before(chain: Chain, node: fx.Node, order: Order) -> None:
+    order.move_before(node, chain.wait)
     if chain.result is not chain.wait:
-        node.prepend(chain.result)
+        order.move_before(node, chain.result)
         for item in [user for user in chain.result.users if user.target is operator.getitem]:
-            node.prepend(item)  # a bucket's per-member results
+            order.move_before(node, item)  # a bucket's per-member results
 
 
-def _prefetch(graph: fx.Graph, stream: list[Chain]) -> None:
-    order = positions(graph)
-    stream = sorted(stream, key=lambda c: min(order[u] for u in c.consumers()))
-    previous_wait = None
+def _first_consumer(chain: Chain, order: Order) -> fx.Node:
+    return min(chain.consumers(), key=order.__getitem__)
+
+
+def _prefetch(graph: fx.Graph, stream: list[Chain], order: Order) -> None:
+    stream = sorted(stream, key=lambda c: order[_first_consumer(c, order)])
+    previous_result = None
     for chain in stream:
-        order = positions(graph)
-        _wait_before(chain, min(chain.consumers(), key=order.__getitem__))
-        order = positions(graph)
+        _wait_before(chain, _first_consumer(chain, order), order)
         anchor = _ready(chain, graph, order)
-        if previous_wait is not None and order[previous_wait] > order[anchor]:
-            anchor = previous_wait
-        _issue_after(chain, anchor)
-        previous_wait = chain.result
+        if previous_result is not None and order[previous_result] > order[anchor]:
+            anchor = previous_result
+        _issue_after(chain, anchor, order)
+        previous_result = chain.result
 
 
-def _reduce_early(graph: fx.Graph, stream: list[Chain]) -> None:
-    order = positions(graph)
+def _reduce_early(graph: fx.Graph, stream: list[Chain], order: Order) -> None:
     stream = sorted(stream, key=lambda c: order[_ready(c, graph, order)])
     previous = None
     for chain in stream:
-        order = positions(graph)
         anchor = _ready(chain, graph, order)
         if previous is not None and order[previous.issue] > order[anchor]:
             anchor = previous.issue
-        _issue_after(chain, anchor)
+        _issue_after(chain, anchor, order)
         previous = chain
     for index, chain in enumerate(stream):
-        order = positions(graph)
-        limit = [min(chain.consumers(), key=order.__getitem__)]
-        if index + 1 < len(stream):
-            limit.append(stream[index + 1].front)
-        _wait_before(chain, min(limit, key=order.__getitem__))
+        limit = [_first_consumer(chain, order)] + ([stream[index + 1].front] if index + 1 < len(stream) else [])
+        _wait_before(chain, min(limit, key=order.__getitem__), order)
 
 
 def overlap(graph_module: fx.GraphModule) -> fx.GraphModule:
@@ -81,8 +77,9 @@ def overlap(graph_module: fx.GraphModule) -> fx.GraphModule:
     streams: dict[tuple, list[Chain]] = {}
     for chain in chains(graph):
         streams.setdefault(chain.stream, []).append(chain)
+    order = Order(graph)
     for (kind, _), stream in streams.items():
-        (_prefetch if kind == "all_gather" else _reduce_early)(graph, stream)
+        (_prefetch if kind == "all_gather" else _reduce_early)(graph, stream, order)
     graph.lint()
     graph_module.recompile()
     return graph_module
