@@ -55,8 +55,9 @@ def table(arch: str, size: str, global_batch: int, strategies) -> str:
     return "\n".join(lines)
 
 
-def write_into_readme(text: str, readme: Path) -> None:
-    begin, end = README_MARKERS
+def write_into_readme(text: str, readme: Path, markers: tuple[str, str] = README_MARKERS) -> None:
+    """Replace the block between `markers` in the README (appended if missing)."""
+    begin, end = markers
     content = readme.read_text()
     pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
     replacement = f"{begin}\n{text}\n{end}"

@@ -29,9 +29,9 @@ def init_process_group(rank: int, world_size: int, init_file: str, timeout_s: fl
                             timeout=timedelta(seconds=timeout_s))
 
 
-def _worker(rank, world_size, init_file, result_dir, fn, args, timeout_s):
+def _worker(rank, world_size, init_file, result_dir, fn, args, timeout_s, backend=None):
     torch.set_num_threads(1)
-    init_process_group(rank, world_size, init_file, timeout_s)
+    init_process_group(rank, world_size, init_file, timeout_s, backend)
     path = os.path.join(result_dir, f"rank{rank}.pt")
     try:
         result = fn(rank, world_size, *args)
@@ -52,11 +52,15 @@ class RankError(RuntimeError):
         super().__init__(f"{len(errors)} rank(s) failed; rank {next(iter(errors))}: {first[1]}\n{first[2]}")
 
 
-def spawn(fn: Callable[..., Any], world_size: int, *args, timeout_s: float = 120.0) -> list:
-    """`fn(rank, world_size, *args)` on `world_size` fresh processes; returns each rank's result."""
+def spawn(fn: Callable[..., Any], world_size: int, *args, timeout_s: float = 120.0,
+          backend: str | None = None) -> list:
+    """`fn(rank, world_size, *args)` on `world_size` fresh processes; returns each rank's result.
+
+    `backend` defaults to NCCL when there is a GPU per rank, else gloo.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "rendezvous")
-        mp.start_processes(_worker, args=(world_size, init_file, tmp, fn, args, timeout_s), nprocs=world_size,
+        mp.start_processes(_worker, args=(world_size, init_file, tmp, fn, args, timeout_s, backend), nprocs=world_size,
                            join=True, start_method="spawn")
         outcomes = [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
     errors = {r: (o["type"], o["error"], o["traceback"]) for r, o in enumerate(outcomes) if not o["ok"]}

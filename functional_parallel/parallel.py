@@ -3,6 +3,9 @@
 A strategy names a batch spec, logical-axis rules for `constrain`, parameter rules and
 (optionally) optimizer-state rules. State leaves that mirror a parameter (Adam's mu/nu, SGD
 momentum) take the state rules if given, else that parameter's rule; other state is replicated.
+Optional `grads` rules name the layout of the gradient buffer a strategy keeps between
+micro-batches; only the planner reads them (one compiled step reduces each gradient straight
+into the optimizer-state layout, so ZeRO-1 and ZeRO-2 lower to the same program).
 """
 from __future__ import annotations
 
@@ -42,16 +45,18 @@ class Strategy:
     logical: Mapping[str, Any] = field(default_factory=dict)
     params: tuple = ()
     opt_state: tuple | None = None
+    grads: tuple | None = None
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "Strategy":
-        known = {"name", "batch", "logical", "params", "opt_state"}
+        known = {"name", "batch", "logical", "params", "opt_state", "grads"}
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"strategy {d.get('name')!r}: unknown keys {sorted(unknown)}; expected {sorted(known)}")
         logical = {k: (tuple(v) if isinstance(v, list) else v) for k, v in dict(d.get("logical") or {}).items()}
         return cls(name=d["name"], batch=_spec(d.get("batch")), logical=logical, params=tuple(_rules(d.get("params"))),
-                   opt_state=None if d.get("opt_state") is None else tuple(_rules(d["opt_state"])))
+                   opt_state=None if d.get("opt_state") is None else tuple(_rules(d["opt_state"])),
+                   grads=None if d.get("grads") is None else tuple(_rules(d["grads"])))
 
     @classmethod
     def load(cls, name: str) -> "Strategy":
@@ -70,6 +75,15 @@ def param_specs(strategy: Strategy, params):
     paths, leaves, treedef = leaf_paths(params)
     specs = [_first_match(strategy.params, path) or P() for path in paths]
     return tree_unflatten(treedef, specs)
+
+
+def grad_specs(strategy: Strategy, params) -> list[P | None]:
+    """One spec per parameter leaf (flat) for the gradient buffer, or None everywhere when the
+    strategy keeps gradients in the optimizer-state layout (no `grads` rules)."""
+    paths = leaf_paths(params)[0]
+    if strategy.grads is None:
+        return [None] * len(paths)
+    return [_first_match(strategy.grads, path) or P() for path in paths]
 
 
 def state_specs(strategy: Strategy, opt_state, params):

@@ -170,9 +170,15 @@ def _apply_compute_layouts(ctx: Context, node, inputs) -> None:
                 is_shard(layout.placements[a]) for a in ctx.data_axes):
             # An activation's Partial (the value is split along a data axis) used twice is reduced
             # once, before its first use: the consumers share one reduction instead of each carrying
-            # its own Partial (Megatron's one all-reduce per norm backward). A gradient's Partial
-            # stays lazy, so the optimizer's layout decides between reduce-scatter and all-reduce.
+            # its own Partial (Megatron's one all-reduce per norm backward).
             ctx.effective[inp] = layout = _reduced(ctx, inp, layout)
+        elif layout.has_partial() and _reads_values(inp) > 1 and any(
+                layout.placements[a] == PARTIAL for a in ctx.data_axes) and _reduces_as_hinted(ctx, inp, layout):
+            # A sum over the batch (a gradient) read by several consumers is reduced once, before
+            # its first use, into its hinted layout (reduce-scatter for ZeRO, all-reduce for DP).
+            # Kept lazy, each consumer would carry its own Partial through its linear ops and
+            # reduce that: AdamW's (1-b1)·g, (1-b2)·g and g, three reductions of one gradient.
+            ctx.effective[inp] = layout = _reduced(ctx, inp, layout, consumers=True)
         if not ctx.param_like(inp):
             continue
         if ctx.hints.same_component(inp, node):
@@ -185,12 +191,41 @@ def _apply_compute_layouts(ctx: Context, node, inputs) -> None:
             ctx.effective[inp] = Layout(tuple(placements))
 
 
-def _reduced(ctx: Context, node, layout: Layout) -> Layout:
+# Ops that read only their input's dtype and device (`new_zeros(g, shape)`), not its values.
+METADATA_ONLY = {torch.ops.aten.new_zeros.default, torch.ops.aten.new_empty.default, torch.ops.aten.new_ones.default,
+                 torch.ops.aten.new_full.default, torch.ops.aten.new_empty_strided.default}
+
+
+def _reads_values(node) -> int:
+    """How many consumers read `node`'s values."""
+    return sum(1 for user in node.users if user.target not in METADATA_ONLY)
+
+
+def _hint(ctx: Context, node, axis: int, consumers: bool):
+    """The node's hinted placement. With `consumers`, a Replicate hint gives way to the first shard
+    hinted by a same-shape consumer: a gradient that comes out of a view is not in the optimizer's
+    component, its consumers are."""
+    hint = ctx.hint(node, axis)
+    if consumers and not is_shard(hint):
+        hint = next((h for h in (ctx.hint(user, axis) for user in node.users
+                                 if ctx.shape(user) == ctx.shape(node)) if is_shard(h)), hint)
+    return hint
+
+
+def _reduces_as_hinted(ctx: Context, node, layout: Layout) -> bool:
+    """True when every Partial of `layout` can be reduced straight into its hinted placement (not
+    when the hinted shard's dim is already split by another axis: that one stays lazy)."""
+    reduced = _reduced(ctx, node, layout, consumers=True)
+    return all(reduced.placements[axis] == _hint(ctx, node, axis, consumers=True)
+               for axis, placement in enumerate(layout.placements) if placement == PARTIAL)
+
+
+def _reduced(ctx: Context, node, layout: Layout, consumers: bool = False) -> Layout:
     """`layout` with each Partial reduced: into the hinted shard where there is one, else replicated."""
     placements = list(layout.placements)
     for axis, placement in enumerate(placements):
         if placement == PARTIAL:
-            hint = ctx.hint(node, axis)
+            hint = _hint(ctx, node, axis, consumers)
             shardable = is_shard(hint) and hint not in placements and ctx.divisible(ctx.shape(node), hint, axis)
             placements[axis] = hint if shardable else REPLICATE
     return Layout(tuple(placements))

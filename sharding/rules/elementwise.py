@@ -46,7 +46,7 @@ def _linear_choice(ctx, node, axis, inputs):
     """The Partial-preserving choice, or None if the op is not linear in its Partial operands."""
     placements = {i: ctx.placement(i, axis) for i in inputs}
     target = node.target
-    if target in _UNARY_LINEAR:
+    if target in _UNARY_LINEAR and not _widens(node):
         return Choice(PARTIAL)
     if target in _SUMS or target in _SELECT:
         values = inputs if target in _SUMS else [a for a in node.args[1:] if isinstance(a, torch.fx.Node)]
@@ -67,6 +67,19 @@ def _linear_choice(ctx, node, axis, inputs):
         if len(partial_operands) == 1 and (target is aten.mul.Tensor or partial_operands[0] is node.args[0]):
             return Choice(PARTIAL)
     return None
+
+
+def _widens(node) -> bool:
+    """A cast to a wider dtype (a bf16 gradient cast to fp32 for the norm). A Partial is reduced
+    before it, where it is smaller: once, shared by every consumer of the uncast value, instead of
+    once per cast copy and once more for the uncast uses (mixed precision reduces bf16 gradients).
+    A narrowing cast (an int64 count to fp32) keeps the Partial and reduces the smaller result."""
+    dtype = node.kwargs.get("dtype")
+    source = node.args[0] if node.args else None
+    if node.target is not aten._to_copy.default or dtype is None or not isinstance(source, torch.fx.Node):
+        return False
+    val = source.meta.get("val")
+    return isinstance(val, torch.Tensor) and dtype.itemsize > val.dtype.itemsize
 
 
 @rule(*sorted(_TARGETS, key=str))

@@ -1,0 +1,1 @@
+"""On-demand benchmarks (not run in CI): `python -m benchmarks.strategies`."""

@@ -1,0 +1,128 @@
+"""`python -m experiments.plan`: per-rank memory and traffic of every strategy at cluster scale, no training.
+
+The train step of a published-size model (default GPT-3 175B) is lowered on fake tensors on an
+abstract mesh (default dp=64 × tp=8 = 512 ranks, never started); memory by role and bytes per
+mesh axis are read from the lowered graph (`functional_parallel.planner`) and printed next to
+the ZeRO and Korthikanti et al. formulas (`functional_parallel.published`). Writes `plan.json`
+and `plan.md` into the Hydra run dir.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
+
+from experiments.config import ModelConfig
+from experiments.plan_report import markdown, print_tables
+from experiments.strategies import write_into_readme
+from functional_parallel import planner, published
+from functional_parallel.models import build, config as model_config
+from functional_parallel.parallel import Strategy
+
+ALL_STRATEGIES = ["dp", "zero1", "zero2", "zero3", "tp", "tp_sp", "fsdp_tp"]
+
+
+@dataclasses.dataclass
+class PlanConfig:
+    """What to plan: a model, a mesh, strategies, a precision."""
+
+    model: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig(arch="gpt", size="gpt3_175b"))
+    mesh: Dict[str, int] = dataclasses.field(default_factory=lambda: {"dp": 64, "tp": 8})
+    strategies: List[str] = dataclasses.field(default_factory=lambda: list(ALL_STRATEGIES))
+    precision: str = "bf16"  # bf16: ZeRO's mixed precision (2 + 2 + 12 bytes/param) | fp32 (4 + 4 + 8)
+    micro_batch: int = 1  # sequences per data-parallel rank (Korthikanti's b)
+    depth: Optional[int] = 1  # lower depth and depth + 1 layers and extrapolate; null: lower the full depth
+    vocab_multiple: int = 128  # the vocabulary is padded to a multiple of lcm(this, ranks), as Megatron does
+    write_readme: bool = False  # also write the tables into README.md (between "plan model=<name>" markers)
+
+
+ConfigStore.instance().store(name="plan_config", node=PlanConfig)
+
+
+def _model_builder(cfg: PlanConfig):
+    arch_only = {"n_kv_heads": cfg.model.n_kv_heads} if cfg.model.arch == "llama" else {
+        "fused_qkv": cfg.model.fused_qkv}
+    base = model_config(cfg.model.arch, cfg.model.size, d_model=cfg.model.d_model, n_heads=cfg.model.n_heads,
+                        seq_len=cfg.model.seq_len, **arch_only)
+    base = dataclasses.replace(base, n_layers=cfg.model.n_layers or base.n_layers,
+                               vocab_size=planner.padded_vocab(base.vocab_size, cfg.mesh, cfg.vocab_multiple))
+    return base, lambda n_layers: build(cfg.model.arch, cfg=dataclasses.replace(base, n_layers=n_layers))
+
+
+def plan(cfg: PlanConfig, progress=None) -> dict[str, Any]:
+    """Every strategy's figures and the matching published formulas, as one JSON-able dict."""
+    if cfg.precision not in planner.PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(planner.PRECISIONS)}, got {cfg.precision!r}")
+    unknown = [name for name in cfg.strategies if name not in ALL_STRATEGIES]
+    if unknown:
+        raise ValueError(f"unknown strategies {unknown}; expected some of {ALL_STRATEGIES}")
+    precision = planner.PRECISIONS[cfg.precision]
+    base, build_model = _model_builder(cfg)
+    mesh = dict(cfg.mesh)
+    dp = mesh.get("dp", 1)
+    s, b, h, a = base.seq_len, cfg.micro_batch, base.d_model, base.n_heads
+    act_bytes = precision.param_bytes
+    k = precision.master_bytes + 2 * precision.state_bytes  # Adam: master copy, m, v
+    rows = []
+    for name in cfg.strategies:
+        strategy = Strategy.load(name)
+        result = planner.plan_strategy(build_model, base.n_layers, strategy, mesh, cfg.micro_batch * dp, precision,
+                                       cfg.depth)
+        t, sp = planner.model_axes(strategy, mesh)
+        psi = result.figures["parameters"]
+        row = {"strategy": name, "t": t, "sp": sp, "figures": result.figures, "per_layer": result.per_layer,
+               "lowered_depths": list(result.lowered_depths), "seconds": round(result.seconds, 2)}
+        stage = published.ZERO_STAGES.get(name)
+        if stage is not None:
+            row["zero_formula_bytes"] = published.zero_model_state_bytes(stage, psi, dp, k, precision.param_bytes,
+                                                                         precision.grad_bytes)
+            row["zero_table_1_gb"] = published.ZERO_TABLE_1["gb"][name]
+            row["zero_comm_formula_bytes"] = published.zero_comm_bytes(stage, psi, precision.grad_bytes)
+        if cfg.model.arch == "gpt":
+            row["korthikanti_layer_bytes"] = published.korthikanti_layer_bytes(s, b, h, a, t, sp)
+            row["layer_differences"] = published.layer_differences(s, b, h, a, t, sp, act_bytes)
+        rows.append(row)
+        if progress is not None:
+            progress(row)
+    return {"model": {"arch": cfg.model.arch, "config": dataclasses.asdict(base)}, "mesh": mesh,
+            "ranks": math.prod(mesh.values()), "precision": dataclasses.asdict(precision) | {
+                "compute_dtype": str(precision.compute_dtype).replace("torch.", "")},
+            "micro_batch": b, "global_batch": b * dp, "depth": cfg.depth, "strategies": rows}
+
+
+def readme_markers(model_choice: str) -> tuple[str, str]:
+    return f"<!-- plan model={model_choice}:begin -->", f"<!-- plan model={model_choice}:end -->"
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="plan")
+def main(cfg) -> None:
+    cfg: PlanConfig = OmegaConf.to_object(cfg)
+    from rich.console import Console
+
+    console = Console()
+    if not console.is_terminal:  # a log file or pipe: keep every column readable
+        console = Console(width=180)
+    with console.status("lowering on fake tensors...") as status:
+        result = plan(cfg, progress=lambda row: status.update(
+            f"{row['strategy']} done in {row['seconds']} s; lowering the next strategy..."))
+    print_tables(result, console)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    (run_dir / "plan.json").write_text(json.dumps(result, indent=2, default=str))
+    (run_dir / "plan.md").write_text(markdown(result))
+    seconds = sum(row["seconds"] for row in result["strategies"])
+    console.print(f"lowered {len(result['strategies'])} strategies in {seconds:.0f} s; "
+                  f"wrote {run_dir / 'plan.json'} and {run_dir / 'plan.md'}")
+    if cfg.write_readme:
+        markers = readme_markers(HydraConfig.get().runtime.choices["model"])
+        write_into_readme(markdown(result), Path(hydra.utils.get_original_cwd()) / "README.md", markers)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""Tables of `experiments.plan`'s result: the same rows printed with rich and written as markdown."""
+from __future__ import annotations
+
+from typing import Any
+
+GB = 1e9  # the ZeRO paper's GB
+
+
+def _gb(value: float) -> str:
+    return f"{value / GB:,.2f}"
+
+
+def _delta(ours: float, formula: float) -> str:
+    return f"{(ours - formula) / GB:+,.2f} ({(ours - formula) / formula:+.1%})" if formula else "—"
+
+
+def _state(figures: dict) -> int:
+    return figures["params"] + figures["grads"] + figures["optimizer"]
+
+
+def memory_table(result: dict) -> tuple[str, list[str], list[list[str]]]:
+    cfg = result["model"]["config"]
+    title = (f"Per-rank memory, GB (1e9 B): {result['model']['arch']} {cfg['n_layers']} layers, h={cfg['d_model']}, "
+             f"Ψ={result['strategies'][0]['figures']['parameters'] / 1e9:.2f}B, mesh "
+             + " × ".join(f"{a}={n}" for a, n in result["mesh"].items())
+             + f" ({result['ranks']} ranks), {result['precision']['name']}, micro-batch {result['micro_batch']}"
+             f" × seq {cfg['seq_len']}")
+    headers = ["strategy", "params", "grads", "optimizer", "activations", "gathered params", "total",
+               "ZeRO formula (model states)", "ours − formula"]
+    rows = []
+    for row in result["strategies"]:
+        f = row["figures"]
+        total = _state(f) + f["activations"] + f.get("gathered_params", 0)
+        formula = row.get("zero_formula_bytes")
+        rows.append([row["strategy"], _gb(f["params"]), _gb(f["grads"]), _gb(f["optimizer"]), _gb(f["activations"]),
+                     _gb(f.get("gathered_params", 0)), _gb(total),
+                     _gb(formula) if formula else "—", _delta(_state(f), formula) if formula else "—"])
+    return title, headers, rows
+
+
+def reproduces_zero_table(result: dict) -> bool:
+    """Whether the planned model and mesh are ZeRO Table 1's (Ψ within 2% of 7.5B, N_d = 64, mixed precision)."""
+    psi = result["strategies"][0]["figures"]["parameters"]
+    return (abs(psi / 7.5e9 - 1) < 0.02 and result["mesh"].get("dp") == 64
+            and result["precision"]["name"] == "bf16")
+
+
+def zero_table(result: dict) -> tuple[str, list[str], list[list[str]]]:
+    title = "ZeRO Table 1 (Ψ=7.5B, N_d=64, K=12): model states per rank, GB; the formula at our exact Ψ"
+    headers = ["strategy", "paper", "formula", "ours (graph)", "ours − paper"]
+    rows = []
+    for row in result["strategies"] if reproduces_zero_table(result) else []:
+        if "zero_table_1_gb" not in row:
+            continue
+        ours = _state(row["figures"])
+        paper = row["zero_table_1_gb"] * GB
+        rows.append([row["strategy"], f"{row['zero_table_1_gb']:g}", _gb(row["zero_formula_bytes"]), _gb(ours),
+                     _delta(ours, paper)])
+    return title, headers, rows
+
+
+def activation_table(result: dict) -> tuple[str, list[str], list[list[str]]]:
+    title = "Activation memory per layer per rank, bytes: ours (graph) vs Korthikanti et al. 2022"
+    headers = ["strategy", "t", "SP", "ours (graph)", "Korthikanti", "ours − Korthikanti", "explained (notes)",
+               "unexplained"]
+    rows = []
+    for row in result["strategies"]:
+        ours = row["per_layer"]["activations"]
+        if "korthikanti_layer_bytes" not in row:  # the formula is for GPT layers
+            rows.append([row["strategy"], str(row["t"]), "yes" if row["sp"] else "no", f"{ours:,}"] + ["—"] * 4)
+            continue
+        theirs = row["korthikanti_layer_bytes"]
+        explained = sum(value for _, value in row["layer_differences"])
+        rows.append([row["strategy"], str(row["t"]), "yes" if row["sp"] else "no", f"{ours:,}", f"{theirs:,.0f}",
+                     f"{ours - theirs:+,.0f}", f"{explained:+,.0f}", f"{ours - theirs - explained:+,.0f}"])
+    return title, headers, rows
+
+
+def comm_table(result: dict) -> tuple[str, list[str], list[list[str]]]:
+    title = ("Bytes per step per rank by mesh axis, GB (collective buffer sizes; volume counts an all-reduce "
+             "twice, as ZeRO §7)")
+    headers = ["strategy", "axis", "all_gather", "reduce_scatter", "all_reduce", "collectives", "volume",
+               "ZeRO volume formula"]
+    rows = []
+    for row in result["strategies"]:
+        f = row["figures"]
+        axes = sorted({key.split("/")[1] for key in f if key.startswith("comm/")})
+        for axis in axes or ["—"]:
+            cells = [_gb(f.get(f"comm/{axis}/{kind}/bytes", 0)) for kind in ("all_gather", "reduce_scatter",
+                                                                               "all_reduce")]
+            count = sum(f.get(f"comm/{axis}/{kind}/count", 0) for kind in ("all_gather", "reduce_scatter",
+                                                                            "all_reduce"))
+            formula = row.get("zero_comm_formula_bytes") if axis == "dp" else None
+            rows.append([row["strategy"], axis, *cells, f"{count:,}", _gb(f.get(f"comm/{axis}/volume", 0)),
+                         _gb(formula) if formula else "—"])
+    return title, headers, rows
+
+
+def notes(result: dict) -> list[str]:
+    depths = {tuple(row["lowered_depths"]) for row in result["strategies"]}
+    layers = result["model"]["config"]["n_layers"]
+    out = []
+    for depth in depths:
+        if depth[1] != layers:
+            out.append(f"Lowered at {depth[0]} and {depth[1]} layers; every figure extrapolated linearly to {layers} "
+                       f"layers (exact: tests/test_plan.py checks it equals a full lowering on a 4-layer model).")
+        else:
+            out.append(f"Lowered at the full depth ({layers} layers); per-layer figures from {depth[0]} → "
+                       f"{depth[1]} layers.")
+    out += [
+        f"Vocabulary padded to {result['model']['config']['vocab_size']} (a multiple of lcm(128, ranks), as "
+        "Megatron pads it) so "
+        "embedding rows split over every axis; strategies that do not name an axis replicate over it.",
+        "params/grads/optimizer: local shard shapes of the lowered graph's inputs × bytes per role "
+        f"({result['precision']['name']}: params {result['precision']['param_bytes']} B, grads "
+        f"{result['precision']['grad_bytes']} B, fp32 master {result['precision']['master_bytes']} B, "
+        f"Adam m and v {result['precision']['state_bytes']} B each). Grads are the buffer kept between "
+        "micro-batches: the optimizer-state layout the step reduces into, or the strategy's `grads` rules "
+        "(ZeRO-1 keeps whole gradients; in one step it lowers to the same program as ZeRO-2).",
+        "activations: values computed from the batch before the loss and read by backward (what Korthikanti "
+        "counts; all alive at the loss, so this is their peak, without backward's transient buffers); "
+        "gathered params: values computed without the batch and kept the same way (all-gathered weights, "
+        "tables such as RoPE's).",
+    ]
+    kept = [row["strategy"] for row in result["strategies"]
+            if row["figures"].get("gathered_params", 0) > 0.5 * row["figures"]["params"] > 0]
+    if kept:
+        out.append(f"{', '.join(kept)}: each weight is all-gathered once and kept for backward (no re-gather), "
+                   "so the gathered weights stay alive until their gradient, and ZeRO-3 moves 2Ψ instead of "
+                   "the paper's 3Ψ (all-gather forward, all-gather backward, reduce-scatter).")
+    if any(row["sp"] for row in result["strategies"]):
+        out.append("Under SP the all-reduces on the model axis are the gradients of the weights that see the "
+                   "sequence-split residual stream (embeddings, norms, output biases): each rank holds a "
+                   "sequence slice's share. Megatron does the same for norms; its embedding is vocab-parallel.")
+    if any("korthikanti_layer_bytes" not in row for row in result["strategies"]):
+        out.append("Korthikanti's formula counts a GPT layer (LayerNorm, GeLU MLP); for this model only our "
+                   "per-layer activations are shown.")
+    if not reproduces_zero_table(result):
+        out.append("ZeRO Table 1 itself (Ψ=7.5B, N_d=64): `python -m experiments.plan model=gpt_7_5b`.")
+    differences = next((row["layer_differences"] for row in result["strategies"] if row.get("layer_differences")),
+                       None)
+    if differences:
+        out.append("Differences from Korthikanti (the 'explained' column sums them for each strategy's t and SP): "
+                   + "; ".join(what for what, _ in
+                               max((row["layer_differences"] for row in result["strategies"]
+                                    if row.get("layer_differences")), key=len)) + ".")
+    return out
+
+
+def tables(result: dict) -> list[tuple[str, list[str], list[list[str]]]]:
+    return [t for t in (memory_table(result), zero_table(result), activation_table(result), comm_table(result))
+            if t[2]]
+
+
+def markdown_table(table: tuple[str, list[str], list[list[str]]]) -> str:
+    title, headers, rows = table
+    lines = [f"**{title}**", "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
+
+
+def markdown(result: dict) -> str:
+    return "\n".join(markdown_table(t) for t in tables(result)) + "\n" + "".join(
+        f"- {note}\n" for note in notes(result))
+
+
+def print_tables(result: dict, console: Any) -> None:
+    from rich.table import Table
+
+    for title, headers, rows in tables(result):
+        table = Table(title=title, title_justify="left")
+        for i, header in enumerate(headers):
+            table.add_column(header, justify="left" if i == 0 else "right")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+    for note in notes(result):
+        console.print(f"• {note}")

@@ -1,0 +1,253 @@
+"""Plan a train step at cluster scale: lower it on fake tensors and account memory and traffic per rank.
+
+Nothing is allocated and no process starts: parameters, optimizer state and the batch are
+`FakeTensor`s of global shape, the mesh is abstract, and every number below is read from the
+lowered per-rank graph (`Lowered.graph`: each node's global `val` and its `fp_layout`; each
+inserted collective's `fp_collective` record) — not from a formula.
+
+Memory per rank is split by role, with bytes per element set by a `Precision` (ZeRO's mixed
+precision: 2-byte params and grads, 4-byte fp32 master copy and Adam moments):
+- params: the local shard of every parameter input of the graph;
+- grads: the gradient buffer, one per parameter, in the layout where the step reduces it
+  (the optimizer-state layout), or the strategy's `grads` rules when it keeps a different
+  buffer between micro-batches (ZeRO-1 keeps full gradients, ZeRO-2 only shards);
+- optimizer: the local shard of every optimizer-state input (Adam m and v) plus the fp32
+  master copy of the params, which lives in the optimizer-state layout (as in ZeRO);
+- activations: forward values computed from the batch and kept alive across the
+  forward/backward boundary (the loss) because backward reads them — what Korthikanti et al.
+  call activation memory; values computed from parameters alone that are kept the same way
+  (all-gathered ZeRO-3 weights) are reported apart, as gathered_params.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Mapping
+
+import optree
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from sharding import Mesh, shard
+from sharding.cost import VIEW_OPS
+from sharding.layout import Layout, layout_from_spec
+from sharding.tree import leaf_paths
+
+from . import optim
+from .models import Model
+from .parallel import Strategy, compile_step, grad_specs
+from .train import make_train_step
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Bytes per element of each role; `compute_dtype` is what params, activations and collectives use."""
+
+    name: str
+    compute_dtype: torch.dtype
+    param_bytes: int
+    grad_bytes: int
+    master_bytes: int  # fp32 master copy of the params (0: the params are the master copy)
+    state_bytes: int  # each optimizer-state element (Adam m, v)
+
+
+PRECISIONS = {
+    # ZeRO's mixed-precision Adam: 2 + 2 + (4 + 4 + 4) = 16 bytes per parameter (K = 12).
+    "bf16": Precision("bf16", torch.bfloat16, param_bytes=2, grad_bytes=2, master_bytes=4, state_bytes=4),
+    # Plain fp32 Adam: 4 + 4 + (4 + 4) = 16 bytes per parameter, no master copy.
+    "fp32": Precision("fp32", torch.float32, param_bytes=4, grad_bytes=4, master_bytes=0, state_bytes=4),
+}
+
+# The ZeRO paper's communication volume per rank: an all-reduce moves its buffer twice
+# (reduce-scatter + all-gather), the others once (ignoring the (n - 1) / n ring factor).
+VOLUME_FACTOR = {"all_gather": 1, "reduce_scatter": 1, "all_reduce": 2}
+
+
+def default_optimizer() -> optim.GradientTransformation:
+    return optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(1e-4, weight_decay=0.1))
+
+
+def lower_fake(model: Model, strategy: Strategy, mesh_shape: Mapping[str, int], global_batch: int,
+               precision: Precision, optimizer=None):
+    """Lower the train step of `model` under `strategy` on an abstract mesh, on fake tensors only.
+
+    Returns (lowered, params, opt_state, mesh); params and state are fake global trees.
+    """
+    optimizer = optimizer or default_optimizer()
+    mesh = Mesh.abstract(dict(mesh_shape))
+    with FakeTensorMode():
+        params = model.init(0, dtype=precision.compute_dtype)
+        state = optimizer.init(params)
+        tokens = torch.zeros(global_batch, model.cfg.seq_len, dtype=torch.long)
+        batch = {"inputs": tokens, "targets": tokens}
+    compiled, (pspecs, sspecs, bspec) = compile_step(make_train_step(model.loss, optimizer), strategy, mesh,
+                                                     params, state)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        local = (shard(params, pspecs, mesh), shard(state, sspecs, mesh), shard(batch, bspec, mesh))
+    return compiled.lower(*local), params, state, mesh
+
+
+def _numel(shape) -> int:
+    return math.prod(int(s) for s in shape)
+
+
+def _local_numel(node: fx.Node, axis_sizes) -> int:
+    layout = node.meta.get("fp_layout")
+    shape = node.meta["val"].shape
+    return _numel(layout.local_shape(shape, axis_sizes) if isinstance(layout, Layout) else shape)
+
+
+def _local_bytes(node: fx.Node, axis_sizes) -> int:
+    """Bytes this rank holds for a node's value (every tensor output, at its local shape)."""
+    vals, layouts = node.meta.get("val"), node.meta.get("fp_layout")
+    vals = vals if isinstance(vals, (list, tuple)) else [vals]
+    layouts = layouts if isinstance(layouts, tuple) else [layouts] * len(vals)
+    total = 0
+    for val, layout in zip(vals, layouts):
+        if isinstance(val, torch.Tensor):
+            shape = layout.local_shape(val.shape, axis_sizes) if isinstance(layout, Layout) else val.shape
+            total += _numel(shape) * val.element_size()
+    return total
+
+
+def _storage_roots(nodes) -> dict:
+    """Each node's storage owner: views alias their input, everything else owns its output."""
+    root = {}
+    for node in nodes:
+        aliases = node.op == "call_function" and node.target in VIEW_OPS and isinstance(node.args[0], fx.Node)
+        root[node] = root.get(node.args[0], node.args[0]) if aliases else node
+    return root
+
+
+def saved_across_backward(lowered, axis_sizes, data_placeholders: int) -> tuple[int, int]:
+    """Bytes per rank of values computed up to the loss and read again after it, split into
+    (activations: computed from the batch, parameter copies: computed from parameters alone,
+    e.g. ZeRO-3's all-gathered weights when backward does not gather them again)."""
+    graph = lowered.graph.graph
+    nodes = list(graph.nodes)
+    index = {node: i for i, node in enumerate(nodes)}
+    root = _storage_roots(nodes)
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    data_dependent = set(placeholders[len(placeholders) - data_placeholders:])
+    for node in nodes:
+        if node.op == "call_function" and any(i in data_dependent for i in node.all_input_nodes):
+            data_dependent.add(node)
+    boundary = index[_loss_node(lowered, nodes)]
+    saved = set()
+    for node in nodes[boundary + 1:]:
+        if node.op == "output":
+            continue
+        saved.update(root[i] for i in node.all_input_nodes
+                     if index[root[i]] <= boundary and root[i].op == "call_function")
+    activations = sum(_local_bytes(n, axis_sizes) for n in saved if n in data_dependent)
+    parameter_copies = sum(_local_bytes(n, axis_sizes) for n in saved if n not in data_dependent)
+    return activations, parameter_copies
+
+
+def _loss_node(lowered, nodes) -> fx.Node:
+    """The forward loss in the per-rank graph (found by name from the global graph's output)."""
+    positions = optree.tree_unflatten(lowered.out_treedef, list(range(lowered.out_treedef.num_leaves)))
+    global_nodes = list(lowered.global_graph.graph.nodes)
+    loss = global_nodes[-1].args[0][positions[2]["loss"]]
+    global_root = _storage_roots(global_nodes)
+    by_name = {node.name: node for node in nodes}
+    return by_name[global_root[loss].name]
+
+
+def account(lowered, params, opt_state, strategy: Strategy, mesh: Mesh, precision: Precision) -> dict[str, int]:
+    """Per-rank bytes by role and per-axis collective bytes of one lowered step (a flat dict of ints)."""
+    axis_sizes = mesh.axis_sizes
+    placeholders = [n for n in lowered.graph.graph.nodes if n.op == "placeholder"]
+    param_paths, param_leaves, _ = leaf_paths(params)
+    state_paths, state_leaves, _ = leaf_paths(opt_state)
+    param_nodes = placeholders[:len(param_paths)]
+    state_nodes = placeholders[len(param_paths):len(param_paths) + len(state_paths)]
+
+    # Optimizer-state leaves that mirror a parameter (Adam m, v) and the layout of each one's first.
+    mirror_layout: dict[str, Layout] = {}
+    out = Counter(params=0, grads=0, optimizer=0, parameters=0)
+    for path, leaf, node in zip(state_paths, state_leaves, state_nodes):
+        mirrored = next((p for p, q in zip(param_paths, param_leaves)
+                         if path.endswith("/" + p) and tuple(q.shape) == tuple(leaf.shape)), None)
+        if mirrored is None:  # step counters: counted at their own dtype
+            out["optimizer"] += _local_bytes(node, axis_sizes)
+            continue
+        out["optimizer"] += _local_numel(node, axis_sizes) * precision.state_bytes
+        mirror_layout.setdefault(mirrored, node.meta["fp_layout"])
+    buffer_specs = grad_specs(strategy, params)
+    for path, leaf, node, spec in zip(param_paths, param_leaves, param_nodes, buffer_specs):
+        shape = tuple(leaf.shape)
+        out["parameters"] += _numel(shape)
+        out["params"] += _local_numel(node, axis_sizes) * precision.param_bytes
+        state_layout = mirror_layout.get(path, node.meta["fp_layout"])
+        out["optimizer"] += _numel(state_layout.local_shape(shape, axis_sizes)) * precision.master_bytes
+        grad_layout = state_layout if spec is None else layout_from_spec(spec, shape, mesh.axis_names, axis_sizes,
+                                                                          where=f"grads {path!r}")
+        out["grads"] += _numel(grad_layout.local_shape(shape, axis_sizes)) * precision.grad_bytes
+    out["activations"], out["gathered_params"] = saved_across_backward(lowered, axis_sizes, data_placeholders=2)
+    for record in lowered.collectives:
+        axis = "/".join(record["axes"])
+        out[f"comm/{axis}/{record['kind']}/bytes"] += record["bytes"]
+        out[f"comm/{axis}/{record['kind']}/count"] += 1
+        out[f"comm/{axis}/volume"] += VOLUME_FACTOR.get(record["kind"], 1) * record["bytes"]
+    out["graph_nodes"] = len(lowered.graph.graph.nodes)
+    return dict(out)
+
+
+def extrapolate(shallow: Mapping[str, int], deeper: Mapping[str, int], depth: int, layers: int) -> dict[str, int]:
+    """Every quantity at `layers` from lowerings at `depth` and `depth + 1` (one layer's worth per layer)."""
+    keys = set(shallow) | set(deeper)
+    return {k: shallow.get(k, 0) + (layers - depth) * (deeper.get(k, 0) - shallow.get(k, 0)) for k in keys}
+
+
+def per_layer(shallow: Mapping[str, int], deeper: Mapping[str, int]) -> dict[str, int]:
+    keys = set(shallow) | set(deeper)
+    return {k: deeper.get(k, 0) - shallow.get(k, 0) for k in keys}
+
+
+def padded_vocab(vocab_size: int, mesh_shape: Mapping[str, int], multiple: int = 128) -> int:
+    """The vocabulary rounded up, as Megatron pads it, so embedding rows split over every mesh axis."""
+    step = math.lcm(multiple, math.prod(mesh_shape.values()))
+    return -(-vocab_size // step) * step
+
+
+def model_axes(strategy: Strategy, mesh_shape: Mapping[str, int]) -> tuple[int, bool]:
+    """(t, sp) in Korthikanti's terms, read from the strategy's data: t is the product of the mesh
+    axes that split parameters but not the batch; sp is whether the sequence dim is split."""
+    data_axes = set(strategy.batch.axes_of(0)) if len(strategy.batch) else set()
+    named = {axis for _, spec in strategy.params for dim in range(len(spec)) for axis in spec.axes_of(dim)}
+    t = math.prod(mesh_shape[axis] for axis in sorted(named - data_axes) if axis in mesh_shape)
+    return t, strategy.logical.get("seq") is not None
+
+
+@dataclass
+class StrategyPlan:
+    """One strategy's per-rank figures at the full depth, and how they were obtained."""
+
+    strategy: str
+    figures: dict[str, int]  # memory by role, "comm/<axis>/<kind>/bytes|count", "comm/<axis>/volume"
+    per_layer: dict[str, int]  # the same keys: what one more layer adds
+    lowered_depths: tuple[int, ...]
+    seconds: float
+
+
+def plan_strategy(build_model, layers: int, strategy: Strategy, mesh_shape: Mapping[str, int], global_batch: int,
+                  precision: Precision, depth: int | None = 1) -> StrategyPlan:
+    """Lower `build_model(n_layers)` at `depth` and `depth + 1` layers and account both: their
+    difference is one layer's figures, and every figure is extrapolated linearly to `layers` (exact:
+    tests/test_plan.py checks it against a full lowering). `depth=None` lowers `layers - 1` and
+    `layers`, so the full-depth figures come from a full lowering."""
+    start = time.perf_counter()
+    first = max(1, layers - 1) if depth is None else depth
+    depths = (first, first + 1)
+    figures = []
+    for n_layers in depths:
+        lowered, params, state, mesh = lower_fake(build_model(n_layers), strategy, mesh_shape, global_batch,
+                                                  precision)
+        figures.append(account(lowered, params, state, strategy, mesh, precision))
+        del lowered, params, state
+    return StrategyPlan(strategy.name, extrapolate(figures[0], figures[1], first, layers),
+                        per_layer(figures[0], figures[1]), depths, time.perf_counter() - start)

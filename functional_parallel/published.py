@@ -1,0 +1,70 @@
+"""The published formulas the planner is checked against, and the documented ways our step differs.
+
+- ZeRO (Rajbhandari et al. 2020), Table 1: model-state bytes per rank for mixed-precision Adam,
+  2Ψ params + 2Ψ grads + KΨ optimizer state (K = 12: fp32 master, m, v), over N_d ranks.
+- Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models"),
+  section 4: activation bytes per transformer layer with 16-bit activations and 1-byte dropout
+  masks, s = sequence, b = micro-batch, h = hidden, a = heads, t = tensor-parallel size.
+"""
+from __future__ import annotations
+
+# ZeRO Table 1: Ψ = 7.5B, N_d = 64, K = 12; GB = 1e9 bytes.
+ZERO_TABLE_1 = {"psi": 7.5e9, "n_d": 64, "k": 12, "gb": {"dp": 120.0, "zero1": 31.4, "zero2": 16.6, "zero3": 1.9}}
+# Which ZeRO stage (0 = the paper's baseline data parallelism) a strategy reproduces.
+ZERO_STAGES = {"dp": 0, "zero1": 1, "zero2": 2, "zero3": 3}
+
+
+def zero_model_state_bytes(stage: int, psi: float, n_d: int, k: float = 12, param_bytes: float = 2,
+                           grad_bytes: float = 2) -> float:
+    """Bytes per rank of params, grads and optimizer state (KΨ) at ZeRO `stage` (0: plain DP).
+
+    ZeRO's terms are 2Ψ + 2Ψ + KΨ; other precisions change the bytes per role (fp32 Adam: 4, 4, K = 8).
+    """
+    params, grads, states = param_bytes * psi, grad_bytes * psi, k * psi
+    if stage == 0:
+        return params + grads + states
+    if stage == 1:
+        return params + grads + states / n_d
+    if stage == 2:
+        return params + (grads + states) / n_d
+    if stage == 3:
+        return (params + grads + states) / n_d
+    raise ValueError(f"ZeRO stage must be 0..3, got {stage}")
+
+
+def zero_comm_bytes(stage: int, psi: float, bytes_per_element: int = 2) -> float:
+    """ZeRO section 7: volume per rank and step; all-reduce = 2Ψ (DP, ZeRO-1/2), ZeRO-3 = 3Ψ."""
+    return (3 if stage == 3 else 2) * psi * bytes_per_element
+
+
+def korthikanti_layer_bytes(s: int, b: int, h: int, a: int, t: int = 1, sp: bool = False) -> float:
+    """Activation bytes per layer: 34sbh + 5as²b; TP: sbh(10 + 24/t + 5as/(ht)); TP+SP: (sbh/t)(34 + 5as/h)."""
+    if sp:
+        return s * b * h / t * (34 + 5 * a * s / h)
+    return s * b * h * (10 + 24 / t + 5 * a * s / (h * t))
+
+
+# Each difference of our GPT layer from Korthikanti's, as (what, bytes per layer); `our_layer_bytes`
+# is their sum with the formula, and the planner's lowered graph must equal it exactly.
+def layer_differences(s: int, b: int, h: int, a: int, t: int = 1, sp: bool = False,
+                      act_bytes: int = 2) -> list[tuple[str, float]]:
+    t_sp = t if sp else 1  # what the residual stream (and its norms) is split by
+    out = [
+        ("no dropout: the two 1-byte masks after attention and MLP", -2 * s * b * h / t_sp),
+        ("SDPA (flash) keeps no a·s² scores, softmax or dropout: -5as²b/t, + fp32 logsumexp 4asb/t",
+         -5 * a * s * s * b / t + 4 * a * s * b / t),
+        (f"LayerNorm mean and rstd kept for backward ({act_bytes}-byte, 2 norms)", 4 * act_bytes * s * b / t_sp),
+    ]
+    if sp:
+        out.append(("SP: the all-gathered norm outputs feeding the column matmuls are kept for the weight "
+                    "gradient (Megatron keeps the shard and re-gathers in backward)", 4 * s * b * h * (1 - 1 / t)))
+    if act_bytes != 2:
+        base = korthikanti_layer_bytes(s, b, h, a, t, sp) + sum(v for _, v in out)
+        lse_and_stats = 4 * a * s * b / t + 4 * act_bytes * s * b / t_sp
+        out.append((f"{act_bytes}-byte activations instead of 2", (base - lse_and_stats) * (act_bytes / 2 - 1)))
+    return out
+
+
+def our_layer_bytes(s: int, b: int, h: int, a: int, t: int = 1, sp: bool = False, act_bytes: int = 2) -> float:
+    return korthikanti_layer_bytes(s, b, h, a, t, sp) + sum(v for _, v in layer_differences(s, b, h, a, t, sp,
+                                                                                             act_bytes))
