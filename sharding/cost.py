@@ -6,9 +6,18 @@ all-reduce, or one reduce-scatter + all-gather pair of a tensor, each count its 
 """
 from __future__ import annotations
 
+import torch
 import torch.fx as fx
 
 from .liveness import peak_bytes
+
+aten = torch.ops.aten
+
+# Ops whose output is a view of their input: they allocate nothing (the schedule passes move and
+# copy them freely; the planner follows them to the storage they alias).
+VIEW_OPS = {aten.view.default, aten._unsafe_view.default, aten.t.default, aten.transpose.int,
+            aten.permute.default, aten.expand.default, aten.slice.Tensor, aten.select.int, aten.unsqueeze.default,
+            aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.alias.default, aten.detach.default}
 
 
 def collective_log(graph_module: fx.GraphModule) -> list[dict]:

@@ -8,17 +8,9 @@ from __future__ import annotations
 import operator
 from dataclasses import dataclass
 
-import torch
 import torch.fx as fx
 
 from .. import collectives
-
-aten = torch.ops.aten
-
-# Ops whose output is a view of their input: moving or copying them allocates nothing.
-VIEW_OPS = {aten.view.default, aten._unsafe_view.default, aten.t.default, aten.transpose.int,
-            aten.permute.default, aten.expand.default, aten.slice.Tensor, aten.select.int, aten.unsqueeze.default,
-            aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.alias.default, aten.detach.default}
 
 
 @dataclass(eq=False)

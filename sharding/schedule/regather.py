@@ -15,7 +15,8 @@ import bisect
 
 import torch.fx as fx
 
-from .chain import VIEW_OPS, Chain, chains, is_parameter_gather, positions
+from ..cost import VIEW_OPS
+from .chain import Chain, chains, is_parameter_gather, positions
 
 
 def _uses(value: fx.Node) -> list[tuple[fx.Node, list[fx.Node]]]:
