@@ -6,7 +6,6 @@ newest file in `benchmarks/results/` without running the benchmark (tests/test_b
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -101,9 +100,7 @@ def write(results: dict, results_dir: Path = RESULTS_DIR) -> tuple[Path, Path]:
 
 
 def write_into_readme(text: str, readme: Path) -> None:
-    begin, end = README_MARKERS
-    content = readme.read_text()
-    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
-    replacement = f"{begin}\n{text}\n{end}"
-    content = pattern.sub(lambda _: replacement, content) if pattern.search(content) else content + "\n" + replacement
-    readme.write_text(content)
+    """Replace the benchmark block in the README (appended if missing)."""
+    from experiments.strategies import write_into_readme as write_block
+
+    write_block(text, readme, README_MARKERS)

@@ -7,9 +7,12 @@ Hydra's own error instead of being silently ignored.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+import os
+import tempfile
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 
 @dataclasses.dataclass
@@ -28,6 +31,9 @@ class ModelConfig:
     fused_qkv: Optional[bool] = None  # gpt only
     n_kv_heads: Optional[int] = None  # llama only
     dtype: str = "float32"  # float32 | float64 | bfloat16
+    # The tokenizer's vocabulary is padded up to a multiple of this (Megatron's
+    # make-vocab-size-divisible-by) so embedding rows split evenly over dp and tp ranks.
+    vocab_multiple: int = 64
 
 
 @dataclasses.dataclass
@@ -57,28 +63,77 @@ class DataConfig:
 
 
 @dataclasses.dataclass
+class StrategyConfig:
+    """A parallel strategy as data (`conf/strategy/*.yaml`); `functional_parallel.parallel.Strategy` reads it.
+
+    Rules are `[leaf-path regex, spec]`; a spec lists one entry per tensor dim: a mesh axis,
+    a list of axes, or null (replicated).
+    """
+
+    name: str = "dp"
+    batch: List[Any] = dataclasses.field(default_factory=lambda: ["dp"])
+    logical: Dict[str, Any] = dataclasses.field(default_factory=lambda: {"batch": "dp"})
+    params: List[Any] = dataclasses.field(default_factory=list)
+    opt_state: Optional[List[Any]] = None  # null: optimizer state follows the parameter rules
+    grads: Optional[List[Any]] = None  # the gradient buffer's layout (read by the planner); null: as opt_state
+
+
+@dataclasses.dataclass
+class MeshConfig:
+    """The device mesh: dp x tp ranks (the world size is their product)."""
+
+    dp: int = 2
+    tp: int = 1
+
+
+@dataclasses.dataclass
 class Config:
     """The whole experiment."""
 
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    strategy: StrategyConfig = dataclasses.field(default_factory=StrategyConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     steps: int = 300
     seed: int = 0
     log_every: int = 10
     eval_every: int = 100
-    eval_batches: int = 4
+    eval_batches: int = 4  # 0: no validation
     threads: Optional[int] = None  # torch intra-op threads; null keeps torch's default
-    progress: bool = True  # rich progress bar
+    progress: bool = True  # rich progress bar (rank 0)
+    timeout_s: float = 300.0  # a collective that waits longer than this fails instead of hanging
+
+
+PRIVATE_DIR_PREFIX = "functional-parallel-rank"
+
+
+def rank_zero_dir(path: str) -> str:
+    """`${rank_zero_dir:outputs/...}` in `hydra.run.dir`: the run dir on rank 0 of a torchrun job.
+
+    Every torchrun process runs Hydra; ranks other than 0 get a private temp dir instead, so
+    only rank 0 writes the run dir (outside torchrun RANK is unset and this is `path`).
+    """
+    rank = int(os.environ.get("RANK", "0"))
+    return path if rank == 0 else os.path.join(tempfile.gettempdir(), f"{PRIVATE_DIR_PREFIX}{rank}-{os.getpid()}")
+
+
+def rank_zero_only(value: Any) -> Any:
+    """`${rank_zero_only:.hydra}` in `hydra.output_subdir`: the value on rank 0, null (nothing written) elsewhere."""
+    return value if int(os.environ.get("RANK", "0")) == 0 else None
 
 
 def register() -> None:
-    """Put the schemas in the ConfigStore (idempotent; called on import)."""
+    """Put the schemas in the ConfigStore and the resolver in OmegaConf (idempotent; called on import)."""
     store = ConfigStore.instance()
     store.store(name="base_config", node=Config)
     store.store(group="model", name="base_model", node=ModelConfig)
     store.store(group="optim", name="base_optim", node=OptimConfig)
     store.store(group="data", name="base_data", node=DataConfig)
+    store.store(group="strategy", name="base_strategy", node=StrategyConfig)
+    store.store(group="mesh", name="base_mesh", node=MeshConfig)
+    OmegaConf.register_new_resolver("rank_zero_dir", rank_zero_dir, replace=True)
+    OmegaConf.register_new_resolver("rank_zero_only", rank_zero_only, replace=True)
 
 
 register()

@@ -1,15 +1,19 @@
-"""Hydra: the config composes, overrides work, typos fail; `run` trains and writes its outputs."""
+"""Hydra: the config composes, overrides work, typos and bad meshes fail before any process; `run` trains
+on spawned ranks and writes its outputs."""
 from __future__ import annotations
 
+import itertools
 import json
 import pathlib
 
 import pytest
 from hydra import compose, initialize_config_dir
-from hydra.errors import ConfigCompositionException
+from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
-from experiments import train
+from experiments import builders, train
+from functional_parallel.parallel import EXAMPLE_MESHES
+from sharding import SpecError
 
 CONF_DIR = str(pathlib.Path(__file__).resolve().parents[1] / "conf")
 
@@ -23,40 +27,137 @@ def test_default_config_composes():
     cfg = compose_config()
     assert cfg.model.arch == "gpt" and cfg.model.size == "small"
     assert cfg.optim.name == "adamw" and cfg.data.name == "pydoc"
+    assert cfg.strategy.name == "dp" and (cfg.mesh.dp, cfg.mesh.tp) == (2, 1)
     assert cfg.steps == 300 and OmegaConf.is_missing(cfg, "seed") is False
+    assert cfg.data.global_batch % cfg.mesh.dp == 0
 
 
 def test_overrides_work():
     cfg = compose_config(["model=llama_tiny", "optim=sgd", "optim.lr=0.1", "steps=7", "model.n_layers=3"])
     assert (cfg.model.arch, cfg.model.size, cfg.model.n_layers) == ("llama", "tiny", 3)
     assert cfg.optim.name == "sgd" and cfg.optim.lr == 0.1 and cfg.steps == 7
+    cfg = compose_config(["strategy=zero3", "mesh.dp=4", "model=llama_tiny"])
+    assert (cfg.strategy.name, cfg.mesh.dp, cfg.mesh.tp, cfg.model.arch) == ("zero3", 4, 1, "llama")
+    assert builders.validate(cfg).params[0][0] == ".*"
 
 
 @pytest.mark.parametrize("override", ["optim.lr_rate=1", "model.n_layer=3", "stepz=3", "model=gpt_huge",
-                                      "steps=many"])
+                                      "steps=many", "strategy.parms=[]", "mesh.pp=2", "mesh.dp=two"])
 def test_bad_override_fails(override):
     with pytest.raises(ConfigCompositionException):
         compose_config([override])
 
 
-def test_every_group_option_composes_and_builds():
-    for model in ("gpt_tiny", "gpt_small", "llama_tiny", "llama_small"):
+def test_unknown_strategy_lists_the_known_ones():
+    with pytest.raises(MissingConfigException, match="zero3"):
+        compose_config(["strategy=zero4"])
+
+
+STRATEGIES = sorted(EXAMPLE_MESHES)
+MESHES = ("dp2", "dp4", "dp2_tp2")
+MODELS = ("gpt_tiny", "gpt_small", "llama_tiny", "llama_small")
+ALL_MODELS = tuple(sorted(p.stem for p in pathlib.Path(CONF_DIR, "model").glob("*.yaml")))  # + published sizes
+
+
+def test_every_strategy_mesh_and_model_composes_and_validates():
+    """Each group option composes through Hydra; every strategy x mesh x model combination is valid.
+
+    One compose per option (Hydra's compose is the slow part), then the combinations are merged
+    the way Hydra merges group options, and `validate` checks them on meta tensors (no processes,
+    no memory). The published sizes (the planner's) are checked once each, under the strategy
+    that splits most (fsdp_tp on dp x tp), to keep this test fast.
+    """
+    def plain(cfg):
+        return OmegaConf.to_container(cfg, resolve=True)
+
+    base = plain(compose_config())
+    strategies = {name: plain(compose_config([f"strategy={name}"]).strategy) for name in STRATEGIES}
+    meshes = {name: plain(compose_config([f"mesh={name}"]).mesh) for name in MESHES}
+    models = {name: plain(compose_config([f"model={name}"]).model) for name in ALL_MODELS}
+    assert {s["name"] for s in strategies.values()} == set(STRATEGIES)
+    assert {(m["dp"], m["tp"]) for m in meshes.values()} == {(2, 1), (4, 1), (2, 2)}
+    assert set(MODELS) < set(ALL_MODELS)
+    combinations = [*itertools.product(STRATEGIES, MESHES, MODELS),
+                    *[("fsdp_tp", "dp2_tp2", model) for model in ALL_MODELS if model not in MODELS]]
+    for strategy, mesh, model in combinations:
+        cfg = train.config_from_dict({**base, "strategy": strategies[strategy], "mesh": meshes[mesh],
+                                      "model": models[model]})
+        assert builders.validate(cfg).name == strategy
+
+
+def test_every_model_and_optimizer_builds():
+    for model in MODELS:
         cfg = compose_config([f"model={model}"])
-        assert train.build_model(cfg.model, vocab_size=100).cfg.vocab_size == 100
+        assert builders.build_model(cfg.model, vocab_size=100).cfg.vocab_size == 128  # padded to vocab_multiple
     for optimizer in ("adamw", "sgd"):
         cfg = compose_config([f"optim={optimizer}"])
-        assert train.build_optimizer(cfg.optim, train.build_schedule(cfg.optim, cfg.steps)) is not None
+        assert builders.build_optimizer(cfg.optim, builders.build_schedule(cfg.optim, cfg.steps)) is not None
 
 
-def test_run_trains_and_writes_outputs(tmp_path):
-    cfg = compose_config(["model=gpt_tiny", "steps=30", "log_every=10", "eval_every=30", "eval_batches=2",
-                          "progress=false", "data.global_batch=8", "optim.warmup_steps=5"])
+@pytest.mark.parametrize("overrides, error, message", [
+    (["data.global_batch=7"], ValueError, r"global_batch=7 must be divisible by the dp = 2 ranks"),
+    (["mesh.dp=4", "data.global_batch=6"], ValueError, r"e\.g\. data\.global_batch=8"),
+    (["strategy.batch=[pp]"], ValueError, r"names mesh axes \['pp'\]"),
+    (["strategy=tp", "mesh.dp=1", "mesh.tp=3"], SpecError, r"blocks/0/attn/wq: dim 1 .* not divisible by 3"),
+    (["strategy=zero3", "model.vocab_multiple=1"], SpecError, r"wte: dim 0 has size 103, not divisible by 2"),
+    (["mesh.dp=0"], ValueError, r"mesh.dp=0"),
+])
+def test_bad_strategy_or_mesh_fails_before_spawning(overrides, error, message, tmp_path, monkeypatch):
+    cfg = compose_config(overrides)
+    monkeypatch.setattr(train.launch, "spawn", lambda *a, **k: pytest.fail("spawned despite a bad config"))
+    with pytest.raises(error, match=message):
+        train.run(cfg, tmp_path)
+
+
+def test_strategy_validation_rejects_unknown_keys():
+    with pytest.raises(ValueError, match="unknown keys"):
+        builders.build_strategy({"name": "x", "batch": ["dp"], "parms": []})
+
+
+def test_mesh_must_match_the_torchrun_world():
+    with pytest.raises(ValueError, match="dp=2 x tp=1 = 2 ranks, but the job has 4"):
+        builders.validate(compose_config(), world_size=4)
+
+
+@pytest.mark.slow
+def test_run_trains_on_two_ranks_and_writes_outputs(tmp_path):
+    cfg = compose_config(["model=gpt_tiny", "strategy=zero3", "steps=30", "log_every=10", "eval_every=30",
+                          "eval_batches=2", "progress=false", "data.global_batch=8", "optim.warmup_steps=5"])
     summary = train.run(cfg, tmp_path)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [10, 20, 30]
-    assert {"loss", "grad_norm", "lr", "tokens_per_s"} <= set(records[0]) and "val_loss" in records[-1]
+    assert {"loss", "grad_norm", "lr", "tokens_per_s", "step_time_s"} <= set(records[0])
+    assert "val_loss" in records[-1]
     assert summary["final_loss"] < summary["first_loss"] - 0.5
     assert (tmp_path / "loss.png").stat().st_size > 1000
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
     saved = OmegaConf.load(tmp_path / "config.yaml")
-    assert saved.steps == 30 and saved.model.size == "tiny"
+    assert saved.steps == 30 and saved.model.size == "tiny" and saved.strategy.name == "zero3"
+    written = json.loads((tmp_path / "summary.json").read_text())
+    assert written["world_size"] == 2 and [r["rank"] for r in written["ranks"]] == [0, 1]
+    cost = written["cost"]
+    assert set(cost["bytes_by_kind"]) == {"all_gather", "reduce_scatter", "all_reduce"}  # ZeRO-3's collectives
+    assert cost["bytes_moved"] == sum(cost["bytes_by_kind"].values()) > 0
+    for rank in written["ranks"]:
+        assert rank["peak_bytes_measured"] > 0 and rank["peak_bytes_predicted"] > 0 and rank["step_time_s"] > 0
+
+
+@pytest.mark.slow
+def test_torchrun_runs_one_rank_each_and_only_rank_zero_writes_the_run_dir(tmp_path):
+    """Two torchrun processes (env:// rendezvous, gloo on CPU): one run dir, written by rank 0 only."""
+    import os
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "experiments.train", "model=gpt_tiny", "steps=4", "log_every=2", "eval_batches=1",
+               "data.global_batch=8", "progress=false"]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_dirs = list((tmp_path / "outputs").glob("*/*"))
+    assert len(run_dirs) == 1, run_dirs
+    summary = json.loads((run_dirs[0] / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 4
+    assert [r["step"] for r in map(json.loads, (run_dirs[0] / "metrics.jsonl").read_text().splitlines())] == [2, 4]

@@ -1,0 +1,250 @@
+"""One rank's training loop as small steps: `setup` -> (`train_step` -> `log_step`)* -> `finish`.
+
+Every rank runs the same code on its shards of the parameters and optimizer state (the
+compiled step inserts the collectives); only rank 0 writes (metrics, TensorBoard, plot,
+summary). The pieces are separate so that checkpointing (save every N steps, resume from a
+`TrainState`) and a non-finite-loss policy hook in between them without touching the rest.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import statistics
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from functional_parallel import data
+from functional_parallel.parallel import compile_step
+from functional_parallel.train import make_train_step
+from functional_parallel.tree import tree_map
+from sharding import Lowered, Mesh, P, jit, shard
+from sharding.memory import MemoryTracker
+
+from .builders import DTYPES, build_model, build_optimizer, build_schedule, mesh_shape, validate
+from .metrics import MetricsWriter, new_task, plot_losses, progress_bar
+
+
+@dataclasses.dataclass
+class TrainState:
+    """What changes from step to step: this rank's shards of params and optimizer state, the next step."""
+
+    params: Any
+    opt_state: Any
+    step: int = 0
+
+
+@dataclasses.dataclass
+class Window:
+    """Accumulates the steps between two log lines."""
+
+    loss_sum: float = 0.0
+    steps: int = 0
+    step_seconds: float = 0.0
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+
+
+@dataclasses.dataclass
+class Session:
+    """Everything one rank needs for the run: built once by `setup`, read by the other steps."""
+
+    cfg: Any
+    rank: int
+    mesh: Mesh
+    device: torch.device
+    dataset: data.TextDataset
+    seq_len: int
+    schedule: Any
+    compiled_train: jit
+    compiled_eval: jit
+    specs: tuple  # (param specs, optimizer-state specs, batch spec)
+    lowered: Lowered
+    compile_s: float
+    state: TrainState
+    output_dir: pathlib.Path | None  # rank 0 only
+    writer: MetricsWriter | None = None
+    progress: Any = None
+    task: Any = None
+    window: Window = dataclasses.field(default_factory=Window)
+    step_times: list = dataclasses.field(default_factory=list)
+    first_loss: float | None = None
+    peak_bytes_measured: int | None = None
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+
+
+def local_batch(session: Session, split: str, index: int) -> dict:
+    """This rank's shard of global batch `index` of `split` (every rank draws the same global batch)."""
+    cfg = session.cfg
+    batch = session.dataset.get_batch(split, index, cfg.data.global_batch, session.seq_len, cfg.seed)
+    batch = shard(batch, session.specs[2], session.mesh)
+    return tree_map(lambda x: x.to(session.device), batch)
+
+
+def initial_state(params, opt_state, specs: tuple, mesh: Mesh, device: torch.device) -> TrainState:
+    """Step 0: this rank's shards of the freshly initialised global params and optimizer state."""
+    return TrainState(params=tree_map(lambda x: x.to(device), shard(params, specs[0], mesh)),
+                      opt_state=tree_map(lambda x: x.to(device), shard(opt_state, specs[1], mesh)), step=0)
+
+
+def setup(cfg: Any, rank: int, device: torch.device, output_dir: pathlib.Path | None) -> Session:
+    """Build model, optimizer and strategy; shard the initial state; lower the step once (its cost)."""
+    strategy = validate(cfg, dist.get_world_size())
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    mesh = Mesh(mesh_shape(cfg.mesh))
+    dataset = data.load_dataset(cfg.data.name, cfg.data.val_fraction)
+    model = build_model(cfg.model, dataset.vocab_size)
+    params = model.init(cfg.seed, DTYPES[cfg.model.dtype])
+    schedule = build_schedule(cfg.optim, cfg.steps)
+    optimizer = build_optimizer(cfg.optim, schedule)
+    opt_state = optimizer.init(params)
+    started = time.perf_counter()
+    compiled, specs = compile_step(make_train_step(model.loss, optimizer), strategy, mesh, params, opt_state)
+    compiled_eval = jit(model.loss, mesh=mesh, in_specs=(specs[0], specs[2]), out_specs=P(),
+                        logical_rules=strategy.logical)
+    state = initial_state(params, opt_state, specs, mesh, device)
+    session = Session(cfg=cfg, rank=rank, mesh=mesh, device=device, dataset=dataset, seq_len=model.cfg.seq_len,
+                      schedule=schedule, compiled_train=compiled, compiled_eval=compiled_eval, specs=specs,
+                      lowered=None, compile_s=0.0, state=state, output_dir=output_dir)
+    session.lowered = compiled.lower(state.params, state.opt_state, local_batch(session, "train", 0))
+    if cfg.eval_batches:
+        compiled_eval.lower(state.params, local_batch(session, "val", 0))  # compiled here, not in the first eval
+    session.compile_s = time.perf_counter() - started
+    session.window = Window()  # throughput is timed from the first step, not from the compile
+    if rank == 0:
+        session.writer = MetricsWriter(output_dir)
+        session.progress = progress_bar(cfg.progress)
+        session.progress.start()
+        session.task = new_task(session.progress, cfg.steps, completed=state.step)
+    return session
+
+
+def measured_step(session: Session, batch: dict):
+    """The step under `MemoryTracker`: its inputs plus everything it allocates, peak of live bytes.
+
+    Counting every allocation slows the step, so it is done once (the run's first step, whose
+    time is left out of the median anyway).
+    """
+    state = session.state
+    with MemoryTracker(session.device) as memory:
+        memory.track((state.params, state.opt_state, batch))
+        outputs = session.compiled_train(state.params, state.opt_state, batch)
+    session.peak_bytes_measured = memory.peak_bytes
+    return outputs
+
+
+def train_step(session: Session) -> dict[str, float]:
+    """Run step `session.state.step`; advance the state; return this step's loss, grad norm and time."""
+    state = session.state
+    batch = local_batch(session, "train", state.step)
+    started = time.perf_counter()
+    if session.peak_bytes_measured is None:
+        params, opt_state, metrics = measured_step(session, batch)
+    else:
+        params, opt_state, metrics = session.compiled_train(state.params, state.opt_state, batch)
+    loss = metrics["loss"].item()  # also waits for the step (CUDA is asynchronous)
+    seconds = time.perf_counter() - started
+    session.state = TrainState(params, opt_state, state.step + 1)
+    session.step_times.append(seconds)
+    return {"loss": loss, "grad_norm": metrics["grad_norm"].item(), "step_time_s": seconds}
+
+
+def evaluate(session: Session) -> float:
+    """Mean validation loss over `eval_batches` fixed batches (a collective step: every rank calls it)."""
+    losses = [session.compiled_eval(session.state.params, local_batch(session, "val", i)).item()
+              for i in range(session.cfg.eval_batches)]
+    return sum(losses) / len(losses)
+
+
+def log_step(session: Session, metrics: dict[str, float]) -> None:
+    """Accumulate the step; every `log_every` steps (and at the end) evaluate when due and write (rank 0)."""
+    cfg, window, step = session.cfg, session.window, session.state.step  # `step` steps are done
+    session.first_loss = metrics["loss"] if session.first_loss is None else session.first_loss
+    window.loss_sum, window.steps = window.loss_sum + metrics["loss"], window.steps + 1
+    window.step_seconds += metrics["step_time_s"]
+    if session.writer is not None:
+        session.writer.scalar("step_time_s", metrics["step_time_s"], step)
+    last = step == cfg.steps
+    if step % cfg.log_every and not last:
+        return
+    tokens = window.steps * cfg.data.global_batch * session.seq_len
+    record = {"loss": window.loss_sum / window.steps, "grad_norm": metrics["grad_norm"],
+              "lr": session.schedule(torch.tensor(step - 1)).item(),
+              "tokens_per_s": tokens / (time.perf_counter() - window.started),
+              "step_time_s": window.step_seconds / window.steps}
+    if cfg.eval_batches and (step % cfg.eval_every == 0 or last):
+        record["val_loss"] = evaluate(session)
+    if session.writer is not None:
+        session.writer.write(step, record)
+        session.progress.update(session.task, loss=record["loss"], tok_s=record["tokens_per_s"],
+                                step_ms=1e3 * record["step_time_s"])
+    session.window = Window()
+
+
+def advance_progress(session: Session) -> None:
+    if session.progress is not None:
+        session.progress.advance(session.task)
+
+
+def rank_report(session: Session) -> dict:
+    """This rank's own figures (every rank's are gathered to rank 0 for the summary)."""
+    times = session.step_times[1:] or session.step_times  # the first step warms caches
+    return {"rank": session.rank, "coordinate": dict(zip(session.mesh.axis_names, session.mesh.coordinate)),
+            "step_time_s": statistics.median(times) if times else None,
+            "peak_bytes_predicted": session.lowered.cost["peak_bytes"],
+            "peak_bytes_measured": session.peak_bytes_measured}
+
+
+def finish(session: Session) -> dict:
+    """Gather every rank's figures; rank 0 writes `summary.json` and `loss.png`. Returns the summary."""
+    ranks = [None] * dist.get_world_size()
+    dist.all_gather_object(ranks, rank_report(session))
+    if session.writer is None:
+        return {}
+    session.progress.stop()
+    session.writer.close()
+    history = session.writer.history
+    plot_losses(history, session.output_dir / "loss.png")
+    cfg, cost = session.cfg, session.lowered.cost
+    summary = {
+        "strategy": cfg.strategy.name, "mesh": mesh_shape(cfg.mesh), "world_size": len(ranks),
+        "model": f"{cfg.model.arch}/{cfg.model.size}", "dtype": cfg.model.dtype, "device": session.device.type,
+        "steps": session.state.step, "first_loss": session.first_loss, "final_loss": history[-1]["loss"],
+        "val_loss": history[-1].get("val_loss"), "tokens_per_s": history[-1]["tokens_per_s"],
+        "step_time_s": max(r["step_time_s"] for r in ranks),  # the step is as slow as its slowest rank
+        "compile_s": session.compile_s, "seconds": time.perf_counter() - session.started,
+        "cost": {"bytes_moved": cost["bytes_moved"], "bytes_by_kind": cost["bytes_by_kind"],
+                 "num_collectives": cost["num_collectives"], "peak_bytes_predicted": cost["peak_bytes"]},
+        "collectives": collective_counts(session.lowered.collectives),
+        "ranks": ranks,
+    }
+    (session.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def collective_counts(records: list[dict]) -> list[dict]:
+    """The lowered step's collectives grouped by (kind, mesh axes): count and bytes per rank."""
+    groups: dict[tuple, dict] = {}
+    for record in records:
+        key = (record["kind"], "/".join(record["axes"]))
+        group = groups.setdefault(key, {"kind": key[0], "axes": key[1], "count": 0, "bytes": 0})
+        group["count"] += 1
+        group["bytes"] += record["bytes"]
+    return list(groups.values())
+
+
+def train(cfg: Any, rank: int, device: torch.device, output_dir: pathlib.Path | None) -> dict:
+    """The whole loop on this rank (torch.distributed already initialised). Rank 0 returns the summary."""
+    session = setup(cfg, rank, device, output_dir)
+    try:
+        while session.state.step < cfg.steps:
+            metrics = train_step(session)
+            log_step(session, metrics)
+            advance_progress(session)
+        return finish(session)
+    finally:
+        if session.progress is not None:
+            session.progress.stop()
