@@ -103,6 +103,13 @@ class Config:
     threads: Optional[int] = None  # torch intra-op threads; null keeps torch's default
     progress: bool = True  # rich progress bar (rank 0)
     timeout_s: float = 300.0  # a collective that waits longer than this fails instead of hanging
+    # Checkpoints and failures (experiments/checkpointing.py; README "When things go wrong").
+    checkpoint_every: int = 0  # save every N steps and at the run's last step; 0: never
+    checkpoint_dir: Optional[str] = None  # null: <run dir>/checkpoints (under torchrun: set it, shared by all ranks)
+    resume: bool = False  # continue from the latest complete checkpoint in checkpoint_dir
+    stop_after: Optional[int] = None  # end this run after this many steps in all; the schedule still spans `steps`
+    nonfinite: str = "stop"  # stop | skip: what an inf/nan loss or gradient norm does
+    max_skips: int = 3  # nonfinite=skip: skipped steps in a row before stopping anyway
 
 
 PRIVATE_DIR_PREFIX = "functional-parallel-rank"

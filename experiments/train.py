@@ -20,8 +20,8 @@ import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from experiments import checkpointing, trainer
 from experiments import config as _config
-from experiments import trainer
 from experiments.builders import mesh_shape, validate
 from functional_parallel import launch
 
@@ -71,6 +71,7 @@ def run_torchrun_rank(cfg: DictConfig, output_dir: pathlib.Path) -> dict:
 def run(cfg: DictConfig, output_dir: str | pathlib.Path) -> dict[str, Any]:
     """Train as configured (spawned ranks, or this torchrun rank); return rank 0's summary."""
     output_dir = pathlib.Path(output_dir)
+    cfg = checkpointing.prepare(cfg, output_dir, torchrun=launch.launched_by_torchrun())
     if launch.launched_by_torchrun():
         return run_torchrun_rank(cfg, output_dir)
     return run_spawned(cfg, output_dir)

@@ -2,8 +2,8 @@
 
 Every rank runs the same code on its shards of the parameters and optimizer state (the
 compiled step inserts the collectives); only rank 0 writes (metrics, TensorBoard, plot,
-summary). The pieces are separate so that checkpointing (save every N steps, resume from a
-`TrainState`) and a non-finite-loss policy hook in between them without touching the rest.
+summary). Checkpoints (resume in `setup`, `save_if_due` after each step) and the non-finite
+policy (`apply_nonfinite_policy`) sit between the steps; their mechanics are in `checkpointing`.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from sharding import Lowered, Mesh, P, jit, shard
 from sharding.memory import MemoryTracker
 
 from .builders import DTYPES, build_model, build_optimizer, build_schedule, mesh_shape, validate
+from .checkpointing import Checkpointer, NonFiniteGuard, last_step
 from .metrics import MetricsWriter, new_task, plot_losses, progress_bar
 
 
@@ -65,6 +66,8 @@ class Session:
     compile_s: float
     state: TrainState
     output_dir: pathlib.Path | None  # rank 0 only
+    checkpointer: Checkpointer | None = None  # None: checkpoint_dir unset (no saves, no resume)
+    guard: NonFiniteGuard | None = None
     writer: MetricsWriter | None = None
     progress: Any = None
     task: Any = None
@@ -106,9 +109,13 @@ def setup(cfg: Any, rank: int, device: torch.device, output_dir: pathlib.Path | 
     compiled_eval = jit(model.loss, mesh=mesh, in_specs=(specs[0], specs[2]), out_specs=P(),
                         logical_rules=strategy.logical)
     state = initial_state(params, opt_state, specs, mesh, device)
+    checkpointer = Checkpointer(cfg, cfg.checkpoint_dir, specs, mesh, strategy.name) if cfg.checkpoint_dir else None
+    if cfg.resume:
+        state = TrainState(*checkpointer.restore(state.params, state.opt_state))
     session = Session(cfg=cfg, rank=rank, mesh=mesh, device=device, dataset=dataset, seq_len=model.cfg.seq_len,
                       schedule=schedule, compiled_train=compiled, compiled_eval=compiled_eval, specs=specs,
-                      lowered=None, compile_s=0.0, state=state, output_dir=output_dir)
+                      lowered=None, compile_s=0.0, state=state, output_dir=output_dir, checkpointer=checkpointer,
+                      guard=NonFiniteGuard(cfg, checkpointer.last_good if checkpointer else lambda: ""))
     session.lowered = compiled.lower(state.params, state.opt_state, local_batch(session, "train", 0))
     if cfg.eval_batches:
         compiled_eval.lower(state.params, local_batch(session, "val", 0))  # compiled here, not in the first eval
@@ -167,7 +174,7 @@ def log_step(session: Session, metrics: dict[str, float]) -> None:
     window.step_seconds += metrics["step_time_s"]
     if session.writer is not None:
         session.writer.scalar("step_time_s", metrics["step_time_s"], step)
-    last = step == cfg.steps
+    last = step == last_step(cfg)
     if step % cfg.log_every and not last:
         return
     tokens = window.steps * cfg.data.global_batch * session.seq_len
@@ -182,6 +189,19 @@ def log_step(session: Session, metrics: dict[str, float]) -> None:
         session.progress.update(session.task, loss=record["loss"], tok_s=record["tokens_per_s"],
                                 step_ms=1e3 * record["step_time_s"])
     session.window = Window()
+
+
+def apply_nonfinite_policy(session: Session, before: TrainState, metrics: dict[str, float]) -> None:
+    """A step with an inf/nan loss or gradient norm stops the run, or (nonfinite=skip) is undone."""
+    if not session.guard.keep(before.step, metrics["loss"], metrics["grad_norm"]):
+        session.state = TrainState(before.params, before.opt_state, before.step + 1)
+
+
+def save_if_due(session: Session) -> None:
+    """Every `checkpoint_every` steps and at the run's last step (every rank, together)."""
+    state, checkpointer = session.state, session.checkpointer
+    if checkpointer is not None and checkpointer.due(state.step, last_step(session.cfg)):
+        checkpointer.save(state.step, state.params, state.opt_state)
 
 
 def advance_progress(session: Session) -> None:
@@ -240,9 +260,12 @@ def train(cfg: Any, rank: int, device: torch.device, output_dir: pathlib.Path | 
     """The whole loop on this rank (torch.distributed already initialised). Rank 0 returns the summary."""
     session = setup(cfg, rank, device, output_dir)
     try:
-        while session.state.step < cfg.steps:
+        while session.state.step < last_step(cfg):
+            before = session.state
             metrics = train_step(session)
+            apply_nonfinite_policy(session, before, metrics)
             log_step(session, metrics)
+            save_if_due(session)
             advance_progress(session)
         return finish(session)
     finally:

@@ -2,12 +2,18 @@
 
 Used by the tests and the local experiments alike. Under torchrun nothing is spawned:
 `init_from_env` joins the job torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR/PORT).
+Every collective is bounded by a timeout, and `spawn` watches its processes, so a rank that dies
+or hangs ends the job with an error on every rank instead of a hang.
 """
 from __future__ import annotations
 
+import multiprocessing.connection
 import os
+import signal
 import socket
+import sys
 import tempfile
+import time
 import traceback
 from datetime import timedelta
 from typing import Any, Callable
@@ -23,8 +29,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_process_group(rank: int, world_size: int, init_file: str, timeout_s: float = 120.0,
-                       backend: str | None = None) -> None:
+# How long a collective waits for its peers before raising (gloo and NCCL alike). Long enough for
+# the slowest rank to finish lowering on a busy CPU; short enough that a dead rank ends the job.
+DEFAULT_COLLECTIVE_TIMEOUT_S = 120.0
+# After one rank fails, how much longer than the collective timeout the others get to notice.
+GRACE_S = 15.0
+
+
+def init_process_group(rank: int, world_size: int, init_file: str,
+                       timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S, backend: str | None = None) -> None:
     backend = backend or ("nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= world_size else "gloo")
     dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=timeout_s))
@@ -54,29 +67,73 @@ def _worker(rank, world_size, init_file, result_dir, fn, args, timeout_s, backen
     torch.set_num_threads(1)
     init_process_group(rank, world_size, init_file, timeout_s, backend)
     path = os.path.join(result_dir, f"rank{rank}.pt")
+    ok = False
     try:
         result = fn(rank, world_size, *args)
-        torch.save({"ok": True, "result": result}, path)
+        torch.save({"ok": True, "result": result}, path + ".partial")
+        ok = True
     except BaseException as error:  # reported to the parent with the rank's traceback
         torch.save({"ok": False, "error": f"{type(error).__name__}: {error}",
-                    "type": type(error).__name__, "traceback": traceback.format_exc()}, path)
+                    "type": type(error).__name__, "traceback": traceback.format_exc()}, path + ".partial")
     finally:
+        os.replace(path + ".partial", path)
         dist.destroy_process_group()
+    if not ok:
+        sys.exit(1)
 
 
 class RankError(RuntimeError):
-    """A rank raised; `.errors` maps rank -> (exception type name, message)."""
+    """Ranks failed; `.errors` maps rank -> (exception type name, message, traceback)."""
 
     def __init__(self, errors: dict):
         self.errors = errors
         first = next(iter(errors.values()))
-        super().__init__(f"{len(errors)} rank(s) failed; rank {next(iter(errors))}: {first[1]}\n{first[2]}")
+        lines = [f"rank {rank}: {message.splitlines()[0] if message else kind}"
+                 for rank, (kind, message, _) in errors.items()]
+        super().__init__(f"{len(errors)} rank(s) failed\n" + "\n".join(lines) +
+                         f"\nrank {next(iter(errors))} in full: {first[1]}\n{first[2]}")
 
 
-def spawn(fn: Callable[..., Any], world_size: int, *args, timeout_s: float = 120.0,
-          rendezvous_file: str | None = None, backend: str | None = None) -> list:
+def _describe_exit(code: int | None) -> str:
+    if code is not None and code < 0:
+        return f"was killed by {signal.Signals(-code).name}"
+    return f"exited with code {code}"
+
+
+def _wait(processes, timeout_s: float, deadline_s: float | None) -> dict:
+    """Wait for every process; never hang. Returns rank -> reason for ranks that had to be killed.
+
+    Once a rank exits without success, the others get the collective timeout plus a grace
+    period to notice (their collectives raise), then are killed.
+    """
+    start = time.monotonic()
+    give_up = start + deadline_s if deadline_s is not None else None
+    killed = {}
+    while True:
+        alive = [p for p in processes if p.exitcode is None]
+        if not alive:
+            return killed
+        failed = [r for r, p in enumerate(processes) if p.exitcode not in (None, 0)]
+        if failed and give_up is None:
+            give_up = time.monotonic() + timeout_s + GRACE_S
+        if give_up is not None and time.monotonic() > give_up:
+            reason = (f"still running {time.monotonic() - start:.0f}s after start" if not failed else
+                      f"still running {timeout_s + GRACE_S:.0f}s after rank {failed[0]} failed")
+            for p in alive:
+                p.kill()
+                p.join()
+                killed[processes.index(p)] = reason
+            return killed
+        wait_for = 1.0 if give_up is None else max(0.01, min(1.0, give_up - time.monotonic()))
+        multiprocessing.connection.wait([p.sentinel for p in alive], timeout=wait_for)
+
+
+def spawn(fn: Callable[..., Any], world_size: int, *args, timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S,
+          deadline_s: float | None = None, rendezvous_file: str | None = None, backend: str | None = None) -> list:
     """`fn(rank, world_size, *args)` on `world_size` fresh processes; returns each rank's result.
 
+    `timeout_s` bounds every collective; `deadline_s` (optional) bounds the whole job. A rank
+    that raises or dies makes this raise `RankError` naming every failed rank; it never hangs.
     `backend` defaults to NCCL when there is a GPU per rank, else gloo. The ranks meet through
     `rendezvous_file` (default: a file in a fresh temp dir); a stale file from an earlier job is
     removed first, so a run dir can be reused.
@@ -85,10 +142,19 @@ def spawn(fn: Callable[..., Any], world_size: int, *args, timeout_s: float = 120
         init_file = rendezvous_file or os.path.join(tmp, "rendezvous")
         if os.path.exists(init_file):
             os.remove(init_file)
-        mp.start_processes(_worker, args=(world_size, init_file, tmp, fn, args, timeout_s, backend),
-                           nprocs=world_size, join=True, start_method="spawn")
-        outcomes = [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
-    errors = {r: (o["type"], o["error"], o["traceback"]) for r, o in enumerate(outcomes) if not o["ok"]}
+        context = mp.start_processes(_worker, args=(world_size, init_file, tmp, fn, args, timeout_s, backend),
+                                     nprocs=world_size, join=False, start_method="spawn")
+        killed = _wait(context.processes, timeout_s, deadline_s)
+        outcomes = {}
+        for rank, process in enumerate(context.processes):
+            path = os.path.join(tmp, f"rank{rank}.pt")
+            if os.path.exists(path):
+                outcomes[rank] = torch.load(path, weights_only=False)
+            else:
+                message = (f"rank {rank} was killed: {killed[rank]}" if rank in killed else
+                           f"rank {rank} {_describe_exit(process.exitcode)} without reporting (it died)")
+                outcomes[rank] = {"ok": False, "type": "RankDied", "error": message, "traceback": ""}
+    errors = {r: (o["type"], o["error"], o["traceback"]) for r, o in outcomes.items() if not o["ok"]}
     if errors:
         raise RankError(errors)
-    return [o["result"] for o in outcomes]
+    return [outcomes[r]["result"] for r in range(world_size)]

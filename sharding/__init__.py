@@ -4,10 +4,10 @@ trace -> propagate -> insert -> localize -> schedule -> run; `jit` drives the pi
 """
 from .api import Lowered, jit
 from .constrain import constrain
-from .errors import MeshError, PropagationError, ShardingError, SpecError
+from .errors import CollectiveError, MeshError, PropagationError, ShardingError, SpecError
 from .mesh import Mesh
 from .spec import P
 from .tree import match, shard, unshard
 
 __all__ = ["Mesh", "P", "match", "shard", "unshard", "constrain", "jit", "Lowered",
-           "ShardingError", "SpecError", "MeshError", "PropagationError"]
+           "ShardingError", "CollectiveError", "SpecError", "MeshError", "PropagationError"]

@@ -2,30 +2,51 @@
 
 In a lowered graph a collective is up to four nodes: `to_front` (contiguous, the collective's
 dim first), the issuing `torch.ops._c10d_functional` op (gloo on CPU, NCCL on CUDA; it returns
-at once), `wait_tensor` (blocks until the result is there) and `from_front`. Keeping issue and
-wait apart lets the schedule passes overlap communication with compute. The eager functions
-below (`all_gather`, ...) issue and wait in one call; `shard`/`unshard` use them.
+at once), `wait` (blocks until the result is there) and `from_front`. Keeping issue and wait
+apart lets the schedule passes overlap communication with compute. The eager functions below
+(`all_gather`, ...) issue and wait in one call; `shard`/`unshard` use them.
+
+A collective that fails (a peer died, hung past the process group's timeout, or runs other
+code) raises `CollectiveError` naming it: kind, mesh axis, value and the model source line
+(`label`, written by the insert pass).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 
+from .errors import CollectiveError
+
 _c10d = torch.ops._c10d_functional
+
+
+@contextlib.contextmanager
+def _named(kind: str, group_size: int, label: str):
+    try:
+        yield
+    except RuntimeError as error:
+        where = label or f"over {group_size} ranks"
+        raise CollectiveError(
+            f"collective {kind} {where} failed or timed out: {error}\n"
+            f"A peer rank died, is stuck, or runs a different step; its own error (above or in its log) "
+            f"says why. The wait is bounded by the process group timeout (`timeout_s` of experiments.train).") from error
 
 
 ISSUE_OPS = {"all_gather": _c10d.all_gather_into_tensor.default, "reduce_scatter": _c10d.reduce_scatter_tensor.default,
              "all_reduce": _c10d.all_reduce.default}
 
 
-def wait(result: torch.Tensor, *keep_alive: torch.Tensor) -> torch.Tensor:
-    """Block until the collective that returns `result` is done.
+def wait(result: torch.Tensor, keep_alive: torch.Tensor | None = None, kind: str = "collective",
+         label: str = "") -> torch.Tensor:
+    """Block until the collective that returns `result` is done (a failure names it: `kind`, `label`).
 
     `keep_alive` is the collective's input: the graph holds it until here, so it is freed at a
     known point (the in-flight work may or may not still hold it, depending on timing).
     """
-    return _c10d.wait_tensor(result)
+    with _named(kind, 0, label or "(unlabelled)"):
+        return _c10d.wait_tensor(result)
 
 
 WAIT = wait
@@ -42,28 +63,33 @@ def from_front(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 
-def all_gather(x: torch.Tensor, dim: int, group_size: int, group_name: str) -> torch.Tensor:
+def all_gather(x: torch.Tensor, dim: int, group_size: int, group_name: str, label: str = "") -> torch.Tensor:
     """Shard(dim) -> Replicate: concatenate every rank's block along `dim`."""
-    out = _c10d.all_gather_into_tensor(to_front(x, dim), group_size, group_name)
-    return from_front(_c10d.wait_tensor(out), dim)
+    with _named("all_gather", group_size, label):
+        out = _c10d.wait_tensor(_c10d.all_gather_into_tensor(to_front(x, dim), group_size, group_name))
+    return from_front(out, dim)
 
 
-def reduce_scatter(x: torch.Tensor, dim: int, group_size: int, group_name: str) -> torch.Tensor:
+def reduce_scatter(x: torch.Tensor, dim: int, group_size: int, group_name: str, label: str = "") -> torch.Tensor:
     """Partial -> Shard(dim): sum over ranks and keep this rank's block along `dim`."""
-    out = _c10d.reduce_scatter_tensor(to_front(x, dim), "sum", group_size, group_name)
-    return from_front(_c10d.wait_tensor(out), dim)
+    with _named("reduce_scatter", group_size, label):
+        out = _c10d.wait_tensor(_c10d.reduce_scatter_tensor(to_front(x, dim), "sum", group_size, group_name))
+    return from_front(out, dim)
 
 
-def all_reduce(x: torch.Tensor, group_size: int, group_name: str) -> torch.Tensor:
+def all_reduce(x: torch.Tensor, group_size: int, group_name: str, label: str = "") -> torch.Tensor:
     """Partial -> Replicate: sum over ranks."""
-    return _c10d.wait_tensor(_c10d.all_reduce(x.contiguous(), "sum", group_name))
+    with _named("all_reduce", group_size, label):
+        return _c10d.wait_tensor(_c10d.all_reduce(x.contiguous(), "sum", group_name))
 
 
-def all_to_all(x: torch.Tensor, from_dim: int, to_dim: int, group_size: int, group_name: str) -> torch.Tensor:
+def all_to_all(x: torch.Tensor, from_dim: int, to_dim: int, group_size: int, group_name: str,
+               label: str = "") -> torch.Tensor:
     """Shard(from_dim) -> Shard(to_dim) in one exchange: split `to_dim`, send block i to rank i."""
     chunks = [c.contiguous() for c in x.chunk(group_size, dim=to_dim)]
     send = torch.cat([c.reshape(-1) for c in chunks])
-    received = _c10d.wait_tensor(_c10d.all_to_all_single(send, None, None, group_name))
+    with _named("all_to_all", group_size, label):
+        received = _c10d.wait_tensor(_c10d.all_to_all_single(send, None, None, group_name))
     parts = received.chunk(group_size)
     return torch.cat([p.view(chunks[0].shape) for p in parts], dim=from_dim)
 

@@ -15,3 +15,7 @@ class MeshError(ShardingError):
 
 class PropagationError(ShardingError):
     """An op with no rule, or a layout choice the rules cannot settle."""
+
+
+class CollectiveError(RuntimeError):
+    """A collective that failed at run time (a peer died, hung past the timeout, or diverged)."""

@@ -96,13 +96,15 @@ class Inserter:
                     "shape": tuple(global_val.shape), "dtype": str(global_val.dtype).replace("torch.", ""),
                     "value": old.name,
                 }
-                value = self._emit_collective(kind, axis, dim, value, record)
+                label = (f"over mesh axis {self.mesh.axis_names[axis]!r} ({self.mesh.axis_sizes[axis]} ranks) of "
+                         f"{old.name} (global shape {tuple(global_val.shape)}){', from ' + source if source else ''}")
+                value = self._emit_collective(kind, axis, dim, value, record, label)
             else:
                 value = self._emit_local(kind, axis, dim, value)
             value.meta.update(val=global_val, fp_layout=current)
         return value
 
-    def _emit_collective(self, kind, axis, dim, value, record):
+    def _emit_collective(self, kind, axis, dim, value, record, label):
         """to_front -> issue (carries the log record) -> wait -> from_front (only for dim > 0)."""
         size = self.mesh.axis_sizes[axis]
         group = self.mesh.group_name(axis) if not self.mesh.abstract_only else f"<{self.mesh.axis_names[axis]}>"
@@ -112,7 +114,7 @@ class Inserter:
                 "all_reduce": (front, "sum", group)}[kind]
         issue = self.graph.call_function(collectives.ISSUE_OPS[kind], args)
         issue.meta["fp_collective"] = record
-        wait = self.graph.call_function(collectives.WAIT, (issue, front))
+        wait = self.graph.call_function(collectives.WAIT, (issue, front, kind, label))
         return self.graph.call_function(collectives.from_front, (wait, dim)) if dim else wait
 
     def _emit_local(self, kind, axis, dim, value):

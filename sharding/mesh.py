@@ -73,8 +73,8 @@ class Mesh:
     def shape(self) -> dict[str, int]:
         return dict(zip(self.axis_names, self.axis_sizes))
 
-    def group_name(self, axis_index: int) -> str:
-        """The process group of this rank's peers along one axis (created on first use)."""
+    def device_mesh(self):
+        """The torch `DeviceMesh` with the same axes (created on first use; DTensor and DCP take it)."""
         if self.abstract_only:
             raise MeshError("an abstract mesh has no process groups: lower on it, run on a real Mesh")
         if self._device_mesh is None:
@@ -83,7 +83,11 @@ class Mesh:
             backend = dist.get_backend()
             device_type = "cuda" if backend == "nccl" else "cpu"
             self._device_mesh = init_device_mesh(device_type, self.axis_sizes, mesh_dim_names=self.axis_names)
-        return self._device_mesh.get_group(self.axis_names[axis_index]).group_name
+        return self._device_mesh
+
+    def group_name(self, axis_index: int) -> str:
+        """The process group of this rank's peers along one axis (created on first use)."""
+        return self.device_mesh().get_group(self.axis_names[axis_index]).group_name
 
     def __repr__(self) -> str:
         return f"Mesh({self.shape()})"

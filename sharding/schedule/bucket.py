@@ -75,7 +75,7 @@ def _merge(graph: fx.Graph, members: list[Chain], axis_sizes, order: dict) -> No
         issue = graph.call_function(first.target, (pack,) + tuple(first.args[1:]))
     issue.meta["fp_collective"] = _record(members)
     with graph.inserting_before(need):
-        wait = graph.call_function(collectives.WAIT, (issue, pack))
+        wait = graph.call_function(collectives.WAIT, (issue, pack, kind, issue.meta["fp_collective"]["source"]))
         unpack = graph.call_function(collectives.unpack, (wait, shapes, dims, group_size, kind))
         for index, chain in enumerate(members):
             item = graph.call_function(operator.getitem, (unpack, index))
