@@ -122,12 +122,20 @@ def notes(result: dict) -> list[str]:
         "gathered params: values computed without the batch and kept the same way (all-gathered weights, "
         "tables such as RoPE's).",
     ]
+    whole = result["precision"]["param_bytes"]
     kept = [row["strategy"] for row in result["strategies"]
-            if row["figures"].get("gathered_params", 0) > 0.5 * row["figures"]["params"] > 0]
+            if row["figures"].get("gathered_params", 0) > 0.5 * whole * row["figures"]["parameters"] > 0]
     if kept:
         out.append(f"{', '.join(kept)}: each weight is all-gathered once and kept for backward (no re-gather), "
                    "so the gathered weights stay alive until their gradient, and ZeRO-3 moves 2Ψ instead of "
                    "the paper's 3Ψ (all-gather forward, all-gather backward, reduce-scatter).")
+    regathered = [row["strategy"] for row in result["strategies"] if row["strategy"] not in kept
+                  and row["figures"].get("gathered_params", 0) > 0 and row["figures"].get("comm/dp/all_gather/bytes")
+                  and row["figures"]["params"] < whole * row["figures"]["parameters"]]  # parameters split over dp
+    if regathered:
+        out.append(f"{', '.join(regathered)}: each weight the backward reads is all-gathered again for it "
+                   "(`sharding.schedule.regather`), so ZeRO-3 moves about the paper's 3Ψ; the gathered params "
+                   "left are the output head's, whose backward follows its forward at once (its copy is kept).")
     if any(row["sp"] for row in result["strategies"]):
         out.append("Under SP the all-reduces on the model axis are the gradients of the weights that see the "
                    "sequence-split residual stream (embeddings, norms, output biases): each rank holds a "

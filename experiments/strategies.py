@@ -35,7 +35,7 @@ def table(arch: str, size: str, global_batch: int, strategies) -> str:
     kinds = ("all_gather", "reduce_scatter", "all_reduce")
     lines = [f"Train step of `{arch}/{size}` (AdamW, global batch {global_batch}), per rank; "
              f"cells are count × kind on a mesh axis, with bytes.", "",
-             "| strategy | mesh | " + " | ".join(kinds) + " | bytes moved | peak bytes (estimate) |",
+             "| strategy | mesh | " + " | ".join(kinds) + " | bytes moved | peak bytes |",
              "|---|---|" + "---|" * len(kinds) + "---|---|"]
     for name in strategies:
         mesh = {a: s for a, s in MESHES[name].items() if s > 1}

@@ -101,17 +101,18 @@ def state_specs(strategy: Strategy, opt_state, params):
     return tree_unflatten(treedef, specs)
 
 
-def compile_step(step: Callable, strategy: Strategy, mesh: Mesh, params, opt_state):
+def compile_step(step: Callable, strategy: Strategy, mesh: Mesh, params, opt_state, **jit_options):
     """`jit` of `step(params, opt_state, batch) -> (params, opt_state, metrics)` under `strategy`.
 
-    Returns (compiled step, (param specs, state specs, batch spec)). A step built with
-    `grad_accum=N` first checks that each rank's share of the batch splits into N micro-batches
-    (at trace time, before any collective runs).
+    `jit_options` go to `jit` (the schedule passes' settings). Returns (compiled step,
+    (param specs, state specs, batch spec)). A step built with `grad_accum=N` first checks that
+    each rank's share of the batch splits into N micro-batches (at trace time, before any
+    collective runs).
     """
     pspecs, sspecs = param_specs(strategy, params), state_specs(strategy, opt_state, params)
     step = _with_local_batch_check(step, strategy.batch, mesh)
     compiled = jit(step, mesh=mesh, in_specs=(pspecs, sspecs, strategy.batch), out_specs=(pspecs, sspecs, P()),
-                   logical_rules=strategy.logical)
+                   logical_rules=strategy.logical, **jit_options)
     return compiled, (pspecs, sspecs, strategy.batch)
 
 
@@ -134,7 +135,7 @@ def _with_local_batch_check(step: Callable, batch_spec: P, mesh: Mesh) -> Callab
 
 
 def lower_abstract(arch: str, size: str, strategy_name: str, mesh_shape: Mapping[str, int], global_batch: int,
-                   optimizer=None, seed: int = 0, grad_accum: int = 1):
+                   optimizer=None, seed: int = 0, grad_accum: int = 1, **jit_options):
     """Lower the AdamW train step of a named model under a strategy on an abstract mesh.
 
     No processes and no collectives run: the result's `.collectives` and `.cost` are what the
@@ -154,7 +155,8 @@ def lower_abstract(arch: str, size: str, strategy_name: str, mesh_shape: Mapping
     state = optimizer.init(params)
     mesh = Mesh.abstract(dict(mesh_shape))
     compiled, (pspecs, sspecs, bspec) = compile_step(make_train_step(model.loss, optimizer, grad_accum),
-                                                     Strategy.load(strategy_name), mesh, params, state)
+                                                     Strategy.load(strategy_name), mesh, params, state,
+                                                     **jit_options)
     tokens = torch.zeros(global_batch, model.cfg.seq_len, dtype=torch.long)
     batch = {"inputs": tokens, "targets": tokens}
     lowered = compiled.lower(shard(params, pspecs, mesh), shard(state, sspecs, mesh), shard(batch, bspec, mesh))

@@ -83,8 +83,10 @@ def lower_fake(model: Model, strategy: Strategy, mesh_shape: Mapping[str, int], 
         state = optimizer.init(params)
         tokens = torch.zeros(global_batch, model.cfg.seq_len, dtype=torch.long)
         batch = {"inputs": tokens, "targets": tokens}
+    # Unbucketed: a bucket's size is a byte budget, not a number of layers, so bucketed collective
+    # counts would not extrapolate per layer (bytes are the same either way).
     compiled, (pspecs, sspecs, bspec) = compile_step(make_train_step(model.loss, optimizer), strategy, mesh,
-                                                     params, state)
+                                                     params, state, bucket_bytes=0)
     with FakeTensorMode(allow_non_fake_inputs=True):
         local = (shard(params, pspecs, mesh), shard(state, sspecs, mesh), shard(batch, bspec, mesh))
     return compiled.lower(*local), params, state, mesh

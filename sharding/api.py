@@ -1,6 +1,7 @@
 """`jit`: trace once per input signature, partition for this rank, run with real collectives."""
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -8,6 +9,7 @@ from typing import Any, Callable, Mapping, Sequence
 import optree
 import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .cost import collective_log, estimate
 from .errors import SpecError
@@ -16,6 +18,7 @@ from .layout import layout_from_spec
 from .localize import localize
 from .mesh import Mesh
 from .propagate import propagate
+from .schedule import DEFAULT_BUCKET_BYTES, schedule
 from .spec import P
 from .trace import trace
 from .tree import NAMESPACE, flat_specs, leaf_paths
@@ -23,14 +26,25 @@ from .tree import NAMESPACE, flat_specs, leaf_paths
 
 @dataclass
 class Lowered:
-    """One partitioned step for this rank: its graph, its collectives and their cost."""
+    """One partitioned step for this rank: its graph, its collectives and their cost.
+
+    `cost` is computed on first use (the liveness analysis runs the graph on fake tensors shaped
+    like `example_inputs`, fake copies of this rank's inputs that hold no memory).
+    """
 
     graph: fx.GraphModule
     collectives: list[dict]
-    cost: dict
     out_treedef: Any
     global_graph: fx.GraphModule
     timings: dict = field(default_factory=dict)
+    example_inputs: list = field(default_factory=list, repr=False)
+
+    @functools.cached_property
+    def cost(self) -> dict:
+        started = time.perf_counter()
+        cost = estimate(self.graph, self.example_inputs)
+        self.timings["cost_s"] = time.perf_counter() - started
+        return cost
 
     def run(self, *args):
         flat = optree.tree_leaves(tuple(args), namespace=NAMESPACE, none_is_leaf=False)
@@ -52,10 +66,14 @@ class jit:
     `in_specs` has one entry per argument (a P for every leaf, or a tree of P's); `out_specs`
     likewise for the outputs. `logical_rules` maps logical axis names used by `constrain` to
     mesh axes. `data_axes` defaults to the axes that split integer inputs (token ids).
+    The schedule passes (`sharding.schedule`) are on by default: `regather` (ZeRO-3 gathers a
+    parameter again for its backward use), `bucket_bytes` (merge small collectives up to this
+    many bytes per bucket; 0 disables) and `overlap` (issue early, wait late, prefetch gathers).
     """
 
     def __init__(self, fn: Callable, *, mesh: Mesh, in_specs: Sequence, out_specs,
-                 logical_rules: Mapping[str, Any] | None = None, data_axes: Sequence[str] | None = None):
+                 logical_rules: Mapping[str, Any] | None = None, data_axes: Sequence[str] | None = None,
+                 regather: bool = True, bucket_bytes: int = DEFAULT_BUCKET_BYTES, overlap: bool = True):
         self.fn = fn
         self.mesh = mesh
         self.in_specs = tuple(in_specs) if isinstance(in_specs, (list, tuple)) and not isinstance(in_specs, P) \
@@ -63,6 +81,8 @@ class jit:
         self.out_specs = out_specs
         self.logical_rules = dict(logical_rules or {})
         self.data_axes = data_axes
+        self.schedule_options = {"regather_params": regather, "bucket_bytes": bucket_bytes,
+                                 "overlap_communication": overlap}
         self._cache: dict = {}
 
     def _signature(self, args) -> tuple:
@@ -92,10 +112,14 @@ class jit:
         graph_module = traced.graph_module
         ctx = propagate(graph_module.graph, traced.in_layouts, out_layouts, mesh.axis_names, mesh.axis_sizes,
                         data_axes)
-        local = localize(insert(graph_module, ctx, mesh), mesh.axis_sizes)
+        local = schedule(localize(insert(graph_module, ctx, mesh), mesh.axis_sizes), mesh.axis_sizes,
+                         **self.schedule_options)
         done = time.perf_counter()
-        return Lowered(graph=local, collectives=collective_log(local), cost=estimate(local, mesh.axis_sizes),
-                       out_treedef=traced.out_treedef, global_graph=graph_module,
+        fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+        example_inputs = [fake_mode.from_tensor(x) if isinstance(x, torch.Tensor) else x
+                          for x in optree.tree_leaves(tuple(args), namespace=NAMESPACE, none_is_leaf=False)]
+        return Lowered(graph=local, collectives=collective_log(local), out_treedef=traced.out_treedef,
+                       global_graph=graph_module, example_inputs=example_inputs,
                        timings={"trace_s": traced_at - start, "partition_s": done - traced_at})
 
     def _out_layouts(self, traced) -> list:

@@ -1,8 +1,10 @@
-"""The per-rank functions the inserted graph nodes call: one collective or local slice each.
+"""The per-rank pieces of a collective, as graph nodes and as eager functions.
 
-They wrap `torch.ops._c10d_functional` (gloo on CPU, NCCL on CUDA). Those ops work on dim 0,
-so a collective on another dim moves it to the front and back; results are contiguous because
-the traced ops after them (views) were recorded on contiguous tensors.
+In a lowered graph a collective is up to four nodes: `to_front` (contiguous, the collective's
+dim first), the issuing `torch.ops._c10d_functional` op (gloo on CPU, NCCL on CUDA; it returns
+at once), `wait` (blocks until the result is there) and `from_front`. Keeping issue and wait
+apart lets the schedule passes overlap communication with compute. The eager functions below
+(`all_gather`, ...) issue and wait in one call; `shard`/`unshard` use them.
 
 A collective that fails (a peer died, hung past the process group's timeout, or runs other
 code) raises `CollectiveError` naming it: kind, mesh axis, value and the model source line
@@ -11,6 +13,7 @@ code) raises `CollectiveError` naming it: kind, mesh axis, value and the model s
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 
@@ -31,26 +34,47 @@ def _named(kind: str, group_size: int, label: str):
             f"says why. The wait is bounded by the process group timeout (`timeout_s` of experiments.train).") from error
 
 
-def _to_front(x: torch.Tensor, dim: int) -> torch.Tensor:
+ISSUE_OPS = {"all_gather": _c10d.all_gather_into_tensor.default, "reduce_scatter": _c10d.reduce_scatter_tensor.default,
+             "all_reduce": _c10d.all_reduce.default}
+
+
+def wait(result: torch.Tensor, keep_alive: torch.Tensor | None = None, kind: str = "collective",
+         label: str = "") -> torch.Tensor:
+    """Block until the collective that returns `result` is done (a failure names it: `kind`, `label`).
+
+    `keep_alive` is the collective's input: the graph holds it until here, so it is freed at a
+    known point (the in-flight work may or may not still hold it, depending on timing).
+    """
+    with _named(kind, 0, label or "(unlabelled)"):
+        return _c10d.wait_tensor(result)
+
+
+WAIT = wait
+
+
+def to_front(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """The contiguous tensor a dim-0 collective takes: `dim` moved to the front (no copy if already so)."""
     return (x.movedim(dim, 0) if dim else x).contiguous()
 
 
-def _from_front(x: torch.Tensor, dim: int) -> torch.Tensor:
+def from_front(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Undo `to_front` on a collective's result: dim 0 goes back to `dim`, contiguous."""
     return x.movedim(0, dim).contiguous() if dim else x
+
 
 
 def all_gather(x: torch.Tensor, dim: int, group_size: int, group_name: str, label: str = "") -> torch.Tensor:
     """Shard(dim) -> Replicate: concatenate every rank's block along `dim`."""
     with _named("all_gather", group_size, label):
-        out = _c10d.wait_tensor(_c10d.all_gather_into_tensor(_to_front(x, dim), group_size, group_name))
-    return _from_front(out, dim)
+        out = _c10d.wait_tensor(_c10d.all_gather_into_tensor(to_front(x, dim), group_size, group_name))
+    return from_front(out, dim)
 
 
 def reduce_scatter(x: torch.Tensor, dim: int, group_size: int, group_name: str, label: str = "") -> torch.Tensor:
     """Partial -> Shard(dim): sum over ranks and keep this rank's block along `dim`."""
     with _named("reduce_scatter", group_size, label):
-        out = _c10d.wait_tensor(_c10d.reduce_scatter_tensor(_to_front(x, dim), "sum", group_size, group_name))
-    return _from_front(out, dim)
+        out = _c10d.wait_tensor(_c10d.reduce_scatter_tensor(to_front(x, dim), "sum", group_size, group_name))
+    return from_front(out, dim)
 
 
 def all_reduce(x: torch.Tensor, group_size: int, group_name: str, label: str = "") -> torch.Tensor:
@@ -79,3 +103,29 @@ def local_slice(x: torch.Tensor, dim: int, index: int, count: int) -> torch.Tens
 def mask_partial(x: torch.Tensor, keep: bool) -> torch.Tensor:
     """Replicate -> Partial: one rank keeps the value, the others contribute zeros (no communication)."""
     return x.clone() if keep else torch.zeros_like(x)
+
+
+def pack(xs: list[torch.Tensor], dims: list[int], group_size: int, kind: str) -> torch.Tensor:
+    """The flat buffer one bucketed collective moves for several tensors of one dtype.
+
+    all_gather / all_reduce: the members' elements one after another. reduce_scatter: rank r's
+    block of every member, then rank r+1's, so that rank r receives exactly its own blocks.
+    """
+    fronts = [to_front(x, dim) for x, dim in zip(xs, dims)]
+    if kind == "reduce_scatter":
+        return torch.cat([f.view(group_size, -1) for f in fronts], dim=1).view(-1)
+    return torch.cat([f.view(-1) for f in fronts])
+
+
+def unpack(flat: torch.Tensor, shapes: list[list[int]], dims: list[int], group_size: int, kind: str) -> tuple:
+    """Split a bucket's result back into its members (`shapes`: each member's result, dim first).
+
+    reduce_scatter / all_reduce members are views of `flat`; all_gather members are copies,
+    because every rank's block of one member lies apart from the next rank's in the flat result.
+    """
+    sizes = [math.prod(shape) for shape in shapes]
+    if kind == "all_gather":
+        blocks = flat.view(group_size, -1).split([size // group_size for size in sizes], dim=1)
+        return tuple(from_front(block.reshape(shape), dim) if dim else block.reshape(shape)
+                     for block, shape, dim in zip(blocks, shapes, dims))
+    return tuple(from_front(part.view(shape), dim) for part, shape, dim in zip(flat.split(sizes), shapes, dims))

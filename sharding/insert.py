@@ -85,33 +85,41 @@ class Inserter:
             current = current.with_axis(axis, REPLICATE if kind == "all_gather" else
                                         PARTIAL if kind == "mask_partial" else
                                         REPLICATE if kind == "all_reduce" else dim)
-            label = (f"over mesh axis {self.mesh.axis_names[axis]!r} ({self.mesh.axis_sizes[axis]} ranks) of "
-                     f"{old.name} (global shape {tuple(global_val.shape)}){', from ' + source if source else ''}")
-            value = self._emit(kind, axis, dim, value, label)
-            value.meta.update(val=global_val, fp_layout=current)
-            if kind in ("all_gather", "all_reduce", "reduce_scatter"):
+            if kind in collectives.ISSUE_OPS:
                 local = before if kind != "all_gather" else current
                 numel = 1
                 for size in local.local_shape(global_val.shape, self.mesh.axis_sizes):
                     numel *= size
-                value.meta["fp_collective"] = {
+                record = {
                     "kind": kind, "axes": (self.mesh.axis_names[axis],),
                     "bytes": numel * global_val.element_size(), "source": source,
                     "shape": tuple(global_val.shape), "dtype": str(global_val.dtype).replace("torch.", ""),
                     "value": old.name,
                 }
+                label = (f"over mesh axis {self.mesh.axis_names[axis]!r} ({self.mesh.axis_sizes[axis]} ranks) of "
+                         f"{old.name} (global shape {tuple(global_val.shape)}){', from ' + source if source else ''}")
+                value = self._emit_collective(kind, axis, dim, value, record, label)
+            else:
+                value = self._emit_local(kind, axis, dim, value)
+            value.meta.update(val=global_val, fp_layout=current)
         return value
 
-    def _emit(self, kind, axis, dim, value, label):
+    def _emit_collective(self, kind, axis, dim, value, record, label):
+        """to_front -> issue (carries the log record) -> wait -> from_front (only for dim > 0)."""
         size = self.mesh.axis_sizes[axis]
         group = self.mesh.group_name(axis) if not self.mesh.abstract_only else f"<{self.mesh.axis_names[axis]}>"
+        dim = dim or 0
+        front = self.graph.call_function(collectives.to_front, (value, dim))
+        args = {"all_gather": (front, size, group), "reduce_scatter": (front, "sum", size, group),
+                "all_reduce": (front, "sum", group)}[kind]
+        issue = self.graph.call_function(collectives.ISSUE_OPS[kind], args)
+        issue.meta["fp_collective"] = record
+        wait = self.graph.call_function(collectives.WAIT, (issue, front, kind, label))
+        return self.graph.call_function(collectives.from_front, (wait, dim)) if dim else wait
+
+    def _emit_local(self, kind, axis, dim, value):
+        size = self.mesh.axis_sizes[axis]
         coordinate = self.mesh.coordinate[axis]
-        if kind == "all_gather":
-            return self.graph.call_function(collectives.all_gather, (value, dim, size, group, label))
-        if kind == "reduce_scatter":
-            return self.graph.call_function(collectives.reduce_scatter, (value, dim, size, group, label))
-        if kind == "all_reduce":
-            return self.graph.call_function(collectives.all_reduce, (value, size, group, label))
         if kind == "local_slice":
             return self.graph.call_function(collectives.local_slice, (value, dim, coordinate, size))
         return self.graph.call_function(collectives.mask_partial, (value, coordinate == 0))

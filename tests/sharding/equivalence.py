@@ -43,17 +43,25 @@ def reference(arch: str, steps: int = 3):
     return {"losses": losses, "grads": grads, "params": params}
 
 
-def run_strategy(rank: int, world: int, arch: str, strategy_name: str, steps: int = 3):
-    """On each rank: compile, run `steps` steps, unshard; returns what the test compares."""
+def compile_strategy(arch: str, strategy_name: str, **jit_options):
+    """On this rank: the compiled step of `make_problem(arch)` under a strategy, and its local inputs."""
     step, params, opt_state, batch = make_problem(arch)
     strategy = Strategy.load(strategy_name)
     mesh = Mesh(MESHES[strategy_name])
-    started = time.perf_counter()
     pspecs, sspecs, bspec = param_specs(strategy, params), state_specs(strategy, opt_state, params), strategy.batch
     # Grads come out in the parameter layout, so they unshard like the parameters.
     compiled = jit(step, mesh=mesh, in_specs=(pspecs, sspecs, bspec),
-                   out_specs=(pspecs, sspecs, {"loss": P(), "grads": pspecs}), logical_rules=strategy.logical)
+                   out_specs=(pspecs, sspecs, {"loss": P(), "grads": pspecs}), logical_rules=strategy.logical,
+                   **jit_options)
     local = (shard(params, pspecs, mesh), shard(opt_state, sspecs, mesh), shard(batch, bspec, mesh))
+    return compiled, local
+
+
+def run_strategy(rank: int, world: int, arch: str, strategy_name: str, steps: int = 3, **jit_options):
+    """On each rank: compile, run `steps` steps, unshard; returns what the test compares."""
+    started = time.perf_counter()
+    compiled, local = compile_strategy(arch, strategy_name, **jit_options)
+    mesh, pspecs = compiled.mesh, compiled.in_specs[0]
     lowered = compiled.lower(*local)
     compile_s = time.perf_counter() - started
     losses, grads = [], None

@@ -1,0 +1,27 @@
+"""Stage 5, schedule: passes over the lowered per-rank graph that change when things happen, not what.
+
+`regather` (ZeRO-3: gather a parameter again for the backward), `bucket` (merge small
+collectives of one kind on one axis), `overlap` (issue early, wait late, prefetch the next
+gather). Each is a function `GraphModule -> GraphModule`, usable alone; `schedule` runs them
+in that order. Every rank lowers the same graph, so every rank issues collectives in the same order.
+"""
+from __future__ import annotations
+
+import torch.fx as fx
+
+from .bucket import DEFAULT_BUCKET_BYTES, bucket
+from .overlap import overlap
+from .regather import regather
+
+__all__ = ["regather", "bucket", "overlap", "schedule", "DEFAULT_BUCKET_BYTES"]
+
+
+def schedule(graph_module: fx.GraphModule, axis_sizes, *, regather_params: bool = True,
+             bucket_bytes: int = DEFAULT_BUCKET_BYTES, overlap_communication: bool = True) -> fx.GraphModule:
+    """`axis_sizes`: the mesh's (bucketing needs each collective's local size)."""
+    if regather_params:
+        graph_module = regather(graph_module)
+    graph_module = bucket(graph_module, axis_sizes, bucket_bytes)
+    if overlap_communication:
+        graph_module = overlap(graph_module)
+    return graph_module

@@ -1,0 +1,108 @@
+"""Schedule pass: merge small collectives of one kind on one process group into one flat collective.
+
+Members are taken in the order they are needed (gathers: by first use; reductions: by when
+their input is ready) and added to the open bucket while it stays under `bucket_bytes`, all
+share a dtype, every input is ready before any output is needed, and (gathers) no parameter is
+in it twice (a re-gather must not join its forward gather). The bucket packs its members' flat
+buffers (`collectives.pack`), issues one collective and splits the result (`collectives.unpack`).
+Its log record is one entry: the summed bytes and the member records.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch.fx as fx
+
+from .. import collectives
+from .chain import Chain, chains, positions
+
+DEFAULT_BUCKET_BYTES = 25 * 2**20  # as DDP's default bucket
+
+
+def _ready(chain: Chain, order: dict) -> int:
+    return max(order[s] if s.op != "placeholder" else -1 for s in chain.sources)
+
+
+def _need(chain: Chain, order: dict) -> int:
+    return min(order[c] for c in chain.consumers())
+
+
+def _groups(stream: list[Chain], order: dict, bucket_bytes: int, dtype_of) -> list[list[Chain]]:
+    gathers = stream[0].kind == "all_gather"
+    stream = sorted(stream, key=lambda c: (_need(c, order) if gathers else _ready(c, order), order[c.issue]))
+    groups: list[list[Chain]] = []
+    for chain in stream:
+        current = groups[-1] if groups else None
+        fits = current is not None and (
+            sum(c.record["bytes"] for c in current) + chain.record["bytes"] <= bucket_bytes
+            and dtype_of(chain) == dtype_of(current[0])
+            and max(_ready(c, order) for c in current + [chain]) < min(_need(c, order) for c in current + [chain])
+            and not (gathers and chain.source in {c.source for c in current}))
+        if fits:
+            current.append(chain)
+        else:
+            groups.append([chain])
+    return groups
+
+
+def _record(members: list[Chain]) -> dict:
+    first = members[0].record
+    return {"kind": first["kind"], "axes": first["axes"], "bytes": sum(c.record["bytes"] for c in members),
+            "source": f"bucket of {len(members)}: {first['source']}", "shape": None, "dtype": first["dtype"],
+            "value": "bucket", "regather": all(c.record.get("regather") for c in members),
+            "members": [c.record for c in members]}
+
+
+def _result_shape(chain: Chain, axis_sizes) -> list[int]:
+    """This rank's shape of the collective's result with its dim first (what `unpack` rebuilds)."""
+    shape = chain.result.meta["fp_layout"].local_shape(chain.result.meta["val"].shape, axis_sizes)
+    if not shape:  # a 0-dim value (a loss or norm summand)
+        return []
+    return [shape[chain.dim]] + shape[:chain.dim] + shape[chain.dim + 1:]
+
+
+def _merge(graph: fx.Graph, members: list[Chain], axis_sizes, order: dict) -> None:
+    kind, first = members[0].kind, members[0].issue
+    group_size = 1 if kind == "all_reduce" else first.args[-2]
+    dims = [c.dim for c in members]
+    shapes = [_result_shape(c, axis_sizes) for c in members]
+    ready = max((s for c in members for s in c.sources if s.op != "placeholder"), key=order.__getitem__,
+                default=[n for n in graph.nodes if n.op == "placeholder"][-1])
+    need = min((consumer for c in members for consumer in c.consumers()), key=order.__getitem__)
+    with graph.inserting_after(ready):
+        pack = graph.call_function(collectives.pack, ([c.source for c in members], dims, group_size, kind))
+    with graph.inserting_after(pack):
+        issue = graph.call_function(first.target, (pack,) + tuple(first.args[1:]))
+    issue.meta["fp_collective"] = _record(members)
+    with graph.inserting_before(need):
+        wait = graph.call_function(collectives.WAIT, (issue, pack, kind, issue.meta["fp_collective"]["source"]))
+        unpack = graph.call_function(collectives.unpack, (wait, shapes, dims, group_size, kind))
+        for index, chain in enumerate(members):
+            item = graph.call_function(operator.getitem, (unpack, index))
+            item.meta = dict(chain.result.meta)
+            chain.result.replace_all_uses_with(item)
+    for chain in members:
+        for node in dict.fromkeys((chain.result, chain.wait, chain.issue, chain.front)):
+            graph.erase_node(node)
+
+
+def bucket(graph_module: fx.GraphModule, axis_sizes, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> fx.GraphModule:
+    """Merge collectives into buckets of at most `bucket_bytes` (0: leave every collective alone).
+
+    `axis_sizes`: the mesh's, to read each member's local shape from its global value and layout.
+    """
+    if bucket_bytes <= 0:
+        return graph_module
+    graph = graph_module.graph
+    streams: dict[tuple, list[Chain]] = {}
+    for chain in chains(graph):
+        streams.setdefault(chain.stream, []).append(chain)
+    order = positions(graph)
+    groups = [group for stream in streams.values()
+              for group in _groups(stream, order, bucket_bytes, lambda c: c.result.meta["val"].dtype)
+              if len(group) > 1]
+    for group in groups:
+        _merge(graph, group, axis_sizes, positions(graph))
+    graph.lint()
+    graph_module.recompile()
+    return graph_module

@@ -1,0 +1,89 @@
+"""Schedule pass: gather a sharded parameter again for a later use instead of keeping the copy alive.
+
+ZeRO-3 stores a parameter sharded on a data axis and all-gathers it before use. Autodiff reads
+the same gathered value again in the backward, so without this pass every gathered parameter
+stays alive from its forward use to its backward use: the full parameters at peak, which is
+what ZeRO-3 exists to avoid. Rule: the uses of one gathered parameter are split into windows;
+a new window starts when, since its previous use, some other gathered parameter was used (the
+backward, or a weight shared by two layers). Each later window gets its own all-gather, just
+before its first use; views of the gathered value are copied into the window. A parameter used
+again right away (the output head's backward follows its forward) keeps its copy.
+"""
+from __future__ import annotations
+
+import bisect
+
+import torch.fx as fx
+
+from ..cost import VIEW_OPS
+from .chain import Chain, chains, is_parameter_gather, positions
+
+
+def _uses(value: fx.Node) -> list[tuple[fx.Node, list[fx.Node]]]:
+    """Each consumer of `value` reached through view ops, with the view chain leading to it."""
+    found = []
+    for user in value.users:
+        if user.target in VIEW_OPS:
+            found.extend((consumer, [user] + path) for consumer, path in _uses(user))
+        else:
+            found.append((user, []))
+    return found
+
+
+def _windows(gathers: list[Chain], order: dict) -> dict:
+    """chain -> list of windows, each a list of (consumer, view path), in program order."""
+    uses = {chain: sorted(_uses(chain.result), key=lambda use: order[use[0]]) for chain in gathers}
+    all_positions = sorted(order[consumer] for found in uses.values() for consumer, _ in found)
+    windows = {}
+    for chain, found in uses.items():
+        groups: list[list] = []
+        previous = None
+        for consumer, path in found:
+            here = order[consumer]
+            between = (bisect.bisect_left(all_positions, here) - bisect.bisect_right(all_positions, previous)
+                       if previous is not None else 0)
+            if not groups or between > 0:
+                groups.append([])
+            groups[-1].append((consumer, path))
+            previous = here
+        windows[chain] = groups
+    return windows
+
+
+def _gather_again(graph: fx.Graph, chain: Chain, before: fx.Node) -> fx.Node:
+    """A copy of `chain` (same source, same record marked as a re-gather) placed before `before`."""
+    copies = {}
+    with graph.inserting_before(before):
+        for node in (chain.front, chain.issue, chain.wait) + ((chain.result,) if chain.result is not chain.wait
+                                                              else ()):
+            copy = graph.node_copy(node, lambda arg: copies.get(arg, arg))
+            copy.meta = dict(node.meta)
+            copies[node] = copy
+    copies[chain.issue].meta["fp_collective"] = {**chain.record, "regather": True}
+    return copies[chain.result]
+
+
+def regather(graph_module: fx.GraphModule) -> fx.GraphModule:
+    graph = graph_module.graph
+    order = positions(graph)
+    gathers = [chain for chain in chains(graph) if is_parameter_gather(chain)]
+    touched_views: list[fx.Node] = []
+    for chain, groups in _windows(gathers, order).items():
+        for group in groups[1:]:
+            fresh = _gather_again(graph, chain, before=group[0][0])
+            copied: dict[fx.Node, fx.Node] = {}
+            for consumer, path in group:
+                value, source = fresh, chain.result
+                for view in path:
+                    if view not in copied:
+                        with graph.inserting_before(consumer):
+                            copied[view] = graph.node_copy(view, lambda arg, s=source, v=value: v if arg is s else arg)
+                        copied[view].meta = dict(view.meta)
+                    value, source = copied[view], view
+                consumer.replace_input_with(source, value)
+                touched_views.extend(path)
+    for view in reversed(sorted(set(touched_views), key=order.__getitem__)):  # views left without users
+        if not view.users:
+            graph.erase_node(view)
+    graph_module.recompile()
+    return graph_module
