@@ -1,8 +1,9 @@
 """Gradient accumulation: N micro-batches in one compiled step, gradients reduced once per step.
 
 The lowering tests run on abstract meshes (no processes): accumulating over 2 micro-batches must
-leave every gradient-sized collective exactly as in the 1-micro-batch step (the Partials add up
-locally); only per-micro-batch work (tp_sp's activation collectives, the 4-byte loss) repeats.
+leave every gradient reduction (bucket) exactly as in the 1-micro-batch step (the Partials add up
+locally); only per-micro-batch work repeats: tp_sp's activation collectives, ZeRO-3's parameter
+gathers, the 4-byte loss.
 The slow test checks dp, zero3 and tp_sp against the single large-batch reference in float64.
 """
 from __future__ import annotations
@@ -29,18 +30,20 @@ def _collectives(strategy: str, grad_accum: int):
     return lowered[2].collectives
 
 
-def _gradient_sized(collectives, axis):
-    """(kind, shape, dtype) of every non-scalar, non-activation reduction over `axis`: the gradients'."""
-    return Counter((c["kind"], c["shape"], c["dtype"]) for c in collectives
-                   if c["axes"] == (axis,) and 0 < len(c["shape"]) < ACTIVATION_DIMS and c["kind"] != "all_gather")
+def _gradient_reductions(collectives, axis):
+    """Every non-scalar, non-activation reduction over `axis` (the gradients' all-reduces and
+    reduce-scatters, bucketed or not) as (kind, shape, dtype, bytes)."""
+    return Counter((c["kind"], c["shape"], c["dtype"], c["bytes"]) for c in collectives
+                   if c["axes"] == (axis,) and c["kind"] != "all_gather" and c["shape"] != ()
+                   and (c["shape"] is None or len(c["shape"]) < ACTIVATION_DIMS))
 
 
 @pytest.mark.parametrize("strategy", ["dp", "zero3", "tp_sp"])
 def test_accumulation_reduces_each_gradient_once_per_step(strategy):
     once, accumulated = _collectives(strategy, 1), _collectives(strategy, 2)
     for axis in EXAMPLE_MESHES[strategy]:
-        assert _gradient_sized(accumulated, axis) == _gradient_sized(once, axis), axis
-    assert sum(_gradient_sized(accumulated, "dp").values()) > 0
+        assert _gradient_reductions(accumulated, axis) == _gradient_reductions(once, axis), axis
+    assert sum(key[3] for key in _gradient_reductions(accumulated, "dp")) > 0
     scalars = [c for c in accumulated if c["shape"] == ()]
     assert len(scalars) <= len([c for c in once if c["shape"] == ()]) + 2  # one 4-byte loss value per extra micro-batch
     if strategy == "tp_sp":  # the sequence-parallel activations move once per micro-batch
