@@ -27,6 +27,18 @@ def _mesh(summary: dict) -> str:
     return " × ".join(f"{axis}={size}" for axis, size in summary["mesh"].items() if size > 1) or "1 rank"
 
 
+def _save_bars(plt, figure, axes, path: pathlib.Path, ylabel: str, title: str, legend: dict | None = None) -> None:
+    """Label, grid (y only), lay out and save a bar chart, then free the figure."""
+    axes.set_ylabel(ylabel)
+    axes.set_title(title, fontsize=10)
+    if legend is not None:
+        axes.legend(**legend)
+    axes.grid(alpha=0.3, axis="y")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def measured_peak(summary: dict) -> int | None:
     """The largest measured peak over the ranks (None when a rank has no measurement)."""
     values = [r.get("peak_bytes_measured") for r in summary["ranks"]]
@@ -66,13 +78,8 @@ def plot_memory(results: dict, path: pathlib.Path) -> None:
             axes.plot([x - bar * 0.45, x + bar * 0.45], [rank["peak_bytes_predicted"] / 2**20] * 2, "k-", linewidth=2,
                       label="predicted" if index == 0 and rank["rank"] == 0 else None)
     axes.set_xticks(range(len(results)), list(results), rotation=20)
-    axes.set_ylabel("peak MiB per rank")
-    axes.set_title("Peak memory per rank, one step: measured (bars), predicted (ticks)", fontsize=10)
-    axes.legend()
-    axes.grid(alpha=0.3, axis="y")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    _save_bars(plt, figure, axes, path, "peak MiB per rank",
+               "Peak memory per rank, one step: measured (bars), predicted (ticks)", legend={})
 
 
 def plot_collectives(results: dict, path: pathlib.Path) -> None:
@@ -85,27 +92,17 @@ def plot_collectives(results: dict, path: pathlib.Path) -> None:
         values = [s["cost"]["bytes_by_kind"].get(kind, 0) / 2**10 for s in results.values()]
         axes.bar(list(results), values, bottom=bottom, label=kind)
         bottom = [b + v for b, v in zip(bottom, values)]
-    axes.set_ylabel("KiB per rank per step")
-    axes.set_title("Bytes moved per step by collective kind")
     axes.tick_params(axis="x", rotation=20)
-    axes.legend(loc="upper left", fontsize=8)
-    axes.grid(alpha=0.3, axis="y")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    _save_bars(plt, figure, axes, path, "KiB per rank per step", "Bytes moved per step by collective kind",
+               legend={"loc": "upper left", "fontsize": 8})
 
 
 def plot_step_time(results: dict, path: pathlib.Path) -> None:
     plt = _pyplot()
     figure, axes = plt.subplots(figsize=(max(6, 1.1 * len(results)), 4))
     axes.bar(list(results), [1e3 * s["step_time_s"] for s in results.values()], color="tab:green")
-    axes.set_ylabel("ms per step (median, slowest rank)")
-    axes.set_title("Step time")
     axes.tick_params(axis="x", rotation=20)
-    axes.grid(alpha=0.3, axis="y")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    _save_bars(plt, figure, axes, path, "ms per step (median, slowest rank)", "Step time")
 
 
 def _bytes(value: int | None) -> str:
