@@ -52,7 +52,7 @@ def _model_builder(cfg: PlanConfig):
     base = model_config(cfg.model.arch, cfg.model.size, d_model=cfg.model.d_model, n_heads=cfg.model.n_heads,
                         seq_len=cfg.model.seq_len, **arch_only)
     base = dataclasses.replace(base, n_layers=cfg.model.n_layers or base.n_layers,
-                               vocab_size=planner.padded_vocab(base.vocab_size, cfg.mesh, cfg.vocab_multiple))
+                               vocab_size=planner.mesh_padded_vocab(base.vocab_size, cfg.mesh, cfg.vocab_multiple))
     return base, lambda n_layers: build(cfg.model.arch, cfg=dataclasses.replace(base, n_layers=n_layers))
 
 

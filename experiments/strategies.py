@@ -6,7 +6,6 @@ exactly what the compiler inserts (README's strategy table is this command's out
 from __future__ import annotations
 
 import re
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from omegaconf import OmegaConf
 
 from functional_parallel.parallel import EXAMPLE_MESHES as MESHES
 from functional_parallel.parallel import lower_abstract
+from sharding.cost import collective_counts
 README_MARKERS = ("<!-- strategies:begin -->", "<!-- strategies:end -->")
 
 
@@ -40,16 +40,10 @@ def table(arch: str, size: str, global_batch: int, strategies) -> str:
     for name in strategies:
         mesh = {a: s for a, s in MESHES[name].items() if s > 1}
         _, _, lowered = lower_abstract(arch, size, name, MESHES[name], global_batch)
-        cells = []
-        for kind in kinds:
-            per_axis = Counter()
-            volume = Counter()
-            for record in lowered.collectives:
-                if record["kind"] == kind:
-                    per_axis[record["axes"][0]] += 1
-                    volume[record["axes"][0]] += record["bytes"]
-            cells.append(", ".join(f"{n}× {axis} ({volume[axis]:,} B)" for axis, n in sorted(per_axis.items()))
-                         or "—")
+        groups = collective_counts(lowered.collectives)
+        cells = [", ".join(f"{g['count']}× {g['axes']} ({g['bytes']:,} B)"
+                           for g in sorted(groups, key=lambda g: g["axes"]) if g["kind"] == kind) or "—"
+                 for kind in kinds]
         lines.append(f"| {name} | {' × '.join(f'{a}={s}' for a, s in mesh.items())} | " + " | ".join(cells)
                      + f" | {lowered.cost['bytes_moved']:,} | {lowered.cost['peak_bytes']:,} |")
     return "\n".join(lines)

@@ -23,6 +23,7 @@ from functional_parallel.precision import init_opt_state
 from functional_parallel.train import make_train_step
 from functional_parallel.tree import tree_map
 from sharding import Lowered, Mesh, P, jit, shard
+from sharding.cost import collective_counts
 from sharding.memory import MemoryTracker
 
 from .builders import DTYPES, build_model, build_optimizer, build_precision, build_schedule, mesh_shape, validate
@@ -251,17 +252,6 @@ def finish(session: Session) -> dict:
     }
     (session.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
-
-
-def collective_counts(records: list[dict]) -> list[dict]:
-    """The lowered step's collectives grouped by (kind, mesh axes): count and bytes per rank."""
-    groups: dict[tuple, dict] = {}
-    for record in records:
-        key = (record["kind"], "/".join(record["axes"]))
-        group = groups.setdefault(key, {"kind": key[0], "axes": key[1], "count": 0, "bytes": 0})
-        group["count"] += 1
-        group["bytes"] += record["bytes"]
-    return list(groups.values())
 
 
 def train(cfg: Any, rank: int, device: torch.device, output_dir: pathlib.Path | None) -> dict:

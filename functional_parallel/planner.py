@@ -37,7 +37,7 @@ from sharding.layout import Layout, layout_from_spec
 from sharding.tree import leaf_paths
 
 from . import optim
-from .models import Model
+from .models import Model, padded_vocab
 from .parallel import Strategy, compile_step, grad_specs
 from .train import make_train_step
 
@@ -210,10 +210,9 @@ def per_layer(shallow: Mapping[str, int], deeper: Mapping[str, int]) -> dict[str
     return {k: deeper.get(k, 0) - shallow.get(k, 0) for k in keys}
 
 
-def padded_vocab(vocab_size: int, mesh_shape: Mapping[str, int], multiple: int = 128) -> int:
-    """The vocabulary rounded up, as Megatron pads it, so embedding rows split over every mesh axis."""
-    step = math.lcm(multiple, math.prod(mesh_shape.values()))
-    return -(-vocab_size // step) * step
+def mesh_padded_vocab(vocab_size: int, mesh_shape: Mapping[str, int], multiple: int = 128) -> int:
+    """The vocabulary padded to a multiple of `multiple` that also splits over every mesh axis."""
+    return padded_vocab(vocab_size, math.lcm(multiple, math.prod(mesh_shape.values())))
 
 
 def model_axes(strategy: Strategy, mesh_shape: Mapping[str, int]) -> tuple[int, bool]:

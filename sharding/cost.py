@@ -25,6 +25,17 @@ def collective_log(graph_module: fx.GraphModule) -> list[dict]:
     return [dict(node.meta["fp_collective"]) for node in graph_module.graph.nodes if "fp_collective" in node.meta]
 
 
+def collective_counts(records: list[dict]) -> list[dict]:
+    """The lowered step's collectives grouped by (kind, mesh axes): count and bytes per rank."""
+    groups: dict[tuple, dict] = {}
+    for record in records:
+        key = (record["kind"], "/".join(record["axes"]))
+        group = groups.setdefault(key, {"kind": key[0], "axes": key[1], "count": 0, "bytes": 0})
+        group["count"] += 1
+        group["bytes"] += record["bytes"]
+    return list(groups.values())
+
+
 def estimate(graph_module: fx.GraphModule, inputs) -> dict:
     """Bytes moved per rank (total and per kind), collective count and peak live bytes per rank.
 

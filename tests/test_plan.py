@@ -39,7 +39,7 @@ def test_config_composes_with_overrides():
 def test_extrapolation_equals_full_lowering(arch, strategy):
     """Lowering 1 and 2 layers and extrapolating gives exactly what lowering 3 and 4 layers gives."""
     mesh = {"dp": 2, "tp": 2}
-    base = config(arch, "tiny", seq_len=32, vocab_size=planner.padded_vocab(64, mesh))
+    base = config(arch, "tiny", seq_len=32, vocab_size=planner.mesh_padded_vocab(64, mesh))
     build_model = lambda n: build(arch, cfg=dataclasses.replace(base, n_layers=n))  # noqa: E731
     precision = planner.PRECISIONS["bf16"]
     extrapolated = planner.plan_strategy(build_model, 4, Strategy.load(strategy), mesh, 4, precision, depth=1)

@@ -26,6 +26,12 @@ class Model(NamedTuple):
     loss: Callable[[dict, dict], torch.Tensor]  # loss(params, batch) -> scalar
 
 
+def padded_vocab(vocab_size: int, multiple: int) -> int:
+    """`vocab_size` rounded up to a multiple of `multiple`, as Megatron pads it (the extra rows are never a target)."""
+    multiple = max(multiple, 1)
+    return -(-vocab_size // multiple) * multiple
+
+
 def config(arch: str, size: str, **overrides) -> GPTConfig | LlamaConfig:
     """The named size of an architecture, with field overrides (None values are ignored)."""
     if arch not in ARCHITECTURES:
