@@ -2,6 +2,11 @@
 
 Measured: `MemoryTracker` counts the step's input storages and every storage an op allocates
 until it is freed. Predicted: the liveness analysis of the final (scheduled) per-rank graph.
+
+One run can read high: gloo's worker thread drops its reference to a finished collective's
+tensors a moment after `wait` returns, so a tensor the graph frees inside that window is
+really freed a little later, by that thread (CI once read one zero3 gather bucket high). The
+least of a few runs is the program's own peak; every run is at least the prediction.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from sharding.memory import MemoryTracker
 from .equivalence import MESHES, compile_strategy
 
 TOLERANCE = 0.05
+RUNS = 3
 
 
 def _measure(rank, world, arch):
@@ -21,11 +27,14 @@ def _measure(rank, world, arch):
         compiled, local = compile_strategy(arch, name)
         lowered = compiled.lower(*local)
         lowered.run(*local)  # a first run, so lazily created process-group state is not counted
-        with MemoryTracker() as mem:
-            mem.track(local)
-            out = lowered.run(*local)
-        del out
-        results[name] = {"predicted": lowered.cost["peak_bytes"], "measured": mem.peak_bytes}
+        measured = []
+        for _ in range(RUNS):
+            with MemoryTracker() as mem:
+                mem.track(local)
+                out = lowered.run(*local)
+            del out
+            measured.append(mem.peak_bytes)
+        results[name] = {"predicted": lowered.cost["peak_bytes"], "measured": min(measured), "runs": measured}
     return results
 
 
@@ -41,3 +50,4 @@ def test_predicted_peak_matches_measured(peaks, strategy):
         predicted, measured = results[strategy]["predicted"], results[strategy]["measured"]
         print(f"{strategy} rank {rank}: predicted {predicted:,} measured {measured:,}")
         assert abs(predicted - measured) <= TOLERANCE * measured, (strategy, rank, predicted, measured)
+        assert all(run >= (1 - TOLERANCE) * predicted for run in results[strategy]["runs"]), results[strategy]
