@@ -126,7 +126,9 @@ class jit:
     def _lower(self, args) -> Lowered:
         mesh = self.mesh
         start = time.perf_counter()
-        in_kinds = flat_kinds(self.in_memory_kinds, tuple(args), "in_memory_kinds")
+        given = optree.tree_leaves(self.in_memory_kinds, none_is_leaf=True, namespace=NAMESPACE)
+        in_kinds = (flat_kinds(self.in_memory_kinds, tuple(args), "in_memory_kinds") if HOST in given else
+                    [DEVICE] * len(optree.tree_leaves(tuple(args), namespace=NAMESPACE, none_is_leaf=False)))
         compute_device = _compute_device(args, in_kinds)
         traced = trace(self.fn, tuple(args), self.in_specs, mesh, self.logical_rules,
                        fake_device=compute_device if HOST in in_kinds else None)

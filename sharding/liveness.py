@@ -10,6 +10,9 @@ collective's input stays alive until its `wait` (the wait node takes it as an ar
 The sizes and the aliasing come from running the per-rank graph on fake tensors of local shape
 (a `FakeTensorMode`: nothing is allocated and no collective runs), so what the cost model
 counts is what the real kernels return, strides and views included.
+
+Each storage has the memory kind of the node that made it (`sharding.placement`: a host input,
+a host op or a `to_host` make host storages), so the device and host peaks can be read apart.
 """
 from __future__ import annotations
 

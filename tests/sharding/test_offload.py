@@ -15,7 +15,7 @@ import torch
 
 from functional_parallel import checkpoint, optim
 from functional_parallel.launch import spawn
-from functional_parallel.parallel import EXAMPLE_MESHES, Strategy, compile_step, param_specs, state_specs
+from functional_parallel.parallel import EXAMPLE_MESHES, Strategy, compile_step, state_specs
 from functional_parallel.tree import tree_leaves, tree_unflatten
 from sharding import Mesh, P, SpecError, jit, shard, unshard
 from sharding.memory import MemoryTracker
@@ -42,6 +42,29 @@ def _local_state(strategy: str):
 
 def _bytes(tensors) -> int:
     return sum(x.numel() * x.element_size() for x in tensors)
+
+
+def test_placement_of_a_tiny_update():
+    """m and v are host state, so their update runs on host: g comes down once and the direction
+    goes up once (moving m and v up and back down instead would cost twice as much)."""
+    def update(w, m, v, g):
+        m, v = 0.9 * m + g, 0.5 * v + g * g
+        return w - m / (v.sqrt() + 1.0), m, v
+
+    kinds = ("device", "host", "host", "device")
+    step = jit(update, mesh=Mesh.abstract({"dp": 1}), in_specs=(P(),) * 4, out_specs=(P(),) * 3,
+               in_memory_kinds=kinds, out_memory_kinds=kinds[:3])
+    w, m, v, g = (torch.full((4, 8), float(i)) for i in (1, 2, 3, 4))
+    lowered = step.lower(w, m, v, g)
+    assert [(r["kind"], r["bytes"], r["shape"]) for r in lowered.transfers] == [("d2h", 128, (4, 8)),
+                                                                                  ("h2d", 128, (4, 8))]
+    host_ops = [n.args[0] for n in lowered.graph.graph.nodes if n.target is on_host]
+    assert sorted(map(str, host_ops)) == sorted(["aten.mul.Tensor"] * 3 + ["aten.add.Tensor"] * 3
+                                                + ["aten.sqrt.default", "aten.div.Tensor"])
+    assert lowered.cost["transfer_bytes"] == {"d2h": 128, "h2d": 128}
+    new_w, new_m, new_v = step(w, m, v, g)
+    assert torch.equal(new_m, 0.9 * m + g) and torch.equal(new_v, 0.5 * v + g * g)
+    assert torch.equal(new_w, w - new_m / (new_v.sqrt() + 1.0))
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES + ["zero1"])
