@@ -141,7 +141,7 @@ def table(results: dict) -> list[str]:
         diff = "FAILED" if s.get("max_rel_diff") is None else f"{s['max_rel_diff']:.1e}"
         policy = "".join(f"{'—' if s['policy'].get(key) is None else s['policy'][key]} | " for key in columns)
         lines.append(f"| {name} | {s['strategy']} | {_mesh(s)} | {policy}{s['final_loss']:.6f} | "
-                     f"{diff} ({s.get('rtol', 0):g}) | {1e3 * s['step_time_s']:.1f} | {s['cost']['bytes_moved']:,} | "
+                     f"{diff} ({s.get('rtol', 0):.2g}) | {1e3 * s['step_time_s']:.1f} | {s['cost']['bytes_moved']:,} | "
                      + " | ".join(_bytes(s["cost"]["bytes_by_kind"].get(kind, 0)) for kind in KINDS)
                      + f" | {predicted:,} | {_bytes(measured)} | {ratio} |")
     return lines
@@ -194,7 +194,7 @@ def equivalence_line(results: dict) -> str:
     worst = []
     for rtol, group in sorted(by_rtol.items()):
         name = max(group, key=lambda n: results[n]["max_rel_diff"])
-        worst.append(f"{results[name]['max_rel_diff']:.1e} ({name}) within {rtol:g}")
+        worst.append(f"{results[name]['max_rel_diff']:.1e} ({name}) within {rtol:.2g}")
     return (f"- **Same math:** all {len(names)} runs follow the single-process loss curve of their own policy "
             f"(a reference that casts and accumulates identically); the largest relative difference is "
             f"{'; '.join(worst)}.")
@@ -290,7 +290,7 @@ def write(output_dir: pathlib.Path, cfg: dict, results: dict) -> pathlib.Path:
              f"`{cfg['data']['name']}`, global batch {cfg['data']['global_batch']}, {cfg['steps']} steps, seed "
              f"{cfg['seed']}; every run (a strategy, maybe with a policy) on its own mesh of spawned gloo ranks, "
              f"checked step by step against a single-process run under the same policy (relative tolerance "
-             f"{', '.join(f'{rtol:g} computing in {dtype}' for rtol, dtype in tolerances)}).", "",
+             f"{', '.join(f'{rtol:.2g} computing in {dtype}' for rtol, dtype in tolerances)}).", "",
              "## What this shows", "", *findings(results), "",
              "## Numbers", "", *table(results), "",
              "Bytes and predicted peaks come from the lowered step (`Lowered.cost`); measured peaks from "
