@@ -30,6 +30,7 @@ from experiments import config as _config
 from experiments import report, train, trainer
 from experiments.builders import DTYPES, build_model, build_optimizer, build_schedule, validate
 from experiments.metrics import read_metrics
+from experiments.strategies import write_into_readme
 from functional_parallel import data, launch
 from functional_parallel.parallel import EXAMPLE_MESHES, STRATEGY_DIR
 from functional_parallel.precision import Precision, init_opt_state
@@ -71,9 +72,11 @@ class CompareConfig:
     rtol: Optional[float] = None  # null: TOLERANCES[compute dtype] per run
     eval_batches: int = 0  # validation loss per run (0: none; the equivalence check uses train losses)
     timeout_s: float = 300.0
+    write_readme: bool = False  # also write the short report into README.md (between the compare markers)
 
 
 ConfigStore.instance().store(name="base_compare", node=CompareConfig)
+README_MARKERS = ("<!-- compare:begin -->", "<!-- compare:end -->")
 
 
 class NotEquivalentError(AssertionError):
@@ -263,8 +266,11 @@ def compare(cfg: DictConfig, output_dir: str | pathlib.Path) -> dict:
 @hydra.main(version_base=None, config_path="../conf", config_name="compare")
 def main(cfg: DictConfig) -> None:
     output_dir = HydraConfig.get().runtime.output_dir
-    compare(cfg, output_dir)
+    outcome = compare(cfg, output_dir)
     print(f"equivalent; report: {pathlib.Path(output_dir) / 'report.md'}")
+    if cfg.write_readme:
+        readme = pathlib.Path(hydra.utils.get_original_cwd()) / "README.md"
+        write_into_readme(report.readme_block(outcome["results"]), readme, README_MARKERS)
 
 
 if __name__ == "__main__":

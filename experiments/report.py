@@ -271,6 +271,22 @@ def findings(results: dict) -> list[str]:
     return lines
 
 
+def readme_block(results: dict) -> str:
+    """The short form for README (`python -m experiments.compare write_readme=true`): equivalence, the
+    policies' costs and savings, and a compact table (run, policy, memory, traffic, time)."""
+    columns = list(dict.fromkeys(key for s in results.values() for key in s.get("policy", {})))
+    lines = [equivalence_line(results), *policy_lines(results), "",
+             "| run | strategy | mesh | " + "".join(f"{key} | " for key in columns)
+             + "max rel. diff | peak measured (B, max rank) | bytes moved / rank / step | step ms |",
+             "|---|---|---|" + "---|" * len(columns) + "---|---|---|---|"]
+    for name, s in results.items():
+        diff = "FAILED" if s.get("max_rel_diff") is None else f"{s['max_rel_diff']:.1e}"
+        policy = "".join(f"{'—' if s['policy'].get(key) is None else s['policy'][key]} | " for key in columns)
+        lines.append(f"| {name} | {s['strategy']} | {_mesh(s)} | {policy}{diff} | {_bytes(measured_peak(s))} | "
+                     f"{s['cost']['bytes_moved']:,} | {1e3 * s['step_time_s']:.1f} |")
+    return "\n".join(lines)
+
+
 def _compute_dtype(summary: dict, model_dtype: str) -> str:
     precision = summary.get("reference_policy", {}).get("precision", "fp32")
     return model_dtype if precision == "fp32" else precision

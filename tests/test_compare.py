@@ -116,3 +116,17 @@ def test_policy_runs_are_equivalent_and_reported(tmp_path):
     assert len(failures) == 2 and "run 'dp' diverges" in failures[0] and "at step 1" in failures[0]
     assert "run 'zero3_bf16' diverges" in failures[1] and "at step 3" in failures[1]
     assert summaries["dp"]["max_rel_diff"] is None and summaries["zero3_bf16"]["max_rel_diff"] is None
+
+
+def test_readme_block_lists_the_default_runs():
+    """README's comparison block is written by `python -m experiments.compare write_readme=true`: one row per
+    default run, and a policy line for each policy run."""
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    begin, end = compare.README_MARKERS
+    block = readme.split(begin)[1].split(end)[0]
+    runs = compare.parse_runs(compose_compare([]))
+    rows = [line.split(" | ")[0].lstrip("| ") for line in block.splitlines() if line.startswith("| ")][1:]
+    assert rows == [run.name for run in runs]
+    for run in runs:
+        assert (f"**{run.name}** ({run.describe().replace(', ', ' + ', 1)}) against {run.strategy}" in block) \
+            == bool(run.overrides)
