@@ -60,7 +60,6 @@ def test_compute_dtype_copies_are_regathered_too():
     import torch
 
     from functional_parallel import optim
-    from functional_parallel.models import build
     from functional_parallel.parallel import EXAMPLE_MESHES, Strategy, compile_step
     from functional_parallel.precision import Precision, init_opt_state
     from functional_parallel.train import make_train_step
