@@ -2,8 +2,14 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
+from functional_parallel import optim
+from functional_parallel.parallel import EXAMPLE_MESHES, Strategy, compile_step
+from functional_parallel.precision import Precision, init_opt_state
+from functional_parallel.train import make_train_step
 from functional_parallel.tree import leaf_paths
+from sharding import Mesh, shard
 from sharding.schedule.chain import chains, is_parameter_gather, positions
 from sharding.schedule.regather import _windows
 
@@ -57,14 +63,6 @@ def test_regather_lowers_the_peak_and_adds_only_gathers():
 def test_compute_dtype_copies_are_regathered_too():
     """Mixed precision casts the local shard to bf16 before the gather (so it moves 2-byte elements); the
     backward gathers that cast again, as it does the fp32 parameter: same parameters, half the bytes."""
-    import torch
-
-    from functional_parallel import optim
-    from functional_parallel.parallel import EXAMPLE_MESHES, Strategy, compile_step
-    from functional_parallel.precision import Precision, init_opt_state
-    from functional_parallel.train import make_train_step
-    from sharding import Mesh, shard
-
     model, params, fp32 = _lower("zero3", bucket_bytes=0)
     optimizer, policy = optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(1e-2, weight_decay=0.1)), \
         Precision.named("bf16")
