@@ -33,7 +33,7 @@ from experiments.metrics import read_metrics
 from experiments.strategies import write_into_readme
 from functional_parallel import data, launch
 from functional_parallel.parallel import EXAMPLE_MESHES, STRATEGY_DIR
-from functional_parallel.precision import Precision, init_opt_state
+from functional_parallel.precision import Precision, init_state
 from functional_parallel.train import make_train_step
 
 # Relative tolerance on the per-step loss against the reference, by compute dtype: float64 is the
@@ -166,7 +166,7 @@ def reference_losses(cfg: DictConfig, policy: tuple = ()) -> list[float]:
     model = build_model(cfg.model, dataset.vocab_size)
     optimizer = build_optimizer(cfg.optim, build_schedule(cfg.optim, cfg.steps))
     params = model.init(cfg.seed, DTYPES[cfg.model.dtype])
-    opt_state = init_opt_state(optimizer, params, precision)
+    params, opt_state = init_state(optimizer, params, precision)
     step = make_train_step(model.loss, optimizer, policy.get("grad_accum", defaults.grad_accum), precision)
     losses = []
     for index in range(cfg.steps):
