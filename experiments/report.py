@@ -42,10 +42,28 @@ def _save_bars(plt, figure, axes, path: pathlib.Path, ylabel: str, title: str, l
     plt.close(figure)
 
 
+def _rank_figure(rank: dict, name: str):
+    """A rank's device-memory figure `name` ("measured"/"predicted"): its device peak where the run
+    reports one (under `offload` the host-placed state is not device memory), else its peak."""
+    device = rank.get(f"device_peak_bytes_{name}")
+    return device if device is not None else rank.get(f"peak_bytes_{name}")
+
+
 def measured_peak(summary: dict) -> int | None:
-    """The largest measured peak over the ranks (None when a rank has no measurement)."""
-    values = [r.get("peak_bytes_measured") for r in summary["ranks"]]
+    """The largest measured device peak over the ranks (None when a rank has no measurement)."""
+    values = [_rank_figure(r, "measured") for r in summary["ranks"]]
     return None if not values or None in values else max(values)
+
+
+def host_bytes(summary: dict) -> int:
+    """The largest host-memory peak over the ranks (0 without offload), measured where there is a measurement."""
+    return max((r.get("host_bytes_measured") or r.get("host_bytes_predicted") or 0 for r in summary["ranks"]),
+               default=0)
+
+
+def transfer_bytes(summary: dict) -> int:
+    """Device<->host bytes per rank per step (0 without offload)."""
+    return sum((summary["cost"].get("transfer_bytes") or {}).values())
 
 
 def _policy_label(policy: dict) -> str:
@@ -87,14 +105,14 @@ def plot_memory(results: dict, path: pathlib.Path) -> None:
         bar = width / len(ranks)
         for rank in ranks:
             x = index - width / 2 + bar * (rank["rank"] + 0.5)
-            if rank.get("peak_bytes_measured") is not None:
-                axes.bar(x, rank["peak_bytes_measured"] / 2**20, bar * 0.9, color="tab:blue",
+            if _rank_figure(rank, "measured") is not None:
+                axes.bar(x, _rank_figure(rank, "measured") / 2**20, bar * 0.9, color="tab:blue",
                          label="measured" if index == 0 and rank["rank"] == 0 else None)
-            axes.plot([x - bar * 0.45, x + bar * 0.45], [rank["peak_bytes_predicted"] / 2**20] * 2, "k-", linewidth=2,
-                      label="predicted" if index == 0 and rank["rank"] == 0 else None)
+            axes.plot([x - bar * 0.45, x + bar * 0.45], [_rank_figure(rank, "predicted") / 2**20] * 2, "k-",
+                      linewidth=2, label="predicted" if index == 0 and rank["rank"] == 0 else None)
     axes.set_xticks(range(len(results)), list(results), rotation=20)
-    _save_bars(plt, figure, axes, path, "peak MiB per rank",
-               "Peak memory per rank, one step: measured (bars), predicted (ticks)", legend={})
+    _save_bars(plt, figure, axes, path, "device peak MiB per rank",
+               "Peak device memory per rank, one step: measured (bars), predicted (ticks)", legend={})
 
 
 def plot_collectives(results: dict, path: pathlib.Path) -> None:
@@ -125,7 +143,7 @@ def _bytes(value: int | None) -> str:
 
 
 def predicted_peak(summary: dict) -> int:
-    return max(r["peak_bytes_predicted"] for r in summary["ranks"])
+    return max(_rank_figure(r, "predicted") for r in summary["ranks"])
 
 
 def table(results: dict) -> list[str]:
@@ -133,8 +151,9 @@ def table(results: dict) -> list[str]:
     columns = list(dict.fromkeys(key for s in results.values() for key in s.get("policy", {})))
     lines = ["| run | strategy | mesh | " + "".join(f"{key} | " for key in columns)
              + "final loss | max rel. diff (rtol) | step ms | bytes moved / rank / step | " + " | ".join(KINDS)
-             + " | peak predicted (max rank) | peak measured (max rank) | measured / predicted |",
-             "|---|---|---|" + "---|" * len(columns) + "---|---|---|---|" + "---|" * len(KINDS) + "---|---|---|"]
+             + " | device peak predicted (max rank) | device peak measured (max rank) | measured / predicted"
+             + " | host bytes (max rank) | host<->device bytes / step |",
+             "|---|---|---|" + "---|" * len(columns) + "---|---|---|---|" + "---|" * len(KINDS) + "---|---|---|---|---|"]
     for name, s in results.items():
         predicted, measured = predicted_peak(s), measured_peak(s)
         ratio = "—" if measured is None else f"{measured / predicted:.2f}"
@@ -143,7 +162,7 @@ def table(results: dict) -> list[str]:
         lines.append(f"| {name} | {s['strategy']} | {_mesh(s)} | {policy}{s['final_loss']:.6f} | "
                      f"{diff} ({s.get('rtol', 0):.2g}) | {1e3 * s['step_time_s']:.1f} | {s['cost']['bytes_moved']:,} | "
                      + " | ".join(_bytes(s["cost"]["bytes_by_kind"].get(kind, 0)) for kind in KINDS)
-                     + f" | {predicted:,} | {_bytes(measured)} | {ratio} |")
+                     + f" | {predicted:,} | {_bytes(measured)} | {ratio} | {host_bytes(s):,} | {transfer_bytes(s):,} |")
     return lines
 
 
@@ -222,8 +241,10 @@ def policy_lines(results: dict) -> list[str]:
                      f"{_change(_peak(s), _peak(b))} ({_peak(b):,} → {_peak(s):,} B, {source}; predicted "
                      f"{_change(predicted_peak(s), predicted_peak(b))}), bytes moved "
                      f"{_change(s['cost']['bytes_moved'], b['cost']['bytes_moved'])} ({by_kind or 'none'}), "
-                     f"collectives {b['cost']['num_collectives']} → {s['cost']['num_collectives']}, step time "
-                     f"{_change(s['step_time_s'], b['step_time_s'])}.")
+                     f"collectives {b['cost']['num_collectives']} → {s['cost']['num_collectives']}, "
+                     + (f"host memory {host_bytes(b):,} → {host_bytes(s):,} B, host<->device "
+                        f"{transfer_bytes(s):,} B per step, " if host_bytes(s) or host_bytes(b) else "")
+                     + f"step time {_change(s['step_time_s'], b['step_time_s'])}.")
     if lines:
         lines.insert(0, "- **Policies** (each against the same strategy without it):")
         lines[1:] = ["  " + line for line in lines[1:]]
@@ -277,7 +298,7 @@ def readme_block(results: dict) -> str:
     columns = list(dict.fromkeys(key for s in results.values() for key in s.get("policy", {})))
     lines = [equivalence_line(results), *policy_lines(results), "",
              "| run | strategy | mesh | " + "".join(f"{key} | " for key in columns)
-             + "max rel. diff | peak measured (B, max rank) | bytes moved / rank / step | step ms |",
+             + "max rel. diff | device peak measured (B, max rank) | bytes moved / rank / step | step ms |",
              "|---|---|---|" + "---|" * len(columns) + "---|---|---|---|"]
     for name, s in results.items():
         diff = "FAILED" if s.get("max_rel_diff") is None else f"{s['max_rel_diff']:.1e}"
