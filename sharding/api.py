@@ -18,6 +18,7 @@ from .layout import layout_from_spec
 from .localize import localize
 from .mesh import Mesh
 from .propagate import propagate
+from .remat import check_policy, remat
 from .schedule import DEFAULT_BUCKET_BYTES, schedule
 from .spec import P
 from .trace import trace
@@ -69,12 +70,16 @@ class jit:
     The schedule passes (`sharding.schedule`) are on by default: `regather` (ZeRO-3 gathers a
     parameter again for its backward use), `bucket_bytes` (merge small collectives up to this
     many bytes per bucket; 0 disables) and `overlap` (issue early, wait late, prefetch gathers).
+    `remat` is the activation-checkpointing policy applied to the traced step before propagation
+    (`sharding.remat`: "none", "full" or "selective").
     """
 
     def __init__(self, fn: Callable, *, mesh: Mesh, in_specs: Sequence, out_specs,
                  logical_rules: Mapping[str, Any] | None = None, data_axes: Sequence[str] | None = None,
-                 regather: bool = True, bucket_bytes: int = DEFAULT_BUCKET_BYTES, overlap: bool = True):
+                 regather: bool = True, bucket_bytes: int = DEFAULT_BUCKET_BYTES, overlap: bool = True,
+                 remat: str = "none"):
         self.fn = fn
+        self.remat = check_policy(remat)
         self.mesh = mesh
         self.in_specs = tuple(in_specs) if isinstance(in_specs, (list, tuple)) and not isinstance(in_specs, P) \
             else (in_specs,)
@@ -109,7 +114,7 @@ class jit:
         unknown = [a for a in data_axes or () if a not in mesh.axis_names]
         if unknown:
             raise SpecError(f"data_axes {tuple(unknown)} are not mesh axes {mesh.axis_names}")
-        graph_module = traced.graph_module
+        graph_module = remat(traced.graph_module, self.remat)
         ctx = propagate(graph_module.graph, traced.in_layouts, out_layouts, mesh.axis_names, mesh.axis_sizes,
                         data_axes)
         local = schedule(localize(insert(graph_module, ctx, mesh), mesh.axis_sizes), mesh.axis_sizes,
