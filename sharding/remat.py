@@ -13,8 +13,9 @@ descendant of a seed (the optimizer included). A forward value that a backward n
 *saved activation*. Policies:
 
 - `none`: nothing is recomputed (the `checkpoint_name` markers are removed).
-- `full`: keep only the values named with `checkpoint_name` (the models name each block's input)
-  and the step's inputs; every other saved activation is recomputed from the nearest kept values.
+- `full`: keep only the values named with `checkpoint_name` (the models name each block's input),
+  the step's inputs and 0-dim values; every other saved activation is recomputed from the nearest
+  kept values.
 - `selective` (Korthikanti et al. 2022, section 4): recompute only the attention core (any SDPA op,
   softmax, dropout, batched matmuls of two activations such as QKᵀ and AV, and the elementwise
   ops between them); keep everything else (linear-layer, norm and activation-function inputs).
@@ -154,10 +155,17 @@ def _with_storage_owners(nodes: set[fx.Node]) -> set[fx.Node]:
 
 
 def _kept_values(forward: set[fx.Node], named: set[fx.Node]) -> set[fx.Node]:
-    """`full`: the named values, the inputs, and random ops (with what they alias)."""
-    kept = {n for n in forward if n.op != "call_function" or n in named or _random(n)}
+    """`full`: the named values, the inputs, random ops and scalars (with what they alias). A scalar
+    costs nothing to keep, and making one again can cost a reduction and its collective (the
+    cross-entropy's token count, all-reduced over the data axes)."""
+    kept = {n for n in forward if n.op != "call_function" or n in named or _random(n) or _scalar(n)}
     kept |= {n for n in forward if n.target is operator.getitem and n.args[0] in kept}
     return _with_storage_owners(kept)
+
+
+def _scalar(node: fx.Node) -> bool:
+    value = node.meta.get("val")
+    return isinstance(value, torch.Tensor) and value.dim() == 0
 
 
 def _is_weight(node: fx.Node) -> bool:
