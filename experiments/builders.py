@@ -12,6 +12,7 @@ from functional_parallel.parallel import Strategy, param_specs, state_specs
 from functional_parallel.precision import Precision
 from functional_parallel.train import check_local_batch
 from sharding import Mesh, P, shard
+from sharding.remat import check_policy
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
@@ -83,7 +84,7 @@ def validate(cfg: Any, world_size: int | None = None) -> Strategy:
 
     Checks the strategy, that it names only mesh axes, that the mesh fits the world (when
     given), that the global batch splits evenly over the axes the strategy splits it on, and
-    that every parameter and state leaf splits evenly. Returns the `Strategy`.
+    that every parameter and state leaf splits evenly, and the precision and remat names. Returns the `Strategy`.
     """
     strategy = build_strategy(cfg.strategy)
     shape = mesh_shape(cfg.mesh)
@@ -110,5 +111,6 @@ def validate(cfg: Any, world_size: int | None = None) -> Strategy:
                          f"(e.g. data.global_batch={split * -(-cfg.data.global_batch // split)})")
     check_local_batch(cfg.data.global_batch, split, getattr(cfg, "grad_accum", 1))
     build_precision(cfg)
+    check_policy(getattr(cfg, "remat", "none"))
     check_layouts(cfg, strategy)
     return strategy

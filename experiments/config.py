@@ -100,6 +100,7 @@ class Config:
     grad_accum: int = 1  # micro-batches per step: one update from their mean gradient, reduced once per step
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16: dynamic loss scaling); masters and optimizer state stay fp32
     reduce_dtype: Optional[str] = None  # gradient reductions: null (the compute dtype) | float32
+    remat: str = "none"  # activation checkpointing: none | selective (attention core) | full (keep layer inputs)
     log_every: int = 10
     eval_every: int = 100
     eval_batches: int = 4  # 0: no validation
