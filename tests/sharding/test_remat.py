@@ -9,8 +9,6 @@ and the memory it saves.
 """
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
