@@ -19,8 +19,8 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.
 
 def build_model(model_cfg: Any, vocab_size: int) -> models.Model:
     """The configured architecture and size, with the tokenizer's vocabulary padded to `vocab_multiple`."""
-    overrides = {key: model_cfg[key] for key in ("d_model", "n_layers", "n_heads", "seq_len",
-                                                  "fused_qkv", "n_kv_heads")}
+    overrides = {key: model_cfg.get(key) for key in ("d_model", "n_layers", "n_heads", "seq_len",
+                                                      "fused_qkv", "n_kv_heads", "attention")}
     vocab_size = models.padded_vocab(vocab_size, model_cfg.vocab_multiple)
     return models.build(model_cfg.arch, model_cfg.size, vocab_size=vocab_size,
                         **overrides)

@@ -29,6 +29,7 @@ class ModelConfig:
     n_heads: Optional[int] = None
     seq_len: Optional[int] = None
     fused_qkv: Optional[bool] = None  # gpt only
+    attention: Optional[str] = None  # gpt only: sdpa (default) | math (the s² scores written out)
     n_kv_heads: Optional[int] = None  # llama only
     dtype: str = "float32"  # float32 | float64 | bfloat16
     # The tokenizer's vocabulary is padded up to a multiple of this (Megatron's

@@ -49,7 +49,7 @@ ConfigStore.instance().store(name="plan_config", node=PlanConfig)
 
 def _model_builder(cfg: PlanConfig):
     arch_only = {"n_kv_heads": cfg.model.n_kv_heads} if cfg.model.arch == "llama" else {
-        "fused_qkv": cfg.model.fused_qkv}
+        "fused_qkv": cfg.model.fused_qkv, "attention": cfg.model.attention}
     base = model_config(cfg.model.arch, cfg.model.size, d_model=cfg.model.d_model, n_heads=cfg.model.n_heads,
                         seq_len=cfg.model.seq_len, **arch_only)
     base = dataclasses.replace(base, n_layers=cfg.model.n_layers or base.n_layers,
@@ -90,7 +90,8 @@ def plan(cfg: PlanConfig, progress=None) -> dict[str, Any]:
             row["zero_comm_formula_bytes"] = published.zero_comm_bytes(stage, psi, precision.grad_bytes)
         if cfg.model.arch == "gpt":
             row["korthikanti_layer_bytes"] = published.korthikanti_layer_bytes(s, b, h, a, t, sp, cfg.remat)
-            row["layer_differences"] = published.layer_differences(s, b, h, a, t, sp, act_bytes, cfg.remat)
+            row["layer_differences"] = published.layer_differences(s, b, h, a, t, sp, act_bytes, cfg.remat,
+                                                                   base.attention)
         rows.append(row)
         if progress is not None:
             progress(row)

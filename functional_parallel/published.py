@@ -60,20 +60,27 @@ def korthikanti_layer_bytes(s: int, b: int, h: int, a: int, t: int = 1, sp: bool
 # Each difference of our GPT layer from Korthikanti's, as (what, bytes per layer); `our_layer_bytes`
 # is their sum with the formula, and the planner's lowered graph must equal it exactly.
 def layer_differences(s: int, b: int, h: int, a: int, t: int = 1, sp: bool = False,
-                      act_bytes: int = 2, remat: str = "none") -> list[tuple[str, float]]:
+                      act_bytes: int = 2, remat: str = "none", attention: str = "sdpa") -> list[tuple[str, float]]:
+    """`attention`: GPTConfig's, "sdpa" (flash: no s² tensors, a logsumexp) or "math" (the softmax output kept)."""
     t_sp = t if sp else 1  # what the residual stream (and its norms) is split by
     if remat == "full":  # the layer input alone, as the formula
         return [] if act_bytes == 2 else [(f"{act_bytes}-byte activations instead of 2",
                                            2 * s * b * h / t_sp * (act_bytes / 2 - 1))]
-    if remat == "selective":
-        attention = ("SDPA (flash) keeps no a·s² tensors, so selective recompute finds none to drop; "
-                     "its fp32 logsumexp is kept: +4asb/t", 4 * a * s * b / t)
+    logsumexp = 4 * a * s * b / t if attention == "sdpa" else 0
+    if attention == "math" and remat == "selective":
+        core = ("attention written out (math): its softmax output is recomputed, as the formula assumes", 0)
+    elif attention == "math":
+        core = ("attention written out (math): only the softmax output is kept (2as²b/t); no scores (the "
+                "scale's gradient reads nothing), no dropout: -3as²b/t", -3 * a * s * s * b / t)
+    elif remat == "selective":
+        core = ("SDPA (flash) keeps no a·s² tensors, so selective recompute finds none to drop; "
+                "its fp32 logsumexp is kept: +4asb/t", logsumexp)
     else:
-        attention = ("SDPA (flash) keeps no a·s² scores, softmax or dropout: -5as²b/t, + fp32 logsumexp 4asb/t",
-                     -5 * a * s * s * b / t + 4 * a * s * b / t)
+        core = ("SDPA (flash) keeps no a·s² scores, softmax or dropout: -5as²b/t, + fp32 logsumexp 4asb/t",
+                -5 * a * s * s * b / t + logsumexp)
     out = [
         ("no dropout: the two 1-byte masks after attention and MLP", -2 * s * b * h / t_sp),
-        attention,
+        core,
         (f"LayerNorm mean and rstd kept for backward ({act_bytes}-byte, 2 norms)", 4 * act_bytes * s * b / t_sp),
     ]
     if sp:
@@ -81,12 +88,12 @@ def layer_differences(s: int, b: int, h: int, a: int, t: int = 1, sp: bool = Fal
                     "gradient (Megatron keeps the shard and re-gathers in backward)", 4 * s * b * h * (1 - 1 / t)))
     if act_bytes != 2:
         base = korthikanti_layer_bytes(s, b, h, a, t, sp, remat) + sum(v for _, v in out)
-        lse_and_stats = 4 * a * s * b / t + 4 * act_bytes * s * b / t_sp
+        lse_and_stats = logsumexp + 4 * act_bytes * s * b / t_sp
         out.append((f"{act_bytes}-byte activations instead of 2", (base - lse_and_stats) * (act_bytes / 2 - 1)))
     return out
 
 
 def our_layer_bytes(s: int, b: int, h: int, a: int, t: int = 1, sp: bool = False, act_bytes: int = 2,
-                    remat: str = "none") -> float:
+                    remat: str = "none", attention: str = "sdpa") -> float:
     return korthikanti_layer_bytes(s, b, h, a, t, sp, remat) + sum(
-        v for _, v in layer_differences(s, b, h, a, t, sp, act_bytes, remat))
+        v for _, v in layer_differences(s, b, h, a, t, sp, act_bytes, remat, attention))

@@ -174,3 +174,21 @@ def test_full_recompute_175b_keeps_the_layer_input(recompute_plans):
 def test_bad_remat_fails_before_lowering():
     with pytest.raises(ValueError, match=r"remat must be one of \['none', 'selective', 'full'\]"):
         plan_cli.plan(plan_config(["remat=some"]))
+
+
+def test_math_attention_rows_follow_the_formula():
+    """With the scores written out (GPTConfig(attention="math")) no recompute keeps the softmax output
+    (2as²b of Korthikanti's 5as²b) and selective recompute drops it: both rows equal the formula plus
+    the documented differences (a small GPT, data parallel over 2 ranks, bf16). Under TP the math path
+    is not head-split (see GPTConfig), so the check is without TP."""
+    mesh = {"dp": 2}
+    base = config("gpt", "tiny", seq_len=32, attention="math", vocab_size=planner.mesh_padded_vocab(64, mesh))
+    build_model = lambda n: build("gpt", cfg=dataclasses.replace(base, n_layers=n))  # noqa: E731
+    s, b, h, a = 32, 1, base.d_model, base.n_heads
+    per_layer = {}
+    for remat in ("none", "selective"):
+        result = planner.plan_strategy(build_model, 2, Strategy.load("dp"), mesh, 2, planner.PRECISIONS["bf16"],
+                                       remat=remat)
+        per_layer[remat] = result.per_layer["activations"]
+        assert per_layer[remat] == published.our_layer_bytes(s, b, h, a, 1, False, 2, remat, "math"), remat
+    assert per_layer["none"] - per_layer["selective"] == 2 * a * s * s * b  # the bf16 softmax output
