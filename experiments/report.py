@@ -1,7 +1,10 @@
-"""`report.md` and its plots for `experiments.compare`: what each strategy costs, and in which currency.
+"""`report.md` and its plots for `experiments.compare`: what each run (a strategy, maybe with a policy)
+costs, and in which currency.
 
-Everything here is computed from the runs' `summary.json` figures and loss curves; the prose
-in "What this shows" is generated from the same numbers.
+Everything here is computed from the runs' `summary.json` figures and loss curves (plus what
+`compare` adds to each summary: `losses`, `policy`, `overrides`, `reference_losses`,
+`reference_policy`, `rtol`, `max_rel_diff`); the prose in "What this shows" is generated from the
+same numbers, including what each policy costs and saves against the same strategy without it.
 """
 from __future__ import annotations
 
@@ -45,17 +48,29 @@ def measured_peak(summary: dict) -> int | None:
     return None if not values or None in values else max(values)
 
 
-def plot_losses(results: dict, reference: list[float], path: pathlib.Path) -> None:
+def _policy_label(policy: dict) -> str:
+    """`fp32` or `bf16, grad_accum=2`: a reference policy in words (its non-default settings)."""
+    parts = [policy.get("precision", "fp32")]
+    parts += [f"{key}={value}" for key, value in policy.items()
+              if key != "precision" and value not in (None, 1)]
+    return ", ".join(parts)
+
+
+def plot_losses(results: dict, path: pathlib.Path) -> None:
+    """Every run's curve, and each distinct single-process reference dashed."""
     plt = _pyplot()
     figure, axes = plt.subplots(figsize=(7, 4))
-    steps = range(1, len(reference) + 1)
     for name, summary in results.items():
-        axes.plot(steps, summary["losses"], label=name, alpha=0.8)
-    axes.plot(steps, reference, "k--", label="reference (1 process)", linewidth=1)
+        axes.plot(range(1, len(summary["losses"]) + 1), summary["losses"], label=name, alpha=0.8)
+    references = {_policy_label(s["reference_policy"]): s["reference_losses"] for s in results.values()}
+    styles = ["k--", "k:", "k-.", "k-"]
+    for index, (label, losses) in enumerate(references.items()):
+        axes.plot(range(1, len(losses) + 1), losses, styles[index % len(styles)], linewidth=1,
+                  label=f"reference, 1 process ({label})")
     axes.set_xlabel("step")
     axes.set_ylabel("train loss (nats/char)")
-    axes.set_title("Train loss per step: each strategy and the single-process reference", fontsize=10)
-    axes.legend(fontsize=8)
+    axes.set_title("Train loss per step: each run and the single-process reference of its policy", fontsize=10)
+    axes.legend(fontsize=7)
     axes.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -109,17 +124,24 @@ def _bytes(value: int | None) -> str:
     return "—" if value is None else f"{value:,}"
 
 
+def predicted_peak(summary: dict) -> int:
+    return max(r["peak_bytes_predicted"] for r in summary["ranks"])
+
+
 def table(results: dict) -> list[str]:
-    lines = ["| strategy | mesh | final loss | max rel. diff | step ms | bytes moved / rank / step | "
-             + " | ".join(KINDS) + " | peak predicted (max rank) | peak measured (max rank) | measured / predicted |",
-             "|---|---|---|---|---|---|" + "---|" * len(KINDS) + "---|---|---|"]
+    """One row per run: its strategy, mesh and policy columns, then equivalence, time, traffic, memory."""
+    columns = list(dict.fromkeys(key for s in results.values() for key in s.get("policy", {})))
+    lines = ["| run | strategy | mesh | " + "".join(f"{key} | " for key in columns)
+             + "final loss | max rel. diff (rtol) | step ms | bytes moved / rank / step | " + " | ".join(KINDS)
+             + " | peak predicted (max rank) | peak measured (max rank) | measured / predicted |",
+             "|---|---|---|" + "---|" * len(columns) + "---|---|---|---|" + "---|" * len(KINDS) + "---|---|---|"]
     for name, s in results.items():
-        predicted = max(r["peak_bytes_predicted"] for r in s["ranks"])
-        measured = measured_peak(s)
+        predicted, measured = predicted_peak(s), measured_peak(s)
         ratio = "—" if measured is None else f"{measured / predicted:.2f}"
         diff = "FAILED" if s.get("max_rel_diff") is None else f"{s['max_rel_diff']:.1e}"
-        lines.append(f"| {name} | {_mesh(s)} | {s['final_loss']:.6f} | {diff} | {1e3 * s['step_time_s']:.1f} | "
-                     f"{s['cost']['bytes_moved']:,} | "
+        policy = "".join(f"{'—' if s['policy'].get(key) is None else s['policy'][key]} | " for key in columns)
+        lines.append(f"| {name} | {s['strategy']} | {_mesh(s)} | {policy}{s['final_loss']:.6f} | "
+                     f"{diff} ({s.get('rtol', 0):.2g}) | {1e3 * s['step_time_s']:.1f} | {s['cost']['bytes_moved']:,} | "
                      + " | ".join(_bytes(s["cost"]["bytes_by_kind"].get(kind, 0)) for kind in KINDS)
                      + f" | {predicted:,} | {_bytes(measured)} | {ratio} |")
     return lines
@@ -145,27 +167,83 @@ def _join(names: list[str]) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
-def findings(results: dict, rtol: float) -> list[str]:
-    """Generated prose: equivalence; the cheapest and costliest strategy in memory, traffic and time; the model's fit."""
-    def peak(name):
-        return measured_peak(results[name]) or max(r["peak_bytes_predicted"] for r in results[name]["ranks"])
+def _change(new: float, old: float) -> str:
+    """`-42%` / `+3%`: the relative change from `old` to `new`."""
+    if old == new:
+        return "±0%"
+    if not old:
+        return "new"
+    percent = 100 * (new / old - 1)
+    return f"{percent:+.0f}%" if abs(percent) >= 1 else f"{percent:+.2g}%"
 
+
+def _peak(summary: dict) -> int:
+    """The measured peak of the fullest rank, else the predicted one."""
+    return measured_peak(summary) or predicted_peak(summary)
+
+
+def equivalence_line(results: dict) -> str:
+    """One sentence on equivalence: the worst run per tolerance (a tolerance is a compute dtype)."""
     names = list(results)
     failed = [n for n in names if results[n].get("max_rel_diff") is None]
-    lines = []
     if failed:
-        lines.append(f"- **Not equivalent:** {', '.join(failed)} left the reference loss curve (see the errors below).")
-    else:
-        worst = max(names, key=lambda n: results[n]["max_rel_diff"])
-        lines.append(f"- **Same math:** all {len(names)} strategies follow the single-process loss curve; the largest "
-                     f"relative difference is {results[worst]['max_rel_diff']:.1e} ({worst}), within {rtol:g}.")
+        return f"- **Not equivalent:** {', '.join(failed)} left the reference loss curve (see the errors below)."
+    by_rtol: dict[float, list[str]] = {}
+    for name in names:
+        by_rtol.setdefault(results[name].get("rtol", 0.0), []).append(name)
+    worst = []
+    for rtol, group in sorted(by_rtol.items()):
+        name = max(group, key=lambda n: results[n]["max_rel_diff"])
+        worst.append(f"{results[name]['max_rel_diff']:.1e} ({name}) within {rtol:.2g}")
+    return (f"- **Same math:** all {len(names)} runs follow the single-process loss curve of their own policy "
+            f"(a reference that casts and accumulates identically); the largest relative difference is "
+            f"{'; '.join(worst)}.")
+
+
+def policy_lines(results: dict) -> list[str]:
+    """What each policy run costs and saves against the plain run of the same strategy (when there is one)."""
+    lines = []
+    for name, s in results.items():
+        overrides = s.get("overrides") or {}
+        if not overrides:
+            continue
+        policy = ", ".join(f"{key}={value}" for key, value in overrides.items())
+        base = next((n for n, b in results.items() if b["strategy"] == s["strategy"] and not b.get("overrides")), None)
+        if base is None:
+            lines.append(f"- **{name}** ({s['strategy']} + {policy}): no plain {s['strategy']} run to compare with "
+                         f"(add `{s['strategy']}` to `runs`).")
+            continue
+        b = results[base]
+        kinds = sorted(set(s["cost"]["bytes_by_kind"]) | set(b["cost"]["bytes_by_kind"]))
+        by_kind = ", ".join(f"{kind} {_change(s['cost']['bytes_by_kind'].get(kind, 0), b['cost']['bytes_by_kind'].get(kind, 0))}"
+                            for kind in kinds)
+        source = "measured" if measured_peak(s) is not None and measured_peak(b) is not None else "predicted"
+        lines.append(f"- **{name}** ({s['strategy']} + {policy}) against {base}: peak memory "
+                     f"{_change(_peak(s), _peak(b))} ({_peak(b):,} → {_peak(s):,} B, {source}; predicted "
+                     f"{_change(predicted_peak(s), predicted_peak(b))}), bytes moved "
+                     f"{_change(s['cost']['bytes_moved'], b['cost']['bytes_moved'])} ({by_kind or 'none'}), "
+                     f"collectives {b['cost']['num_collectives']} → {s['cost']['num_collectives']}, step time "
+                     f"{_change(s['step_time_s'], b['step_time_s'])}.")
+    if lines:
+        lines.insert(0, "- **Policies** (each against the same strategy without it):")
+        lines[1:] = ["  " + line for line in lines[1:]]
+    return lines
+
+
+def findings(results: dict) -> list[str]:
+    """Generated prose: equivalence; the cheapest and costliest run in memory, traffic and time; what each
+    policy costs and saves; the model's fit."""
+    names = list(results)
+    lines = [equivalence_line(results)]
     if len(names) > 1:
-        by_peak = sorted(names, key=peak)
+        by_peak = sorted(names, key=lambda n: _peak(results[n]))
         low, high = by_peak[0], by_peak[-1]
+        peak_low, peak_high = _peak(results[low]), _peak(results[high])
         source = "measured" if all(measured_peak(results[n]) is not None for n in names) else "predicted"
-        lines.append(f"- **Memory:** {low} is cheapest ({peak(low):,} B peak on its fullest rank, {source}; it "
-                     f"{what_is_split(low)}), {high} the most expensive ({peak(high):,} B, {peak(high) / peak(low):.1f}×; "
-                     f"it {what_is_split(high)}).")
+        lines.append(f"- **Memory:** {low} is cheapest ({peak_low:,} B peak on its fullest rank, {source}; it "
+                     f"{what_is_split(results[low]['strategy'])}), {high} the most expensive ({peak_high:,} B, "
+                     f"{peak_high / peak_low:.1f}×; it {what_is_split(results[high]['strategy'])}).")
+
         def moved(name):
             return results[name]["cost"]["bytes_moved"]
 
@@ -183,7 +261,8 @@ def findings(results: dict, rtol: float) -> list[str]:
                      f"{fast['cost']['num_collectives']} collectives), {by_time[-1]} the slowest "
                      f"({1e3 * slow['step_time_s']:.1f} ms, {slow['cost']['num_collectives']} collectives); "
                      f"times are from local gloo ranks sharing this machine's cores.")
-    ratios = [measured_peak(results[n]) / max(r["peak_bytes_predicted"] for r in results[n]["ranks"])
+    lines += policy_lines(results)
+    ratios = [measured_peak(results[n]) / predicted_peak(results[n])
               for n in names if measured_peak(results[n]) is not None]
     if ratios:
         lines.append(f"- **Prediction:** measured peak / predicted peak is {min(ratios):.2f}–{max(ratios):.2f} "
@@ -192,24 +271,47 @@ def findings(results: dict, rtol: float) -> list[str]:
     return lines
 
 
-def write(output_dir: pathlib.Path, cfg: dict, results: dict, reference: list[float], rtol: float) -> pathlib.Path:
+def readme_block(results: dict) -> str:
+    """The short form for README (`python -m experiments.compare write_readme=true`): equivalence, the
+    policies' costs and savings, and a compact table (run, policy, memory, traffic, time)."""
+    columns = list(dict.fromkeys(key for s in results.values() for key in s.get("policy", {})))
+    lines = [equivalence_line(results), *policy_lines(results), "",
+             "| run | strategy | mesh | " + "".join(f"{key} | " for key in columns)
+             + "max rel. diff | peak measured (B, max rank) | bytes moved / rank / step | step ms |",
+             "|---|---|---|" + "---|" * len(columns) + "---|---|---|---|"]
+    for name, s in results.items():
+        diff = "FAILED" if s.get("max_rel_diff") is None else f"{s['max_rel_diff']:.1e}"
+        policy = "".join(f"{'—' if s['policy'].get(key) is None else s['policy'][key]} | " for key in columns)
+        lines.append(f"| {name} | {s['strategy']} | {_mesh(s)} | {policy}{diff} | {_bytes(measured_peak(s))} | "
+                     f"{s['cost']['bytes_moved']:,} | {1e3 * s['step_time_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def _compute_dtype(summary: dict, model_dtype: str) -> str:
+    precision = summary.get("reference_policy", {}).get("precision", "fp32")
+    return model_dtype if precision == "fp32" else precision
+
+
+def write(output_dir: pathlib.Path, cfg: dict, results: dict) -> pathlib.Path:
     """Write the four PNGs and `report.md` into `output_dir`; returns the report's path."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    plot_losses(results, reference, output_dir / PLOTS["loss"])
+    plot_losses(results, output_dir / PLOTS["loss"])
     plot_memory(results, output_dir / PLOTS["memory"])
     plot_collectives(results, output_dir / PLOTS["collectives"])
     plot_step_time(results, output_dir / PLOTS["step_time"])
     model = cfg["model"]
-    lines = ["# Strategy comparison", "",
-             f"`{model['arch']}/{model['size']}` in {model['dtype']}, {cfg['optim']['name']}, corpus "
+    tolerances = sorted({(s.get("rtol", 0.0), _compute_dtype(s, model["dtype"])) for s in results.values()})
+    lines = ["# Strategy and policy comparison", "",
+             f"`{model['arch']}/{model['size']}` with {model['dtype']} parameters, {cfg['optim']['name']}, corpus "
              f"`{cfg['data']['name']}`, global batch {cfg['data']['global_batch']}, {cfg['steps']} steps, seed "
-             f"{cfg['seed']}; every strategy on its own mesh of spawned gloo ranks, checked step by step against "
-             f"a single-process run (relative tolerance {rtol:g}).", "",
-             "## What this shows", "", *findings(results, rtol), "",
+             f"{cfg['seed']}; every run (a strategy, maybe with a policy) on its own mesh of spawned gloo ranks, "
+             f"checked step by step against a single-process run under the same policy (relative tolerance "
+             f"{', '.join(f'{rtol:.2g} computing in {dtype}' for rtol, dtype in tolerances)}).", "",
+             "## What this shows", "", *findings(results), "",
              "## Numbers", "", *table(results), "",
              "Bytes and predicted peaks come from the lowered step (`Lowered.cost`); measured peaks from "
              "`sharding.memory.MemoryTracker` around one step on each rank. Per-run details are in "
-             "`<strategy>/summary.json` and `<strategy>/metrics.jsonl`.", ""]
+             "`<run>/summary.json` and `<run>/metrics.jsonl`.", ""]
     errors = [s["error"] for s in results.values() if s.get("error")]
     if errors:
         lines += ["## Errors", "", *[f"- {e}" for e in errors], ""]

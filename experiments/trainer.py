@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from functional_parallel import data
 from functional_parallel.parallel import compile_step
-from functional_parallel.precision import init_opt_state
+from functional_parallel.precision import init_state
 from functional_parallel.train import make_train_step
 from functional_parallel.tree import tree_map
 from sharding import Lowered, Mesh, P, jit, shard
@@ -106,7 +106,7 @@ def setup(cfg: Any, rank: int, device: torch.device, output_dir: pathlib.Path | 
     schedule = build_schedule(cfg.optim, cfg.steps)
     optimizer = build_optimizer(cfg.optim, schedule)
     precision = build_precision(cfg)
-    opt_state = init_opt_state(optimizer, params, precision)
+    params, opt_state = init_state(optimizer, params, precision)
     started = time.perf_counter()
     compiled, specs = compile_step(make_train_step(model.loss, optimizer, cfg.grad_accum, precision), strategy, mesh,
                                    params, opt_state, remat=getattr(cfg, "remat", "none"))

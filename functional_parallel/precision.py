@@ -1,17 +1,19 @@
 """Mixed-precision policy applied by the train step (never by model code).
 
-Master parameters and optimizer state stay in their own dtype (fp32), sharded by the strategy.
-Each step casts the parameters to the compute dtype at the start, so under the compiler the cast
-runs on the local shard and a ZeRO-3 all-gather moves compute-dtype bytes (FSDP2's
-MixedPrecisionPolicy). Gradients come back in the compute dtype as Partial sums; `reduce_dtype`
-picks the dtype they are reduced in:
+ZeRO's layout (Rajbhandari et al. 2020, 2 + 2 + 12 bytes per parameter): under bf16/fp16 the step's
+parameters are the compute-dtype copy, and the fp32 master parameters live in the optimizer state
+(`init_state`) beside Adam's moments, so the strategy's optimizer-state rules shard them: ZeRO-1/2
+keep a replicated bf16 parameter and a sharded fp32 master, ZeRO-3 shards both. The step updates
+the master and casts it back, so the updated parameters are all-gathered (ZeRO-1/2) in the compute
+dtype, and a ZeRO-3 all-gather moves compute-dtype bytes. Gradients come back in the compute dtype
+as Partial sums; `reduce_dtype` picks the dtype they are reduced in:
 
 - None (the compute dtype): they are cast to the master dtype after the reduction (the compiler
   reduces a Partial before a widening cast, where it is smaller);
 - a wider dtype (float32): they are first added to a zero buffer of that dtype. A sum with zeros
   is linear, so the Partial survives the widening and is reduced in float32.
 
-fp16 adds dynamic loss scaling as pure state in the optimizer state (`init_opt_state`): the loss
+fp16 adds dynamic loss scaling as pure state in the optimizer state (`init_state`): the loss
 is multiplied by `scale`, gradients divided by it; a step whose gradient norm is not finite is
 skipped (params and optimizer state unchanged) and halves the scale; `growth_interval` finite
 steps in a row double it (torch.amp.GradScaler's rule, as `torch.where`s, so it compiles).
@@ -72,15 +74,29 @@ class Precision:
         return tree_map(widen, grads, params)
 
 
-def init_opt_state(optimizer: optim.GradientTransformation, params, precision: Precision):
-    """The optimizer state the train step expects: the optimizer's own, plus the loss scale under fp16."""
+def init_state(optimizer: optim.GradientTransformation, params, precision: Precision) -> tuple:
+    """(step parameters, optimizer state) the train step expects, from the fp32 `params`.
+
+    fp32: the parameters and the optimizer's own state. bf16/fp16: the parameters cast to the
+    compute dtype, and `{"optimizer": ..., "master": params}` (the fp32 masters), plus
+    `"loss_scale"` under fp16. The master leaves mirror the parameters' paths, so the strategy's
+    optimizer-state rules shard them (`parallel.state_specs`).
+    """
     state = optimizer.init(params)
-    if not precision.loss_scaling:
-        return state
-    leaves = tree_leaves(params)
-    device = leaves[0].device if leaves else None
-    return {"optimizer": state, "loss_scale": {"scale": torch.tensor(precision.init_scale, device=device),
-                                               "good_steps": torch.zeros((), device=device)}}
+    if precision.compute_dtype is None:
+        return params, state
+    state = {"optimizer": state, "master": params}
+    if precision.loss_scaling:
+        leaves = tree_leaves(params)
+        device = leaves[0].device if leaves else None
+        state["loss_scale"] = {"scale": torch.tensor(precision.init_scale, device=device),
+                               "good_steps": torch.zeros((), device=device)}
+    return precision.cast_params(params), state
+
+
+def master_params(params, opt_state, precision: Precision):
+    """The full-precision parameters of a (params, opt_state) pair: the masters under bf16/fp16."""
+    return params if precision.compute_dtype is None else opt_state["master"]
 
 
 def update_loss_scale(precision: Precision, loss_scale: dict, finite: torch.Tensor) -> dict:

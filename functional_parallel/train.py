@@ -61,9 +61,9 @@ def make_train_step(loss_fn: LossFn, optimizer: optim.GradientTransformation, gr
 
     With `grad_accum=N` the batch is split into N micro-batches (`microbatches`); their gradients
     and losses are averaged and one update is made, equal to the update on the whole batch.
-    `precision` (a `Precision` or its name) casts the parameters to the compute dtype inside the
-    step and the gradients back (`functional_parallel.precision`); under fp16 `opt_state` is
-    `precision.init_opt_state(...)` (the optimizer's state plus the loss scale).
+    `precision` (a `Precision` or its name): under bf16/fp16 `params` are the compute-dtype copy and
+    `opt_state` holds the fp32 masters (`precision.init_state`); the step differentiates the copy,
+    widens the gradients, updates the masters and returns them cast again.
     metrics = {"loss": the loss before the update, "grad_norm": global norm of the raw
     (accumulated, unscaled) gradient, before any clipping}, both 0-dim tensors.
     """
@@ -87,12 +87,11 @@ def make_train_step(loss_fn: LossFn, optimizer: optim.GradientTransformation, gr
         def grad_and_loss(low_params, batch, scale):
             return unscaled(low_params, batch)
 
-    def accumulated_grad_and_loss(params, batch, scale):
-        low = policy.cast_params(params)
+    def accumulated_grad_and_loss(low, master, batch, scale):
         grads, loss = None, None
         for micro in microbatches(batch, grad_accum) if grad_accum > 1 else [batch]:
             g, l = grad_and_loss(low, micro, scale)
-            g = policy.to_master(g, params)
+            g = policy.to_master(g, master)
             grads = g if grads is None else tree_map(torch.add, grads, g)
             loss = l if loss is None else loss + l
         if grad_accum > 1 or policy.loss_scaling:
@@ -101,19 +100,23 @@ def make_train_step(loss_fn: LossFn, optimizer: optim.GradientTransformation, gr
         return grads, loss
 
     def train_step(params, opt_state, batch):
-        scaling = opt_state["loss_scale"] if policy.loss_scaling else None
-        inner = opt_state["optimizer"] if policy.loss_scaling else opt_state
-        grads, loss = accumulated_grad_and_loss(params, batch, scaling["scale"] if scaling else 1.0)
-        updates, new_inner = optimizer.update(grads, inner, params)
-        new_params = optim.apply_updates(params, updates)
+        low_precision = policy.compute_dtype is not None
+        master = opt_state["master"] if low_precision else params
+        inner = opt_state["optimizer"] if low_precision else opt_state
+        scaling = opt_state.get("loss_scale") if low_precision else None
+        grads, loss = accumulated_grad_and_loss(params, master, batch, scaling["scale"] if scaling else 1.0)
+        updates, new_inner = optimizer.update(grads, inner, master)
+        new_master = optim.apply_updates(master, updates)
         grad_norm = optim.global_norm(grads)  # after the update: graph order moves the estimated peak
         metrics = {"loss": loss, "grad_norm": grad_norm}
-        if not policy.loss_scaling:
-            return new_params, new_inner, metrics
-        finite = torch.isfinite(grad_norm)
-        new_state = {"optimizer": where_finite(finite, new_inner, inner),
-                     "loss_scale": update_loss_scale(policy, scaling, finite)}
-        return where_finite(finite, new_params, params), new_state, metrics
+        if not low_precision:
+            return new_master, new_inner, metrics
+        new_state = {"optimizer": new_inner, "master": new_master}
+        if scaling is not None:
+            finite = torch.isfinite(grad_norm)
+            new_state = {**where_finite(finite, new_state, {"optimizer": inner, "master": master}),
+                         "loss_scale": update_loss_scale(policy, scaling, finite)}
+        return policy.cast_params(new_state["master"]), new_state, metrics
 
     train_step.grad_accum = grad_accum  # read by `parallel.compile_step` to check each rank's batch
     train_step.precision = policy

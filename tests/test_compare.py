@@ -1,4 +1,5 @@
-"""`experiments.compare`: equivalence is checked step by step, and a tiny comparison writes its report."""
+"""`experiments.compare`: runs (a strategy, maybe with a policy) are parsed and checked step by step
+against a reference under the same policy, and a tiny comparison writes its report with policy rows."""
 from __future__ import annotations
 
 import pathlib
@@ -9,6 +10,7 @@ from hydra import compose, initialize_config_dir
 from experiments import compare, report
 
 CONF_DIR = str(pathlib.Path(__file__).resolve().parents[1] / "conf")
+PLAIN = ["dp", "zero1", "zero2", "zero3", "tp", "tp_sp", "fsdp_tp"]
 
 
 def compose_compare(overrides):
@@ -16,48 +18,115 @@ def compose_compare(overrides):
         return compose(config_name="compare", overrides=overrides)
 
 
-def test_default_compares_every_strategy_in_float64():
+def test_default_compares_every_strategy_in_float64_plus_policy_runs():
     cfg = compose_compare([])
-    assert list(cfg.strategies) == ["dp", "zero1", "zero2", "zero3", "tp", "tp_sp", "fsdp_tp"]
+    runs = compare.parse_runs(cfg)
+    assert [run.name for run in runs] == PLAIN + ["zero3_bf16", "tp_sp_bf16", "dp_accum2"]
     assert cfg.model.dtype == "float64" and cfg.model.size == "tiny"
-    for name in cfg.strategies:
-        train_cfg = compare.train_config(cfg, name)
-        assert train_cfg.strategy.name == name and train_cfg.log_every == 1
+    for run in runs:
+        train_cfg = compare.train_config(cfg, run)
+        assert train_cfg.strategy.name == run.strategy and train_cfg.log_every == 1
         compare.validate(train_cfg)
+    configs = {run.name: compare.train_config(cfg, run) for run in runs}
+    assert configs["zero3_bf16"].precision == "bf16" and configs["dp_accum2"].grad_accum == 2
+    assert configs["zero3"].precision == "fp32" and configs["zero3"].grad_accum == 1
+    # one reference per distinct policy: fp32, bf16, fp32 with two micro-batches
+    assert len({compare.reference_policy(c) for c in configs.values()}) == 3
+    assert compare.tolerance(cfg, configs["zero3"]) == 1e-9
+    assert compare.tolerance(cfg, configs["zero3_bf16"]) == compare.TOLERANCES["bfloat16"]
+    assert compare.policy_keys(runs) == ["precision", "grad_accum"]
 
 
-def test_unknown_strategy_fails_with_the_known_ones():
-    cfg = compose_compare(["strategies=[dp,zero4]"])
-    with pytest.raises(ValueError, match="unknown strategy 'zero4'.*zero3"):
-        compare.compare(cfg, "/nonexistent")
+def test_strategies_shorthand_replaces_runs():
+    runs = compare.parse_runs(compose_compare(["strategies=[dp,zero3]"]))
+    assert runs == [compare.Run("dp", "dp"), compare.Run("zero3", "zero3")]
+    runs = compare.parse_runs(compose_compare(["runs=[dp,{name: dp_fp16, strategy: dp, precision: fp16}]"]))
+    assert runs[1] == compare.Run("dp_fp16", "dp", {"precision": "fp16"})
 
 
-def test_divergence_names_the_strategy_and_the_step():
+def test_bad_runs_fail_before_anything_runs():
+    with pytest.raises(ValueError, match="unknown strategy 'zero4' in run 'zero4'.*zero3"):
+        compare.compare(compose_compare(["strategies=[dp,zero4]"]), "/nonexistent")
+    with pytest.raises(ValueError, match="run 'x'.*not a valid train-config override"):
+        compare.compare(compose_compare(["runs=[{name: x, strategy: dp, precison: bf16}]"]), "/nonexistent")
+    with pytest.raises(ValueError, match="run 'x' overrides \\['steps'\\]"):
+        compare.parse_runs(compose_compare(["runs=[{name: x, strategy: dp, steps: 3}]"]))
+    with pytest.raises(ValueError, match="repeated: \\['dp'\\]"):
+        compare.parse_runs(compose_compare(["runs=[dp,dp]"]))
+    with pytest.raises(ValueError, match="unknown precision 'bf8'"):
+        compare.compare(compose_compare(["runs=[{name: x, strategy: dp, precision: bf8}]"]), "/nonexistent")
+
+
+def test_divergence_names_the_run_and_the_step():
     reference = [4.0, 3.5, 3.0]
     assert compare.check_equivalent("dp", [4.0, 3.5 * (1 + 1e-12), 3.0], reference, 1e-9) < 1e-9
-    with pytest.raises(compare.NotEquivalentError, match=r"strategy 'zero3' .* at step 2"):
+    with pytest.raises(compare.NotEquivalentError, match=r"run 'zero3' .* same policy at step 2"):
         compare.check_equivalent("zero3", [4.0, 3.6, 3.0], reference, 1e-9)
     with pytest.raises(compare.NotEquivalentError, match="at step 3"):
         compare.check_equivalent("tp", [4.0, 3.5, float("nan")], reference, 1e-9)
+    # the bf16 tolerance admits a few roundings of a bf16 loss, not a curve that drifted by 5%
+    bf16 = compare.TOLERANCES["bfloat16"]
+    assert compare.check_equivalent("zero3_bf16", [4.0, 3.5 + 2 ** -6, 3.0], reference, bf16) < bf16
+    with pytest.raises(compare.NotEquivalentError, match=r"run 'zero3_bf16' .* at step 2"):
+        compare.check_equivalent("zero3_bf16", [4.0, 3.5 * 1.05, 3.0], reference, bf16)
 
 
 @pytest.mark.slow
-def test_two_strategies_are_equivalent_and_reported(tmp_path):
-    cfg = compose_compare(["strategies=[dp,zero3]", "meshes.dp={dp: 2, tp: 1}", "meshes.zero3={dp: 2, tp: 1}",
-                           "steps=4"])
+def test_policy_runs_are_equivalent_and_reported(tmp_path):
+    cfg = compose_compare(["runs=[dp,zero3,{name: zero3_bf16, strategy: zero3, precision: bf16},"
+                           "{name: dp_accum2, strategy: dp, grad_accum: 2}]",
+                           "meshes.dp={dp: 2, tp: 1}", "meshes.zero3={dp: 2, tp: 1}", "steps=4"])
     outcome = compare.compare(cfg, tmp_path)
-    results, reference = outcome["results"], outcome["reference"]
-    assert list(results) == ["dp", "zero3"] and len(reference) == 4
+    results, references = outcome["results"], outcome["references"]
+    assert list(results) == ["dp", "zero3", "zero3_bf16", "dp_accum2"]
     for name, summary in results.items():
-        assert summary["max_rel_diff"] <= compare.TOLERANCES["float64"]
-        assert summary["losses"] == pytest.approx(reference, rel=1e-9)
+        assert summary["max_rel_diff"] <= summary["rtol"]
+        assert summary["losses"] == pytest.approx(references[name], rel=summary["rtol"])
         assert (tmp_path / name / "metrics.jsonl").exists()
+    assert results["dp"]["rtol"] == 1e-9 and results["zero3_bf16"]["rtol"] == compare.TOLERANCES["bfloat16"]
+    assert references["dp_accum2"] == pytest.approx(references["dp"], rel=1e-12)  # same math, own reference
+    assert references["zero3_bf16"] != pytest.approx(references["zero3"], rel=1e-6)  # it casts: a bf16 curve
+
     text = (tmp_path / "report.md").read_text()
     for plot in report.PLOTS.values():
         assert (tmp_path / plot).stat().st_size > 1000 and f"({plot})" in text
-    assert "| dp | dp=2 |" in text and "| zero3 | dp=2 |" in text
+    assert "| run | strategy | mesh | precision | grad_accum |" in text
+    assert "| dp | dp | dp=2 | fp32 | 1 |" in text and "| zero3_bf16 | zero3 | dp=2 | bf16 | 1 |" in text
+    assert "| dp_accum2 | dp | dp=2 | fp32 | 2 |" in text
     # zero3 splits parameters and state: less memory, more traffic than dp, and the prose says so
-    assert "**Memory:** zero3 is cheapest" in text and "**Traffic:** zero3 moves the most" in text
     assert "it splits parameters and gradients over dp, optimizer state over dp" in text
-    zero3, dp = results["zero3"]["ranks"][0], results["dp"]["ranks"][0]
+    zero3, dp, bf16 = (results[name]["ranks"][0] for name in ("zero3", "dp", "zero3_bf16"))
     assert zero3["peak_bytes_measured"] < dp["peak_bytes_measured"]
+    # bf16 over float64 masters: gradients reduce-scattered in 2 bytes instead of 8, and a smaller peak
+    kinds = {name: results[name]["cost"]["bytes_by_kind"] for name in results}
+    assert kinds["zero3_bf16"]["reduce_scatter"] * 4 == kinds["zero3"]["reduce_scatter"]
+    assert bf16["peak_bytes_measured"] < zero3["peak_bytes_measured"]
+    assert "**zero3_bf16** (zero3 + precision=bf16) against zero3: peak memory -" in text
+    # two micro-batches, still one gradient all-reduce: the same bytes up to the scalar loss reductions
+    assert abs(kinds["dp_accum2"]["all_reduce"] - kinds["dp"]["all_reduce"]) <= 64
+    assert "**dp_accum2** (dp + grad_accum=2) against dp:" in text
+
+    # A reference under another policy fails loudly, naming the run and the first step: the exact dp run
+    # against the bf16 reference; the bf16 run against its reference with step 3 moved by 5%.
+    summaries = {name: dict(results[name]) for name in ("dp", "zero3_bf16")}
+    configs = {run.name: compare.train_config(cfg, run) for run in compare.parse_runs(cfg) if run.name in summaries}
+    mutated = list(references["zero3_bf16"])
+    mutated[2] *= 1.05
+    failures = compare.check_runs(cfg, summaries, {"dp": references["zero3_bf16"], "zero3_bf16": mutated}, configs)
+    assert len(failures) == 2 and "run 'dp' diverges" in failures[0] and "at step 1" in failures[0]
+    assert "run 'zero3_bf16' diverges" in failures[1] and "at step 3" in failures[1]
+    assert summaries["dp"]["max_rel_diff"] is None and summaries["zero3_bf16"]["max_rel_diff"] is None
+
+
+def test_readme_block_lists_the_default_runs():
+    """README's comparison block is written by `python -m experiments.compare write_readme=true`: one row per
+    default run, and a policy line for each policy run."""
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    begin, end = compare.README_MARKERS
+    block = readme.split(begin)[1].split(end)[0]
+    runs = compare.parse_runs(compose_compare([]))
+    rows = [line.split(" | ")[0].lstrip("| ") for line in block.splitlines() if line.startswith("| ")][1:]
+    assert rows == [run.name for run in runs]
+    for run in runs:
+        assert (f"**{run.name}** ({run.describe().replace(', ', ' + ', 1)}) against {run.strategy}" in block) \
+            == bool(run.overrides)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import operator
 from dataclasses import dataclass
 
+import torch
 import torch.fx as fx
 
 from .. import collectives
@@ -71,9 +72,18 @@ def chains(graph: fx.Graph) -> list[Chain]:
     return found
 
 
+# Dtype casts a parameter may pass through before its gather: mixed precision casts the local shard
+# to the compute dtype first, so that the all-gather moves low-precision bytes.
+CASTS = {torch.ops.aten._to_copy.default, torch.ops.prims.convert_element_type.default}
+
+
 def is_parameter_gather(chain: Chain) -> bool:
-    """An all-gather of a step input (a parameter stored sharded on the gathered axis)."""
-    return chain.kind == "all_gather" and chain.source.op == "placeholder"
+    """An all-gather of a step input (a parameter stored sharded on the gathered axis), or of a dtype
+    cast of one (its compute-dtype copy): gathering either again costs only the collective."""
+    source = chain.source
+    while source.op == "call_function" and source.target in CASTS and not source.kwargs.get("device"):
+        source = source.args[0]
+    return chain.kind == "all_gather" and source.op == "placeholder"
 
 
 def positions(graph: fx.Graph) -> dict[fx.Node, int]:

@@ -12,7 +12,7 @@ from functional_parallel import optim
 from functional_parallel.launch import spawn
 from functional_parallel.models import build
 from functional_parallel.parallel import EXAMPLE_MESHES, Strategy, compile_step
-from functional_parallel.precision import Precision, init_opt_state
+from functional_parallel.precision import Precision, init_state
 from functional_parallel.train import make_train_step
 from functional_parallel.tree import tree_leaves
 from sharding import Mesh, shard, unshard
@@ -35,11 +35,11 @@ def _problem(adam: bool = True):
 
 def _gradient_collectives(strategy: str, policy: Precision, grad_accum: int = 1):
     model, params, optimizer, batch = _problem()
-    state, mesh = init_opt_state(optimizer, params, policy), Mesh.abstract(EXAMPLE_MESHES[strategy])
+    numel = sum(p.numel() for p in tree_leaves(params))
+    (params, state), mesh = init_state(optimizer, params, policy), Mesh.abstract(EXAMPLE_MESHES[strategy])
     step, (pspecs, sspecs, bspec) = compile_step(make_train_step(model.loss, optimizer, grad_accum, policy),
                                                  Strategy.load(strategy), mesh, params, state)
     lowered = step.lower(shard(params, pspecs, mesh), shard(state, sspecs, mesh), shard(batch, bspec, mesh))
-    numel = sum(p.numel() for p in tree_leaves(params))
     bytes_by = Counter()
     for c in lowered.collectives:
         if c["axes"] == ("dp",) and c["shape"] != ():  # not the scalar loss / norm reductions
@@ -65,6 +65,27 @@ def test_reduce_dtype_float32_reduces_gradients_in_float32():
     assert bytes_by["reduce_scatter", "float32"] == 4 * numel and ("reduce_scatter", "bfloat16") not in bytes_by
 
 
+def test_zero2_keeps_bf16_params_and_a_sharded_fp32_master():
+    """ZeRO's mixed-precision layout, 2 + 2 + 12 bytes per parameter: the replicated parameter is the
+    bf16 copy, the fp32 master shards with Adam's moments, and the updated parameters come back as a
+    bf16 all-gather (Rajbhandari et al. 2020, Figure 1)."""
+    model, params, optimizer, batch = _problem()
+    numel, ranks = sum(p.numel() for p in tree_leaves(params)), 4
+    (low, state), mesh = init_state(optimizer, params, Precision.named("bf16")), Mesh.abstract(EXAMPLE_MESHES["zero2"])
+    step, (pspecs, sspecs, bspec) = compile_step(make_train_step(model.loss, optimizer, precision="bf16"),
+                                                 Strategy.load("zero2"), mesh, low, state)
+    local_params, local_state = shard(low, pspecs, mesh), shard(state, sspecs, mesh)
+    assert sum(p.numel() * p.element_size() for p in tree_leaves(local_params)) == 2 * numel
+    for key in ("master",):
+        assert sum(p.numel() * p.element_size() for p in tree_leaves(local_state[key])) == 4 * numel // ranks
+    lowered = step.lower(local_params, local_state, shard(batch, bspec, mesh))
+    gathered = Counter()
+    for c in lowered.collectives:
+        if c["kind"] == "all_gather":
+            gathered[c["dtype"]] += c["bytes"]
+    assert gathered == Counter({"bfloat16": 2 * numel})
+
+
 def test_bad_policy_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown precision 'fp8'"):
         Precision.named("fp8")
@@ -75,7 +96,8 @@ def test_bad_policy_is_a_clear_error():
 def _fp16_run(init_scale: float, steps: int):
     model, params, optimizer, batch = _problem()
     policy = Precision.named("fp16", init_scale=init_scale)
-    step, state = make_train_step(model.loss, optimizer, precision=policy), init_opt_state(optimizer, params, policy)
+    step, (params, state) = make_train_step(model.loss, optimizer, precision=policy), \
+        init_state(optimizer, params, policy)
     history = []
     for _ in range(steps):
         params, state, metrics = step(params, state, batch)
@@ -88,11 +110,12 @@ def test_fp16_loss_scale_skips_on_inf_and_recovers():
     # (params and Adam state untouched, scale halved); from 2^15 on the run is the one started at 2^15.
     injected, clean = _fp16_run(2.0 ** 17, 5), _fp16_run(2.0 ** 15, 3)
     model, params, optimizer, _ = _problem()
-    start = init_opt_state(optimizer, params, Precision.named("fp16"))["optimizer"]
+    params, start = init_state(optimizer, params, Precision.named("fp16"))
     for skipped in injected[:2]:
         assert not torch.isfinite(skipped[2]["grad_norm"])
         assert all(torch.equal(a, b) for a, b in zip(tree_leaves(skipped[0]), tree_leaves(params)))
-        assert all(torch.equal(a, b) for a, b in zip(tree_leaves(skipped[1]["optimizer"]), tree_leaves(start)))
+        for key in ("optimizer", "master"):
+            assert all(torch.equal(a, b) for a, b in zip(tree_leaves(skipped[1][key]), tree_leaves(start[key])))
     assert [h[1]["loss_scale"]["scale"].item() for h in injected] == [2.0 ** 16] + [2.0 ** 15] * 4
     for (got, _, m), (want, _, w) in zip(injected[2:], clean):
         assert torch.isfinite(m["grad_norm"]) and torch.equal(m["loss"], w["loss"])
@@ -103,7 +126,8 @@ def test_fp16_loss_scale_skips_on_inf_and_recovers():
 def test_fp16_loss_scale_grows_after_growth_interval():
     model, params, optimizer, batch = _problem()
     policy = Precision.named("fp16", init_scale=2.0 ** 10, growth_interval=2)
-    step, state = make_train_step(model.loss, optimizer, precision=policy), init_opt_state(optimizer, params, policy)
+    step, (params, state) = make_train_step(model.loss, optimizer, precision=policy), \
+        init_state(optimizer, params, policy)
     scales = []
     for _ in range(4):
         params, state, _ = step(params, state, batch)
@@ -113,26 +137,26 @@ def test_fp16_loss_scale_grows_after_growth_interval():
 
 def _reference(policy: Precision, steps: int):
     model, params, optimizer, batch = _problem(adam=False)
-    step, state, losses = make_train_step(model.loss, optimizer, precision=policy), \
-        init_opt_state(optimizer, params, policy), []
+    step, (params, state), losses = make_train_step(model.loss, optimizer, precision=policy), \
+        init_state(optimizer, params, policy), []
     for _ in range(steps):
         params, state, metrics = step(params, state, batch)
         losses.append(metrics["loss"])
-    return params, losses
+    return state["master"], losses
 
 
 def _run(rank, world, cases, steps):
     model, params, optimizer, batch = _problem(adam=False)
     out = {}
     for name, policy in cases:
-        mesh, state = Mesh(EXAMPLE_MESHES[name]), init_opt_state(optimizer, params, policy)
+        mesh, (low, state) = Mesh(EXAMPLE_MESHES[name]), init_state(optimizer, params, policy)
         step, (pspecs, sspecs, bspec) = compile_step(make_train_step(model.loss, optimizer, precision=policy),
-                                                     Strategy.load(name), mesh, params, state)
-        p, s, losses = shard(params, pspecs, mesh), shard(state, sspecs, mesh), []
+                                                     Strategy.load(name), mesh, low, state)
+        p, s, losses = shard(low, pspecs, mesh), shard(state, sspecs, mesh), []
         for _ in range(steps):
             p, s, metrics = step(p, s, shard(batch, bspec, mesh))
             losses.append(metrics["loss"])
-        out[name, policy] = (unshard(p, pspecs, mesh), losses)
+        out[name, policy] = (unshard(s, sspecs, mesh)["master"], losses)
     return out
 
 

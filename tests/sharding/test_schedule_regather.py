@@ -2,8 +2,14 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
+from functional_parallel import optim
+from functional_parallel.parallel import EXAMPLE_MESHES, Strategy, compile_step
+from functional_parallel.precision import Precision, init_state
+from functional_parallel.train import make_train_step
 from functional_parallel.tree import leaf_paths
+from sharding import Mesh, shard
 from sharding.schedule.chain import chains, is_parameter_gather, positions
 from sharding.schedule.regather import _windows
 
@@ -52,3 +58,22 @@ def test_regather_lowers_the_peak_and_adds_only_gathers():
     assert added == sum(c["bytes"] for c in again.collectives if c.get("regather"))
     assert {k: v for k, v in again.cost["bytes_by_kind"].items() if k != "all_gather"} == \
         {k: v for k, v in kept.cost["bytes_by_kind"].items() if k != "all_gather"}
+
+
+def test_compute_dtype_copies_are_regathered_too():
+    """Mixed precision casts the local shard to bf16 before the gather (so it moves 2-byte elements); the
+    backward gathers that cast again, as it does the fp32 parameter: same parameters, half the bytes."""
+    model, params, fp32 = _lower("zero3", bucket_bytes=0)
+    optimizer, policy = optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(1e-2, weight_decay=0.1)), \
+        Precision.named("bf16")
+    (params, state), mesh = init_state(optimizer, params, policy), Mesh.abstract(EXAMPLE_MESHES["zero3"])
+    step, (pspecs, sspecs, bspec) = compile_step(make_train_step(model.loss, optimizer, precision=policy),
+                                                 Strategy.load("zero3"), mesh, params, state, bucket_bytes=0)
+    tokens = torch.zeros(8, model.cfg.seq_len, dtype=torch.long)
+    bf16 = step.lower(shard(params, pspecs, mesh), shard(state, sspecs, mesh),
+                      shard({"inputs": tokens, "targets": tokens}, bspec, mesh))
+    again = {name: [c for c in lowered.collectives if c.get("regather")] for name, lowered in
+             (("fp32", fp32), ("bf16", bf16))}
+    assert len(again["bf16"]) == len(again["fp32"]) > 0
+    assert {c["dtype"] for c in again["bf16"]} == {"bfloat16"}
+    assert 2 * sum(c["bytes"] for c in again["bf16"]) == sum(c["bytes"] for c in again["fp32"])
