@@ -151,13 +151,12 @@ def test_checkpoint_name_is_identity_outside_jit():
 def test_one_seed_per_micro_batch(grad_accum, precision):
     """The backward seed is `ones_like` of the differentiated 0-dim loss: one per micro-batch, and
     under fp16 of the scaled loss."""
-    from functional_parallel.precision import init_opt_state
+    from functional_parallel.precision import init_state
 
     model = build("gpt", "tiny", n_layers=1)
-    params = model.init(0)
     optimizer = optim.sgd(0.1)
     step = make_train_step(model.loss, optimizer, grad_accum, precision)
-    state = init_opt_state(optimizer, params, step.precision)
+    params, state = init_state(optimizer, model.init(0), step.precision)
     tokens = torch.zeros(4, model.cfg.seq_len, dtype=torch.long)
     args = (params, state, {"inputs": tokens, "targets": tokens})
     specs = tuple(tree_map(lambda _: P(), a) for a in args)
