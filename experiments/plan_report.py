@@ -24,7 +24,8 @@ def memory_table(result: dict) -> tuple[str, list[str], list[list[str]]]:
              f"Ψ={result['strategies'][0]['figures']['parameters'] / 1e9:.2f}B, mesh "
              + " × ".join(f"{a}={n}" for a, n in result["mesh"].items())
              + f" ({result['ranks']} ranks), {result['precision']['name']}, micro-batch {result['micro_batch']}"
-             f" × seq {cfg['seq_len']}" + ("" if result.get("remat", "none") == "none" else f", remat={result['remat']}"))
+             f" × seq {cfg['seq_len']}"
+             + ("" if result.get("remat", "none") == "none" else f", remat={result['remat']}"))
     headers = ["strategy", "params", "grads", "optimizer", "activations", "gathered params", "total",
                "ZeRO formula (model states)", "ours − formula"]
     rows = []

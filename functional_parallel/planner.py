@@ -15,8 +15,9 @@ precision: 2-byte params and grads, 4-byte fp32 master copy and Adam moments):
   master copy of the params, which lives in the optimizer-state layout (as in ZeRO);
 - activations: forward values computed from the batch and kept alive across the
   forward/backward boundary (the loss) because backward reads them — what Korthikanti et al.
-  call activation memory (under activation checkpointing, what the policy keeps); values computed from parameters alone that are kept the same way
-  (all-gathered ZeRO-3 weights) are reported apart, as gathered_params.
+  call activation memory (under activation checkpointing, what the policy keeps); values
+  computed from parameters alone that are kept the same way (all-gathered ZeRO-3 weights) are
+  reported apart, as gathered_params.
 """
 from __future__ import annotations
 

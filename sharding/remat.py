@@ -3,8 +3,9 @@ recompute the others in backward.
 
 Runs right after `trace`, on the global graph of forward + backward + optimizer, before
 `propagate`: a recomputed forward op is an op like any other, so it gets its layout and its
-collectives from the same rules (tensor parallelism's forward all-reduces are recomputed, as in
-Megatron's full recompute) and ZeRO-3's `regather` gives it the backward's parameter gather.
+collectives from the same rules (a tensor-parallel all-reduce whose result the backward needs is
+recomputed, as in Megatron's full recompute) and ZeRO-3's `regather` gives it a parameter gather
+in the backward. No strategy has code here.
 
 Forward and backward: the autograd seed of `torch.func.grad` is `ones_like` of the 0-dim
 differentiated loss (one per micro-batch under gradient accumulation; the scaled loss under fp16
@@ -18,7 +19,10 @@ descendant of a seed (the optimizer included). A forward value that a backward n
   kept values.
 - `selective` (Korthikanti et al. 2022, section 4): recompute only the attention core (any SDPA op,
   softmax, dropout, batched matmuls of two activations such as QKᵀ and AV, and the elementwise
-  ops between them); keep everything else (linear-layer, norm and activation-function inputs).
+  ops between them); keep everything else (linear-layer, norm and activation-function inputs),
+  except constants (a causal mask), which are made again. A kept view keeps its base, so an SDPA
+  whose output feeds the output projection is kept whole: flash attention saves no s² tensors,
+  and selective then changes nothing.
 
 Copies are placed just before their first backward use, one copy per value per backward region
 (the nodes after one seed and before the next), shared by that region's users. Random ops
@@ -34,7 +38,7 @@ import torch.fx as fx
 
 from .checkpoint_name import CHECKPOINT_NAME
 from .cost import VIEW_OPS
-from .errors import ShardingError
+from .errors import RematError
 
 aten = torch.ops.aten
 
@@ -47,10 +51,6 @@ _PASS_THROUGH = VIEW_OPS | {aten.clone.default, aten._to_copy.default, aten.expa
 _SOFTMAX = {aten._softmax.default, aten.softmax.int, aten._safe_softmax.default}
 _DROPOUT = {aten.native_dropout.default, aten.dropout.default}
 _BATCHED_MATMUL = {aten.bmm.default, aten.baddbmm.default, aten.matmul.default}
-
-
-class RematError(ShardingError):
-    """A remat policy that cannot be applied (unknown name, or no backward in the traced step)."""
 
 
 def check_policy(policy: str) -> str:
