@@ -5,10 +5,10 @@ trace -> remat -> propagate -> insert -> localize -> schedule -> run; `jit` driv
 from .api import Lowered, jit
 from .checkpoint_name import checkpoint_name
 from .constrain import constrain
-from .errors import CollectiveError, MeshError, PropagationError, ShardingError, SpecError
+from .errors import CollectiveError, MeshError, PropagationError, RematError, ShardingError, SpecError
 from .mesh import Mesh
 from .spec import P
 from .tree import match, shard, unshard
 
 __all__ = ["Mesh", "P", "match", "shard", "unshard", "constrain", "checkpoint_name", "jit", "Lowered",
-           "ShardingError", "CollectiveError", "SpecError", "MeshError", "PropagationError"]
+           "ShardingError", "CollectiveError", "SpecError", "MeshError", "PropagationError", "RematError"]
