@@ -8,7 +8,7 @@ import torch
 from omegaconf import OmegaConf
 
 from functional_parallel import data, models, optim
-from functional_parallel.parallel import Strategy, param_specs, state_specs
+from functional_parallel.parallel import Strategy, check_offload, param_specs, state_specs
 from functional_parallel.precision import Precision
 from functional_parallel.train import check_local_batch
 from sharding import Mesh, P, shard
@@ -84,7 +84,8 @@ def validate(cfg: Any, world_size: int | None = None) -> Strategy:
 
     Checks the strategy, that it names only mesh axes, that the mesh fits the world (when
     given), that the global batch splits evenly over the axes the strategy splits it on, and
-    that every parameter and state leaf splits evenly, and the precision and remat names. Returns the `Strategy`.
+    that every parameter and state leaf splits evenly, and the precision, offload and remat policies.
+    Returns the `Strategy`.
     """
     strategy = build_strategy(cfg.strategy)
     shape = mesh_shape(cfg.mesh)
@@ -112,5 +113,6 @@ def validate(cfg: Any, world_size: int | None = None) -> Strategy:
     check_local_batch(cfg.data.global_batch, split, getattr(cfg, "grad_accum", 1))
     build_precision(cfg)
     check_policy(getattr(cfg, "remat", "none"))
+    check_offload(getattr(cfg, "offload", "none"))
     check_layouts(cfg, strategy)
     return strategy

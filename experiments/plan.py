@@ -41,6 +41,7 @@ class PlanConfig:
     micro_batch: int = 1  # sequences per data-parallel rank (Korthikanti's b)
     depth: Optional[int] = 1  # lower depth and depth + 1 layers and extrapolate; null: lower the full depth
     vocab_multiple: int = 128  # the vocabulary is padded to a multiple of lcm(this, ranks), as Megatron does
+    offload: str = "none"  # none | optimizer: the optimizer role (master copy, Adam m and v) in host memory
     write_readme: bool = False  # also write the tables into README.md (between "plan model=<name>" markers)
 
 
@@ -66,6 +67,7 @@ def plan(cfg: PlanConfig, progress=None) -> dict[str, Any]:
     unknown = [name for name in cfg.strategies if name not in ALL_STRATEGIES]
     if unknown:
         raise ValueError(f"unknown strategies {unknown}; expected some of {ALL_STRATEGIES}")
+    planner.memory_by_kind({}, cfg.offload)  # a bad offload value fails before any lowering
     precision = planner.PRECISIONS[cfg.precision]
     base, build_model = _model_builder(cfg)
     mesh = dict(cfg.mesh)
@@ -81,7 +83,8 @@ def plan(cfg: PlanConfig, progress=None) -> dict[str, Any]:
         t, sp = planner.model_axes(strategy, mesh)
         psi = result.figures["parameters"]
         row = {"strategy": name, "t": t, "sp": sp, "figures": result.figures, "per_layer": result.per_layer,
-               "lowered_depths": list(result.lowered_depths), "seconds": round(result.seconds, 2)}
+               "lowered_depths": list(result.lowered_depths), "seconds": round(result.seconds, 2),
+               "memory_by_kind": planner.memory_by_kind(result.figures, cfg.offload)}
         stage = published.ZERO_STAGES.get(name)
         if stage is not None:
             row["zero_formula_bytes"] = published.zero_model_state_bytes(stage, psi, dp, k, precision.param_bytes,
@@ -98,7 +101,8 @@ def plan(cfg: PlanConfig, progress=None) -> dict[str, Any]:
     return {"model": {"arch": cfg.model.arch, "config": dataclasses.asdict(base)}, "mesh": mesh,
             "ranks": math.prod(mesh.values()), "precision": dataclasses.asdict(precision) | {
                 "compute_dtype": str(precision.compute_dtype).replace("torch.", "")},
-            "micro_batch": b, "global_batch": b * dp, "depth": cfg.depth, "remat": cfg.remat, "strategies": rows}
+            "micro_batch": b, "global_batch": b * dp, "depth": cfg.depth, "offload": cfg.offload, "remat": cfg.remat,
+            "strategies": rows}
 
 
 def readme_markers(model_choice: str) -> tuple[str, str]:

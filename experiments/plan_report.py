@@ -39,6 +39,17 @@ def memory_table(result: dict) -> tuple[str, list[str], list[list[str]]]:
     return title, headers, rows
 
 
+def offload_table(result: dict) -> tuple[str, list[str], list[list[str]]]:
+    """Device and host memory per rank under `offload=optimizer` (no rows without offload)."""
+    title = ("Per-rank memory with the optimizer offloaded (ZeRO-Offload), GB: the optimizer role (fp32 master, "
+             "Adam m and v) in host memory")
+    headers = ["strategy", "device", "host", "device without offload"]
+    rows = [[row["strategy"], _gb(row["memory_by_kind"]["device"]), _gb(row["memory_by_kind"]["host"]),
+             _gb(row["memory_by_kind"]["device"] + row["memory_by_kind"]["host"])]
+            for row in result["strategies"] if result.get("offload", "none") != "none"]
+    return title, headers, rows
+
+
 def reproduces_zero_table(result: dict) -> bool:
     """Whether the planned model and mesh are ZeRO Table 1's (Ψ within 2% of 7.5B, N_d = 64, mixed precision)."""
     psi = result["strategies"][0]["figures"]["parameters"]
@@ -171,8 +182,8 @@ def notes(result: dict) -> list[str]:
 
 
 def tables(result: dict) -> list[tuple[str, list[str], list[list[str]]]]:
-    return [t for t in (memory_table(result), zero_table(result), activation_table(result), comm_table(result))
-            if t[2]]
+    return [t for t in (memory_table(result), offload_table(result), zero_table(result), activation_table(result),
+                        comm_table(result)) if t[2]]
 
 
 def markdown_table(table: tuple[str, list[str], list[list[str]]]) -> str:

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from functional_parallel import data
-from functional_parallel.parallel import compile_step
+from functional_parallel.parallel import compile_step, state_memory_kind
 from functional_parallel.precision import init_state
 from functional_parallel.train import make_train_step
 from functional_parallel.tree import tree_map
@@ -77,6 +77,8 @@ class Session:
     step_times: list = dataclasses.field(default_factory=list)
     first_loss: float | None = None
     peak_bytes_measured: int | None = None
+    device_peak_bytes_measured: int | None = None
+    host_peak_bytes_measured: int | None = None
     started: float = dataclasses.field(default_factory=time.perf_counter)
 
 
@@ -88,10 +90,18 @@ def local_batch(session: Session, split: str, index: int) -> dict:
     return tree_map(lambda x: x.to(session.device), batch)
 
 
-def initial_state(params, opt_state, specs: tuple, mesh: Mesh, device: torch.device) -> TrainState:
-    """Step 0: this rank's shards of the freshly initialised global params and optimizer state."""
+def state_device(offload: str, device: torch.device) -> torch.device:
+    """Where the optimizer state lives: the CPU (host memory) when offloaded, else `device`."""
+    return torch.device("cpu") if state_memory_kind(offload) == "host" else device
+
+
+def initial_state(params, opt_state, specs: tuple, mesh: Mesh, device: torch.device,
+                  offload: str = "none") -> TrainState:
+    """Step 0: this rank's shards of the freshly initialised global params and optimizer state
+    (the state in host memory with `offload="optimizer"`; it stays there, step after step)."""
+    where = state_device(offload, device)
     return TrainState(params=tree_map(lambda x: x.to(device), shard(params, specs[0], mesh)),
-                      opt_state=tree_map(lambda x: x.to(device), shard(opt_state, specs[1], mesh)), step=0)
+                      opt_state=tree_map(lambda x: x.to(where), shard(opt_state, specs[1], mesh)), step=0)
 
 
 def setup(cfg: Any, rank: int, device: torch.device, output_dir: pathlib.Path | None) -> Session:
@@ -109,10 +119,10 @@ def setup(cfg: Any, rank: int, device: torch.device, output_dir: pathlib.Path | 
     params, opt_state = init_state(optimizer, params, precision)
     started = time.perf_counter()
     compiled, specs = compile_step(make_train_step(model.loss, optimizer, cfg.grad_accum, precision), strategy, mesh,
-                                   params, opt_state, remat=getattr(cfg, "remat", "none"))
+                                   params, opt_state, offload=cfg.offload, remat=getattr(cfg, "remat", "none"))
     compiled_eval = jit(model.loss, mesh=mesh, in_specs=(specs[0], specs[2]), out_specs=P(),
                         logical_rules=strategy.logical)
-    state = initial_state(params, opt_state, specs, mesh, device)
+    state = initial_state(params, opt_state, specs, mesh, device, cfg.offload)
     checkpointer = Checkpointer(cfg, cfg.checkpoint_dir, specs, mesh, strategy.name) if cfg.checkpoint_dir else None
     if cfg.resume:
         state = TrainState(*checkpointer.restore(state.params, state.opt_state))
@@ -141,9 +151,12 @@ def measured_step(session: Session, batch: dict):
     """
     state = session.state
     with MemoryTracker(session.device) as memory:
-        memory.track((state.params, state.opt_state, batch))
+        memory.track((state.params, batch))
+        memory.track(state.opt_state, state_memory_kind(session.cfg.offload))
         outputs = session.compiled_train(state.params, state.opt_state, batch)
     session.peak_bytes_measured = memory.peak_bytes
+    session.device_peak_bytes_measured = memory.device_peak_bytes
+    session.host_peak_bytes_measured = memory.host_peak_bytes
     return outputs
 
 
@@ -224,7 +237,11 @@ def rank_report(session: Session) -> dict:
     return {"rank": session.rank, "coordinate": dict(zip(session.mesh.axis_names, session.mesh.coordinate)),
             "step_time_s": statistics.median(times) if times else None,
             "peak_bytes_predicted": session.lowered.cost["peak_bytes"],
-            "peak_bytes_measured": session.peak_bytes_measured}
+            "peak_bytes_measured": session.peak_bytes_measured,
+            "device_peak_bytes_predicted": session.lowered.cost["device_peak_bytes"],
+            "device_peak_bytes_measured": session.device_peak_bytes_measured,
+            "host_bytes_predicted": session.lowered.cost["host_bytes"],
+            "host_bytes_measured": session.host_peak_bytes_measured}
 
 
 def finish(session: Session) -> dict:
@@ -246,8 +263,11 @@ def finish(session: Session) -> dict:
         "val_loss": history[-1].get("val_loss"), "tokens_per_s": history[-1]["tokens_per_s"],
         "step_time_s": max(r["step_time_s"] for r in ranks),  # the step is as slow as its slowest rank
         "compile_s": session.compile_s, "seconds": time.perf_counter() - session.started,
+        "offload": cfg.offload,
         "cost": {"bytes_moved": cost["bytes_moved"], "bytes_by_kind": cost["bytes_by_kind"],
-                 "num_collectives": cost["num_collectives"], "peak_bytes_predicted": cost["peak_bytes"]},
+                 "num_collectives": cost["num_collectives"], "peak_bytes_predicted": cost["peak_bytes"],
+                 "device_peak_bytes_predicted": cost["device_peak_bytes"], "host_bytes_predicted": cost["host_bytes"],
+                 "transfer_bytes": cost["transfer_bytes"]},
         "collectives": collective_counts(session.lowered.collectives),
         "ranks": ranks,
     }

@@ -255,8 +255,11 @@ def load(path: str | os.PathLike, like: Mapping[str, Any], specs: Mapping[str, A
     local = {key: value.to_local() if isinstance(value, DTensor) else value for key, value in state.items()}
     trees = {}
     for name, tree in like.items():
-        paths, _, treedef = leaf_paths(tree)
-        trees[name] = tree_unflatten(treedef, [local[f"{name}/{p}"] for p in paths])
+        paths, leaves, treedef = leaf_paths(tree)
+        # each leaf where `like` keeps it (DCP hands back DTensors on the mesh's device type;
+        # offloaded optimizer state stays in host memory)
+        trees[name] = tree_unflatten(treedef, [local[f"{name}/{p}"].to(leaf.device)
+                                               for p, leaf in zip(paths, leaves)])
     return Restored(step=int(record["step"]), trees=trees, meta=record["meta"], rng_state=local[RNG_KEY], path=path)
 
 

@@ -101,19 +101,39 @@ def state_specs(strategy: Strategy, opt_state, params):
     return tree_unflatten(treedef, specs)
 
 
-def compile_step(step: Callable, strategy: Strategy, mesh: Mesh, params, opt_state, **jit_options):
+OFFLOAD = ("none", "optimizer")
+
+
+def check_offload(offload: str) -> str:
+    """`offload` if it is one of OFFLOAD, else a ValueError saying what is allowed."""
+    if offload not in OFFLOAD:
+        raise ValueError(f"offload must be one of {OFFLOAD}, got {offload!r}")
+    return offload
+
+
+def state_memory_kind(offload: str) -> str:
+    """The memory kind of every optimizer-state leaf: "host" with offload="optimizer" (ZeRO-Offload)."""
+    return "host" if check_offload(offload) == "optimizer" else "device"
+
+
+def compile_step(step: Callable, strategy: Strategy, mesh: Mesh, params, opt_state, offload: str = "none",
+                 **jit_options):
     """`jit` of `step(params, opt_state, batch) -> (params, opt_state, metrics)` under `strategy`.
 
     `jit_options` go to `jit` (the schedule passes' settings, `remat`: the activation-checkpointing
     policy). Returns (compiled step,
     (param specs, state specs, batch spec)). A step built with `grad_accum=N` first checks that
     each rank's share of the batch splits into N micro-batches (at trace time, before any
-    collective runs).
+    collective runs). `offload="optimizer"` gives every optimizer-state leaf, in and out, the
+    memory kind "host": the state stays in CPU memory and its update runs there
+    (`sharding.placement`); pass the state as CPU tensors.
     """
+    state_kind = state_memory_kind(offload)
     pspecs, sspecs = param_specs(strategy, params), state_specs(strategy, opt_state, params)
     step = _with_local_batch_check(step, strategy.batch, mesh)
+    kinds = ("device", state_kind, "device")
     compiled = jit(step, mesh=mesh, in_specs=(pspecs, sspecs, strategy.batch), out_specs=(pspecs, sspecs, P()),
-                   logical_rules=strategy.logical, **jit_options)
+                   logical_rules=strategy.logical, in_memory_kinds=kinds, out_memory_kinds=kinds, **jit_options)
     return compiled, (pspecs, sspecs, strategy.batch)
 
 
@@ -136,7 +156,7 @@ def _with_local_batch_check(step: Callable, batch_spec: P, mesh: Mesh) -> Callab
 
 
 def lower_abstract(arch: str, size: str, strategy_name: str, mesh_shape: Mapping[str, int], global_batch: int,
-                   optimizer=None, seed: int = 0, grad_accum: int = 1, **jit_options):
+                   optimizer=None, seed: int = 0, grad_accum: int = 1, offload: str = "none", **jit_options):
     """Lower the AdamW train step of a named model under a strategy on an abstract mesh.
 
     No processes and no collectives run: the result's `.collectives` and `.cost` are what the
@@ -157,7 +177,7 @@ def lower_abstract(arch: str, size: str, strategy_name: str, mesh_shape: Mapping
     mesh = Mesh.abstract(dict(mesh_shape))
     compiled, (pspecs, sspecs, bspec) = compile_step(make_train_step(model.loss, optimizer, grad_accum),
                                                      Strategy.load(strategy_name), mesh, params, state,
-                                                     **jit_options)
+                                                     offload=offload, **jit_options)
     tokens = torch.zeros(global_batch, model.cfg.seq_len, dtype=torch.long)
     batch = {"inputs": tokens, "targets": tokens}
     lowered = compiled.lower(shard(params, pspecs, mesh), shard(state, sspecs, mesh), shard(batch, bspec, mesh))

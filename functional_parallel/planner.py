@@ -205,6 +205,21 @@ def account(lowered, params, opt_state, strategy: Strategy, mesh: Mesh, precisio
     return dict(out)
 
 
+# ZeRO-Offload's split: the optimizer role (fp32 master copy and Adam moments) lives in host memory.
+HOST_ROLES = {"none": (), "optimizer": ("optimizer",)}
+DEVICE_ROLES = ("params", "grads", "optimizer", "activations", "gathered_params")
+
+
+def memory_by_kind(figures: Mapping[str, int], offload: str = "none") -> dict[str, int]:
+    """Per-rank {"device": bytes, "host": bytes} of the memory roles under an offload policy
+    (`offload="optimizer"`: the optimizer role moves to host; the compiler's placement pass runs
+    its update there, `sharding.placement`)."""
+    if offload not in HOST_ROLES:
+        raise ValueError(f"offload must be one of {tuple(HOST_ROLES)}, got {offload!r}")
+    host = sum(figures.get(role, 0) for role in HOST_ROLES[offload])
+    return {"device": sum(figures.get(role, 0) for role in DEVICE_ROLES) - host, "host": host}
+
+
 def extrapolate(shallow: Mapping[str, int], deeper: Mapping[str, int], depth: int, layers: int) -> dict[str, int]:
     """Every quantity at `layers` from lowerings at `depth` and `depth + 1` (one layer's worth per layer)."""
     keys = set(shallow) | set(deeper)

@@ -1,6 +1,7 @@
 """sharding: a mesh, PartitionSpecs, and one compiler pass that inserts the collectives.
 
-trace -> remat -> propagate -> insert -> localize -> schedule -> run; `jit` drives the pipeline, `Lowered` shows it.
+trace -> remat -> propagate -> insert -> localize -> schedule -> place (host/device memory kinds) -> run; `jit`
+drives the pipeline, `Lowered` shows it.
 """
 from .api import Lowered, jit
 from .checkpoint_name import checkpoint_name

@@ -17,6 +17,7 @@ from .insert import insert
 from .layout import layout_from_spec
 from .localize import localize
 from .mesh import Mesh
+from .placement import DEVICE, HOST, check_kind, place, transfer_log
 from .propagate import propagate
 from .remat import check_policy, remat
 from .schedule import DEFAULT_BUCKET_BYTES, schedule
@@ -37,6 +38,7 @@ class Lowered:
     collectives: list[dict]
     out_treedef: Any
     global_graph: fx.GraphModule
+    transfers: list = field(default_factory=list)
     timings: dict = field(default_factory=dict)
     example_inputs: list = field(default_factory=list, repr=False)
 
@@ -58,6 +60,13 @@ class Lowered:
         for record in self.collectives:
             lines.append(f"  {record['kind']:<15} {'/'.join(record['axes']):<6} {record['bytes']:>12,} B  "
                          f"{record['source']}")
+        if self.transfers:
+            moved = self.cost["transfer_bytes"]
+            lines.append(f"{len(self.transfers)} host<->device transfers, {moved['d2h']:,} bytes d2h and "
+                         f"{moved['h2d']:,} bytes h2d per rank; device peak {self.cost['device_peak_bytes']:,}, "
+                         f"host peak {self.cost['host_bytes']:,} bytes")
+            for record in self.transfers:
+                lines.append(f"  {record['kind']:<15} {'':<6} {record['bytes']:>12,} B  {record['source']}")
         return "\n".join(lines)
 
 
@@ -72,12 +81,17 @@ class jit:
     many bytes per bucket; 0 disables) and `overlap` (issue early, wait late, prefetch gathers).
     `remat` is the activation-checkpointing policy applied to the traced step before propagation
     (`sharding.remat`: "none", "full" or "selective").
+
+    `in_memory_kinds` / `out_memory_kinds` give each leaf a memory kind, "device" (the default,
+    also for None) or "host", as a tree prefix like the specs (a str for a whole argument). A
+    host input is a CPU tensor that stays there; the placement pass (`sharding.placement`) runs
+    the ops that update it on host and inserts the device<->host copies (ZeRO-Offload).
     """
 
     def __init__(self, fn: Callable, *, mesh: Mesh, in_specs: Sequence, out_specs,
                  logical_rules: Mapping[str, Any] | None = None, data_axes: Sequence[str] | None = None,
                  regather: bool = True, bucket_bytes: int = DEFAULT_BUCKET_BYTES, overlap: bool = True,
-                 remat: str = "none"):
+                 in_memory_kinds: Sequence | None = None, out_memory_kinds=None, remat: str = "none"):
         self.fn = fn
         self.remat = check_policy(remat)
         self.mesh = mesh
@@ -88,6 +102,15 @@ class jit:
         self.data_axes = data_axes
         self.schedule_options = {"regather_params": regather, "bucket_bytes": bucket_bytes,
                                  "overlap_communication": overlap}
+        self.in_memory_kinds = tuple(in_memory_kinds) if isinstance(in_memory_kinds, (list, tuple)) \
+            else (in_memory_kinds,) * len(self.in_specs)
+        if len(self.in_memory_kinds) != len(self.in_specs):
+            raise SpecError(f"in_memory_kinds has {len(self.in_memory_kinds)} entries but in_specs has "
+                            f"{len(self.in_specs)}; give one kind (or tree of kinds) per argument")
+        self.out_memory_kinds = out_memory_kinds
+        for where, kinds in (("in_memory_kinds", self.in_memory_kinds), ("out_memory_kinds", out_memory_kinds)):
+            for kind in optree.tree_leaves(kinds, namespace=NAMESPACE, none_is_leaf=False):
+                check_kind(kind, where)
         self._cache: dict = {}
 
     def _signature(self, args) -> tuple:
@@ -107,7 +130,12 @@ class jit:
     def _lower(self, args) -> Lowered:
         mesh = self.mesh
         start = time.perf_counter()
-        traced = trace(self.fn, tuple(args), self.in_specs, mesh, self.logical_rules)
+        given = optree.tree_leaves(self.in_memory_kinds, none_is_leaf=True, namespace=NAMESPACE)
+        in_kinds = (flat_kinds(self.in_memory_kinds, tuple(args), "in_memory_kinds") if HOST in given else
+                    [DEVICE] * len(optree.tree_leaves(tuple(args), namespace=NAMESPACE, none_is_leaf=False)))
+        compute_device = _compute_device(args, in_kinds)
+        traced = trace(self.fn, tuple(args), self.in_specs, mesh, self.logical_rules,
+                       fake_device=compute_device if HOST in in_kinds else None)
         traced_at = time.perf_counter()
         out_layouts = self._out_layouts(traced)
         data_axes = self.data_axes
@@ -119,12 +147,15 @@ class jit:
                         data_axes)
         local = schedule(localize(insert(graph_module, ctx, mesh), mesh.axis_sizes), mesh.axis_sizes,
                          **self.schedule_options)
-        done = time.perf_counter()
         fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
         example_inputs = [fake_mode.from_tensor(x) if isinstance(x, torch.Tensor) else x
                           for x in optree.tree_leaves(tuple(args), namespace=NAMESPACE, none_is_leaf=False)]
+        out_tree = optree.tree_unflatten(traced.out_treedef, list(range(len(traced.out_paths))))
+        out_kinds = flat_kinds(self.out_memory_kinds, out_tree, "out_memory_kinds")
+        local = place(local, in_kinds, out_kinds, example_inputs, compute_device)
+        done = time.perf_counter()
         return Lowered(graph=local, collectives=collective_log(local), out_treedef=traced.out_treedef,
-                       global_graph=graph_module, example_inputs=example_inputs,
+                       global_graph=graph_module, transfers=transfer_log(local), example_inputs=example_inputs,
                        timings={"trace_s": traced_at - start, "partition_s": done - traced_at})
 
     def _out_layouts(self, traced) -> list:
@@ -138,3 +169,33 @@ class jit:
         return [layout_from_spec(spec, tuple(val.shape), self.mesh.axis_names, self.mesh.axis_sizes,
                                  where=f"output {path!r}")
                 for spec, val, path in zip(specs, vals, traced.out_paths)]
+
+
+def flat_kinds(kinds, tree, what: str) -> list[str]:
+    """One memory kind per leaf of `tree`: `kinds` is a kind for every leaf, or a tree prefix of kinds."""
+    count = len(optree.tree_leaves(tree, namespace=NAMESPACE, none_is_leaf=False))
+    if kinds is None or isinstance(kinds, str):
+        return [check_kind(kinds, what)] * count
+    is_kind = lambda x: x is None or isinstance(x, str)
+    try:
+        broadcast = optree.tree_broadcast_prefix(kinds, tree, is_leaf=is_kind, namespace=NAMESPACE)
+    except ValueError as error:
+        raise SpecError(f"{what}: the tree of memory kinds does not match the value tree; {error}") from None
+    leaves = optree.tree_leaves(broadcast, is_leaf=is_kind, none_is_leaf=True, namespace=NAMESPACE)
+    return [check_kind(kind, what) for kind in leaves]
+
+
+def _compute_device(args, in_kinds: list[str]) -> torch.device:
+    """Where device compute runs: the device of the device-kind inputs (their common one).
+
+    Host inputs must be CPU tensors: a host leaf on an accelerator would run the host update there.
+    """
+    leaves = optree.tree_leaves(tuple(args), namespace=NAMESPACE, none_is_leaf=False)
+    paths = leaf_paths(tuple(args))[0]
+    devices = {x.device for x, kind in zip(leaves, in_kinds) if kind == DEVICE and isinstance(x, torch.Tensor)}
+    for path, x, kind in zip(paths, leaves, in_kinds):
+        if kind == HOST and isinstance(x, torch.Tensor) and x.device.type != "cpu":
+            raise SpecError(f"input {path!r} has memory kind 'host' but lives on {x.device}; host "
+                            f"tensors are CPU tensors (move it with .cpu())")
+    accelerators = {d for d in devices if d.type != "cpu"}
+    return next(iter(accelerators)) if accelerators else torch.device("cpu")

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .liveness import peak_bytes
+from .liveness import peaks_by_kind
+from .placement import DEVICE, HOST, transfer_log
 
 aten = torch.ops.aten
 
@@ -40,12 +41,20 @@ def estimate(graph_module: fx.GraphModule, inputs) -> dict:
     """Bytes moved per rank (total and per kind), collective count and peak live bytes per rank.
 
     `inputs` are this rank's flat local input tensors (real or fake): the peak counts them, every
-    intermediate and the outputs (see `sharding.liveness`).
+    intermediate and the outputs (see `sharding.liveness`). With host memory in use
+    (`sharding.placement`), `peak_bytes` counts both kinds, `device_peak_bytes` device storages
+    only, `host_bytes` host storages only (the peak of each), and `transfer_bytes` the bytes a
+    step copies device->host ("d2h") and host->device ("h2d"); `bytes_moved` stays collectives only.
     """
     log = collective_log(graph_module)
     by_kind: dict[str, int] = {}
     for record in log:
         by_kind[record["kind"]] = by_kind.get(record["kind"], 0) + record["bytes"]
     input_bytes = sum({x.untyped_storage()._cdata: x.untyped_storage().nbytes() for x in inputs}.values())
+    peaks = peaks_by_kind(graph_module, inputs)
+    transfers = {"d2h": 0, "h2d": 0}
+    for record in transfer_log(graph_module):
+        transfers[record["kind"]] += record["bytes"]
     return {"bytes_moved": sum(by_kind.values()), "bytes_by_kind": by_kind, "input_bytes": input_bytes,
-            "peak_bytes": peak_bytes(graph_module, inputs), "num_collectives": len(log)}
+            "peak_bytes": peaks["all"], "device_peak_bytes": peaks[DEVICE], "host_bytes": peaks[HOST],
+            "transfer_bytes": transfers, "num_collectives": len(log)}

@@ -10,6 +10,9 @@ collective's input stays alive until its `wait` (the wait node takes it as an ar
 The sizes and the aliasing come from running the per-rank graph on fake tensors of local shape
 (a `FakeTensorMode`: nothing is allocated and no collective runs), so what the cost model
 counts is what the real kernels return, strides and views included.
+
+Each storage has the memory kind of the node that made it (`sharding.placement`: a host input,
+a host op or a `to_host` make host storages), so the device and host peaks can be read apart.
 """
 from __future__ import annotations
 
@@ -21,16 +24,19 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from .collectives import WAIT
+from .placement import DEVICE, HOST, KIND_META
 
 
 @dataclass(frozen=True)
 class Storage:
-    """One allocation: its bytes, the node that made it, and the last node index it is alive at."""
+    """One allocation: its bytes, the node that made it, the node indices it is alive over, and
+    its memory kind ("device", or "host" for a storage made by a host node or a host input)."""
 
     nbytes: int
     allocated_by: str
     start: int
     end: int
+    kind: str = DEVICE
 
 
 def _tensors(value) -> list[torch.Tensor]:
@@ -64,7 +70,7 @@ def storages(graph_module: fx.GraphModule, inputs) -> list[Storage]:
     values = fake_values(graph_module, inputs)
     end_of_program = len(nodes)
     index = {node: i for i, node in enumerate(nodes)}
-    found: dict[int, list] = {}  # storage key -> [nbytes, first node, start, end]
+    found: dict[int, list] = {}  # storage key -> [nbytes, first node, start, end, kind]
     for i, node in enumerate(nodes):
         if node.op == "output":
             continue
@@ -78,7 +84,8 @@ def storages(graph_module: fx.GraphModule, inputs) -> list[Storage]:
             storage = tensor.untyped_storage()
             key = storage._cdata
             if key not in found:
-                found[key] = [storage.nbytes(), node.name, -1 if node.op == "placeholder" else i, end]
+                found[key] = [storage.nbytes(), node.name, -1 if node.op == "placeholder" else i, end,
+                              node.meta.get(KIND_META, DEVICE)]
             else:
                 found[key][3] = max(found[key][3], end)
     return [Storage(*entry) for entry in found.values()]
@@ -86,8 +93,20 @@ def storages(graph_module: fx.GraphModule, inputs) -> list[Storage]:
 
 def peak_bytes(graph_module: fx.GraphModule, inputs) -> int:
     """The largest total of live storage bytes while any one node runs (inputs included)."""
+    return peak_of(storages(graph_module, inputs))
+
+
+def peaks_by_kind(graph_module: fx.GraphModule, inputs) -> dict[str, int]:
+    """{"all": peak of every storage, "device": of device storages only, "host": of host storages only}."""
+    found = storages(graph_module, inputs)
+    return {"all": peak_of(found), DEVICE: peak_of([s for s in found if s.kind == DEVICE]),
+            HOST: peak_of([s for s in found if s.kind == HOST])}
+
+
+def peak_of(found: list[Storage]) -> int:
+    """The largest total of bytes of `found` alive at one node."""
     delta: dict[int, int] = {}
-    for storage in storages(graph_module, inputs):
+    for storage in found:
         delta[storage.start] = delta.get(storage.start, 0) + storage.nbytes
         delta[storage.end + 1] = delta.get(storage.end + 1, 0) - storage.nbytes
     live = peak = 0

@@ -102,7 +102,10 @@ def remove_inplace(graph_module: torch.fx.GraphModule) -> None:
     graph_module.recompile()
 
 
-def trace(fn: Callable, args: tuple, in_specs: Sequence, mesh: Mesh, logical_rules=None) -> Traced:
+def trace(fn: Callable, args: tuple, in_specs: Sequence, mesh: Mesh, logical_rules=None,
+          fake_device: torch.device | None = None) -> Traced:
+    """`fake_device`: trace every input as if it were there (host-kind inputs are traced on the
+    compute device; `sharding.placement` decides later what runs on host)."""
     leaves, layouts, shapes = input_layouts(args, in_specs, mesh)
     arg_treedef = optree.tree_structure(tuple(args), namespace=NAMESPACE, none_is_leaf=False)
     out_info = {}
@@ -114,7 +117,8 @@ def trace(fn: Callable, args: tuple, in_specs: Sequence, mesh: Mesh, logical_rul
         return tuple(out_leaves)
 
     with FakeTensorMode(allow_non_fake_inputs=False):
-        fakes = [torch.empty(shape, dtype=leaf.dtype, device=leaf.device) for shape, leaf in zip(shapes, leaves)]
+        fakes = [torch.empty(shape, dtype=leaf.dtype, device=fake_device or leaf.device)
+                 for shape, leaf in zip(shapes, leaves)]
     with tracing_context(logical_rules, mesh.axis_names), user_stack_traces():
         graph_module = make_fx(flat_fn, decomposition_table=DECOMPOSITIONS, tracing_mode="fake",
                                record_stack_traces=True)(*fakes)

@@ -1,0 +1,44 @@
+"""experiments.train with `offload=optimizer`: the optimizer state lives in host memory, checkpoints
+save and resume it, the run equals one without offload bit for bit (on CPU host and device
+compute alike), and the summary reports device and host bytes (predicted == measured)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from experiments import train
+from functional_parallel import checkpoint
+
+from .test_resume import compose_config, losses
+
+TINY = ["strategy=zero3", "model=gpt_tiny", "model.n_layers=1", "steps=4", "log_every=2", "eval_batches=0",
+        "progress=false", "data.global_batch=8", "optim.warmup_steps=1", "checkpoint_every=2"]
+
+
+@pytest.mark.slow
+def test_offloaded_run_resumes_and_equals_the_run_without_offload(tmp_path):
+    train.run(compose_config(TINY + [f"checkpoint_dir={tmp_path / 'ck_a'}"]), tmp_path / "a")
+    offloaded = TINY + ["offload=optimizer", f"checkpoint_dir={tmp_path / 'ck_b'}"]
+    train.run(compose_config(offloaded + ["stop_after=2"]), tmp_path / "b1")
+    train.run(compose_config(offloaded + ["resume=true"]), tmp_path / "b2")
+    record_a, plain = checkpoint.read_global(tmp_path / "ck_a")
+    record_b, resumed = checkpoint.read_global(tmp_path / "ck_b")
+    assert record_a["step"] == record_b["step"] == 4 and plain.keys() == resumed.keys()
+    assert all(torch.equal(plain[key], resumed[key]) for key in plain)
+    assert losses(tmp_path / "b2")[4] == losses(tmp_path / "a")[4]
+    summary = json.loads((tmp_path / "b2" / "summary.json").read_text())
+    assert summary["offload"] == "optimizer" and summary["cost"]["transfer_bytes"]["d2h"] > 0
+    for rank in summary["ranks"]:
+        assert rank["device_peak_bytes_measured"] == rank["device_peak_bytes_predicted"]
+        assert rank["host_bytes_measured"] == rank["host_bytes_predicted"] > 0
+    plain_summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert all(r["host_bytes_predicted"] == 0 for r in plain_summary["ranks"])
+    assert max(r["device_peak_bytes_predicted"] for r in summary["ranks"]) < \
+        min(r["device_peak_bytes_predicted"] for r in plain_summary["ranks"])
+
+
+def test_bad_offload_fails_before_any_rank_starts(tmp_path):
+    with pytest.raises(ValueError, match=r"offload must be one of \('none', 'optimizer'\), got 'gpu'"):
+        train.run(compose_config(TINY + ["offload=gpu"]), tmp_path / "run")

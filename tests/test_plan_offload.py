@@ -1,0 +1,29 @@
+"""`experiments.plan offload=optimizer`: the optimizer role leaves the device column for the host one."""
+from __future__ import annotations
+
+import pytest
+
+from experiments import plan as plan_cli
+from experiments.plan_report import markdown
+from functional_parallel import planner
+
+from .test_plan import plan_config
+
+
+def test_offload_moves_the_optimizer_role_to_host():
+    cfg = plan_config(["model=gpt_tiny", "mesh.dp=4", "mesh.tp=1", "precision=fp32", "strategies=[zero3]",
+                       "offload=optimizer"])
+    result = plan_cli.plan(cfg)
+    row = result["strategies"][0]
+    figures, split = row["figures"], row["memory_by_kind"]
+    psi = figures["parameters"]
+    assert split["host"] == figures["optimizer"] == 8 * psi // 4 + 2 * 8  # Adam m, v (fp32) and two int64 counters
+    assert split["device"] == figures["params"] + figures["grads"] + figures["activations"] + \
+        figures["gathered_params"]
+    assert planner.memory_by_kind(figures) == {"device": split["device"] + split["host"], "host": 0}
+    assert "optimizer offloaded" in markdown(result)
+
+
+def test_bad_offload_fails_before_lowering():
+    with pytest.raises(ValueError, match=r"offload must be one of \('none', 'optimizer'\), got 'disk'"):
+        plan_cli.plan(plan_config(["model=gpt_tiny", "offload=disk"]))
