@@ -12,14 +12,15 @@ from functional_parallel.parallel import Strategy, check_offload, param_specs, s
 from functional_parallel.precision import Precision
 from functional_parallel.train import check_local_batch
 from sharding import Mesh, P, shard
+from sharding.remat import check_policy
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
 
 def build_model(model_cfg: Any, vocab_size: int) -> models.Model:
     """The configured architecture and size, with the tokenizer's vocabulary padded to `vocab_multiple`."""
-    overrides = {key: model_cfg[key] for key in ("d_model", "n_layers", "n_heads", "seq_len",
-                                                  "fused_qkv", "n_kv_heads")}
+    overrides = {key: model_cfg.get(key) for key in ("d_model", "n_layers", "n_heads", "seq_len",
+                                                      "fused_qkv", "n_kv_heads", "attention")}
     vocab_size = models.padded_vocab(vocab_size, model_cfg.vocab_multiple)
     return models.build(model_cfg.arch, model_cfg.size, vocab_size=vocab_size,
                         **overrides)
@@ -83,7 +84,7 @@ def validate(cfg: Any, world_size: int | None = None) -> Strategy:
 
     Checks the strategy, that it names only mesh axes, that the mesh fits the world (when
     given), that the global batch splits evenly over the axes the strategy splits it on, and
-    that every parameter and state leaf splits evenly, and the precision and offload policies.
+    that every parameter and state leaf splits evenly, and the precision, offload and remat policies.
     Returns the `Strategy`.
     """
     strategy = build_strategy(cfg.strategy)
@@ -111,6 +112,7 @@ def validate(cfg: Any, world_size: int | None = None) -> Strategy:
                          f"(e.g. data.global_batch={split * -(-cfg.data.global_batch // split)})")
     check_local_batch(cfg.data.global_batch, split, getattr(cfg, "grad_accum", 1))
     build_precision(cfg)
+    check_policy(getattr(cfg, "remat", "none"))
     check_offload(getattr(cfg, "offload", "none"))
     check_layouts(cfg, strategy)
     return strategy

@@ -29,6 +29,7 @@ class ModelConfig:
     n_heads: Optional[int] = None
     seq_len: Optional[int] = None
     fused_qkv: Optional[bool] = None  # gpt only
+    attention: Optional[str] = None  # gpt only: sdpa (default) | math (the s² scores written out)
     n_kv_heads: Optional[int] = None  # llama only
     dtype: str = "float32"  # float32 | float64 | bfloat16
     # The tokenizer's vocabulary is padded up to a multiple of this (Megatron's
@@ -100,6 +101,7 @@ class Config:
     grad_accum: int = 1  # micro-batches per step: one update from their mean gradient, reduced once per step
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16: dynamic loss scaling); masters and optimizer state stay fp32
     reduce_dtype: Optional[str] = None  # gradient reductions: null (the compute dtype) | float32
+    remat: str = "none"  # activation checkpointing: none | selective (attention core) | full (keep layer inputs)
     offload: str = "none"  # none | optimizer (optimizer state in host memory, its update on host: ZeRO-Offload)
     log_every: int = 10
     eval_every: int = 100

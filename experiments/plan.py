@@ -37,6 +37,7 @@ class PlanConfig:
     mesh: Dict[str, int] = dataclasses.field(default_factory=lambda: {"dp": 64, "tp": 8})
     strategies: List[str] = dataclasses.field(default_factory=lambda: list(ALL_STRATEGIES))
     precision: str = "bf16"  # bf16: ZeRO's mixed precision (2 + 2 + 12 bytes/param) | fp32 (4 + 4 + 8)
+    remat: str = "none"  # activation checkpointing: none | selective (attention core) | full (keep layer inputs)
     micro_batch: int = 1  # sequences per data-parallel rank (Korthikanti's b)
     depth: Optional[int] = 1  # lower depth and depth + 1 layers and extrapolate; null: lower the full depth
     vocab_multiple: int = 128  # the vocabulary is padded to a multiple of lcm(this, ranks), as Megatron does
@@ -49,7 +50,7 @@ ConfigStore.instance().store(name="plan_config", node=PlanConfig)
 
 def _model_builder(cfg: PlanConfig):
     arch_only = {"n_kv_heads": cfg.model.n_kv_heads} if cfg.model.arch == "llama" else {
-        "fused_qkv": cfg.model.fused_qkv}
+        "fused_qkv": cfg.model.fused_qkv, "attention": cfg.model.attention}
     base = model_config(cfg.model.arch, cfg.model.size, d_model=cfg.model.d_model, n_heads=cfg.model.n_heads,
                         seq_len=cfg.model.seq_len, **arch_only)
     base = dataclasses.replace(base, n_layers=cfg.model.n_layers or base.n_layers,
@@ -61,6 +62,8 @@ def plan(cfg: PlanConfig, progress=None) -> dict[str, Any]:
     """Every strategy's figures and the matching published formulas, as one JSON-able dict."""
     if cfg.precision not in planner.PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(planner.PRECISIONS)}, got {cfg.precision!r}")
+    if cfg.remat not in published.REMAT_POLICIES:
+        raise ValueError(f"remat must be one of {list(published.REMAT_POLICIES)}, got {cfg.remat!r}")
     unknown = [name for name in cfg.strategies if name not in ALL_STRATEGIES]
     if unknown:
         raise ValueError(f"unknown strategies {unknown}; expected some of {ALL_STRATEGIES}")
@@ -76,7 +79,7 @@ def plan(cfg: PlanConfig, progress=None) -> dict[str, Any]:
     for name in cfg.strategies:
         strategy = Strategy.load(name)
         result = planner.plan_strategy(build_model, base.n_layers, strategy, mesh, cfg.micro_batch * dp, precision,
-                                       cfg.depth)
+                                       cfg.depth, cfg.remat)
         t, sp = planner.model_axes(strategy, mesh)
         psi = result.figures["parameters"]
         row = {"strategy": name, "t": t, "sp": sp, "figures": result.figures, "per_layer": result.per_layer,
@@ -89,15 +92,17 @@ def plan(cfg: PlanConfig, progress=None) -> dict[str, Any]:
             row["zero_table_1_gb"] = published.ZERO_TABLE_1["gb"][name]
             row["zero_comm_formula_bytes"] = published.zero_comm_bytes(stage, psi, precision.grad_bytes)
         if cfg.model.arch == "gpt":
-            row["korthikanti_layer_bytes"] = published.korthikanti_layer_bytes(s, b, h, a, t, sp)
-            row["layer_differences"] = published.layer_differences(s, b, h, a, t, sp, act_bytes)
+            row["korthikanti_layer_bytes"] = published.korthikanti_layer_bytes(s, b, h, a, t, sp, cfg.remat)
+            row["layer_differences"] = published.layer_differences(s, b, h, a, t, sp, act_bytes, cfg.remat,
+                                                                   base.attention)
         rows.append(row)
         if progress is not None:
             progress(row)
     return {"model": {"arch": cfg.model.arch, "config": dataclasses.asdict(base)}, "mesh": mesh,
             "ranks": math.prod(mesh.values()), "precision": dataclasses.asdict(precision) | {
                 "compute_dtype": str(precision.compute_dtype).replace("torch.", "")},
-            "micro_batch": b, "global_batch": b * dp, "depth": cfg.depth, "offload": cfg.offload, "strategies": rows}
+            "micro_batch": b, "global_batch": b * dp, "depth": cfg.depth, "offload": cfg.offload, "remat": cfg.remat,
+            "strategies": rows}
 
 
 def readme_markers(model_choice: str) -> tuple[str, str]:

@@ -24,7 +24,8 @@ def memory_table(result: dict) -> tuple[str, list[str], list[list[str]]]:
              f"Ψ={result['strategies'][0]['figures']['parameters'] / 1e9:.2f}B, mesh "
              + " × ".join(f"{a}={n}" for a, n in result["mesh"].items())
              + f" ({result['ranks']} ranks), {result['precision']['name']}, micro-batch {result['micro_batch']}"
-             f" × seq {cfg['seq_len']}")
+             f" × seq {cfg['seq_len']}"
+             + ("" if result.get("remat", "none") == "none" else f", remat={result['remat']}"))
     headers = ["strategy", "params", "grads", "optimizer", "activations", "gathered params", "total",
                "ZeRO formula (model states)", "ours − formula"]
     rows = []
@@ -71,7 +72,9 @@ def zero_table(result: dict) -> tuple[str, list[str], list[list[str]]]:
 
 
 def activation_table(result: dict) -> tuple[str, list[str], list[list[str]]]:
-    title = "Activation memory per layer per rank, bytes: ours (graph) vs Korthikanti et al. 2022"
+    remat = result.get("remat", "none")
+    title = ("Activation memory per layer per rank, bytes: ours (graph) vs Korthikanti et al. 2022"
+             + ("" if remat == "none" else f", {remat} recompute (remat={remat})"))
     headers = ["strategy", "t", "SP", "ours (graph)", "Korthikanti", "ours − Korthikanti", "explained (notes)",
                "unexplained"]
     rows = []
@@ -147,6 +150,18 @@ def notes(result: dict) -> list[str]:
         out.append(f"{', '.join(regathered)}: each weight the backward reads is all-gathered again for it "
                    "(`sharding.schedule.regather`), so ZeRO-3 moves about the paper's 3Ψ; the gathered params "
                    "left are the output head's, whose backward follows its forward at once (its copy is kept).")
+    remat = result.get("remat", "none")
+    if remat == "full":
+        out.append("remat=full: each layer keeps only its input (named with `checkpoint_name`); the rest of its "
+                   "forward is recomputed in the backward, after the loss, so it is not in the activations "
+                   "column (it is alive for one layer's backward at a time). Korthikanti's formula is 2sbh "
+                   "(2sbh/t under SP).")
+    elif remat == "selective":
+        out.append("remat=selective: the attention core (SDPA, softmax, dropout, the matmuls of two activations "
+                   "and the elementwise ops between them) is recomputed in the backward; everything else is kept. "
+                   "Korthikanti's formula drops the 5as²b/t term. SDPA (flash) keeps no s² tensors in the first "
+                   "place, so with it selective keeps what no recompute keeps; with GPTConfig(attention=\"math\") "
+                   "the s² softmax output is what it drops (tests/sharding/test_remat.py measures it).")
     if any(row["sp"] for row in result["strategies"]):
         out.append("Under SP the all-reduces on the model axis are the gradients of the weights that see the "
                    "sequence-split residual stream (embeddings, norms, output biases): each rank holds a "

@@ -120,7 +120,8 @@ def compile_step(step: Callable, strategy: Strategy, mesh: Mesh, params, opt_sta
                  **jit_options):
     """`jit` of `step(params, opt_state, batch) -> (params, opt_state, metrics)` under `strategy`.
 
-    `jit_options` go to `jit` (the schedule passes' settings). Returns (compiled step,
+    `jit_options` go to `jit` (the schedule passes' settings, `remat`: the activation-checkpointing
+    policy). Returns (compiled step,
     (param specs, state specs, batch spec)). A step built with `grad_accum=N` first checks that
     each rank's share of the batch splits into N micro-batches (at trace time, before any
     collective runs). `offload="optimizer"` gives every optimizer-state leaf, in and out, the

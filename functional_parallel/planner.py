@@ -15,8 +15,9 @@ precision: 2-byte params and grads, 4-byte fp32 master copy and Adam moments):
   master copy of the params, which lives in the optimizer-state layout (as in ZeRO);
 - activations: forward values computed from the batch and kept alive across the
   forward/backward boundary (the loss) because backward reads them — what Korthikanti et al.
-  call activation memory; values computed from parameters alone that are kept the same way
-  (all-gathered ZeRO-3 weights) are reported apart, as gathered_params.
+  call activation memory (under activation checkpointing, what the policy keeps); values
+  computed from parameters alone that are kept the same way (all-gathered ZeRO-3 weights) are
+  reported apart, as gathered_params.
 """
 from __future__ import annotations
 
@@ -71,10 +72,11 @@ def default_optimizer() -> optim.GradientTransformation:
 
 
 def lower_fake(model: Model, strategy: Strategy, mesh_shape: Mapping[str, int], global_batch: int,
-               precision: Precision, optimizer=None):
+               precision: Precision, optimizer=None, remat: str = "none"):
     """Lower the train step of `model` under `strategy` on an abstract mesh, on fake tensors only.
 
-    Returns (lowered, params, opt_state, mesh); params and state are fake global trees.
+    `remat` is the activation-checkpointing policy (`sharding.remat`). Returns (lowered, params,
+    opt_state, mesh); params and state are fake global trees.
     """
     optimizer = optimizer or default_optimizer()
     mesh = Mesh.abstract(dict(mesh_shape))
@@ -86,7 +88,7 @@ def lower_fake(model: Model, strategy: Strategy, mesh_shape: Mapping[str, int], 
     # Unbucketed: a bucket's size is a byte budget, not a number of layers, so bucketed collective
     # counts would not extrapolate per layer (bytes are the same either way).
     compiled, (pspecs, sspecs, bspec) = compile_step(make_train_step(model.loss, optimizer), strategy, mesh,
-                                                     params, state, bucket_bytes=0)
+                                                     params, state, bucket_bytes=0, remat=remat)
     with FakeTensorMode(allow_non_fake_inputs=True):
         local = (shard(params, pspecs, mesh), shard(state, sspecs, mesh), shard(batch, bspec, mesh))
     return compiled.lower(*local), params, state, mesh
@@ -127,7 +129,11 @@ def _storage_roots(nodes) -> dict:
 def saved_across_backward(lowered, axis_sizes, data_placeholders: int) -> tuple[int, int]:
     """Bytes per rank of values computed up to the loss and read again after it, split into
     (activations: computed from the batch, parameter copies: computed from parameters alone,
-    e.g. ZeRO-3's all-gathered weights when backward does not gather them again)."""
+    e.g. ZeRO-3's all-gathered weights when backward does not gather them again).
+
+    Under activation checkpointing the recomputed values are copies placed in the backward, after
+    the loss: they are not alive at the loss, so only what the policy keeps is counted (the copies'
+    own lifetime is one layer's backward, a transient the peak includes and this does not)."""
     graph = lowered.graph.graph
     nodes = list(graph.nodes)
     index = {node: i for i, node in enumerate(nodes)}
@@ -251,18 +257,18 @@ class StrategyPlan:
 
 
 def plan_strategy(build_model, layers: int, strategy: Strategy, mesh_shape: Mapping[str, int], global_batch: int,
-                  precision: Precision, depth: int | None = 1) -> StrategyPlan:
+                  precision: Precision, depth: int | None = 1, remat: str = "none") -> StrategyPlan:
     """Lower `build_model(n_layers)` at `depth` and `depth + 1` layers and account both: their
     difference is one layer's figures, and every figure is extrapolated linearly to `layers` (exact:
     tests/test_plan.py checks it against a full lowering). `depth=None` lowers `layers - 1` and
-    `layers`, so the full-depth figures come from a full lowering."""
+    `layers`, so the full-depth figures come from a full lowering. `remat`: see `lower_fake`."""
     start = time.perf_counter()
     first = max(1, layers - 1) if depth is None else depth
     depths = (first, first + 1)
     figures = []
     for n_layers in depths:
         lowered, params, state, mesh = lower_fake(build_model(n_layers), strategy, mesh_shape, global_batch,
-                                                  precision)
+                                                  precision, remat=remat)
         figures.append(account(lowered, params, state, strategy, mesh, precision))
         del lowered, params, state
     return StrategyPlan(strategy.name, extrapolate(figures[0], figures[1], first, layers),

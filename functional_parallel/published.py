@@ -4,7 +4,8 @@
   2Ψ params + 2Ψ grads + KΨ optimizer state (K = 12: fp32 master, m, v), over N_d ranks.
 - Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models"),
   section 4: activation bytes per transformer layer with 16-bit activations and 1-byte dropout
-  masks, s = sequence, b = micro-batch, h = hidden, a = heads, t = tensor-parallel size.
+  masks, s = sequence, b = micro-batch, h = hidden, a = heads, t = tensor-parallel size; Table 2
+  gives them without recompute, with selective recompute (section 4) and with full recompute.
 """
 from __future__ import annotations
 
@@ -37,34 +38,62 @@ def zero_comm_bytes(stage: int, psi: float, bytes_per_element: int = 2) -> float
     return (3 if stage == 3 else 2) * psi * bytes_per_element
 
 
-def korthikanti_layer_bytes(s: int, b: int, h: int, a: int, t: int = 1, sp: bool = False) -> float:
-    """Activation bytes per layer: 34sbh + 5as²b; TP: sbh(10 + 24/t + 5as/(ht)); TP+SP: (sbh/t)(34 + 5as/h)."""
+REMAT_POLICIES = ("none", "selective", "full")
+
+
+def korthikanti_layer_bytes(s: int, b: int, h: int, a: int, t: int = 1, sp: bool = False,
+                            remat: str = "none") -> float:
+    """Activation bytes per layer (their Table 2). No recompute: 34sbh + 5as²b; TP: sbh(10 + 24/t + 5as/(ht));
+    TP+SP: (sbh/t)(34 + 5as/h). Selective recompute drops the 5as²b/t attention-core term; full recompute
+    keeps only the layer input, 2sbh (2sbh/t under SP)."""
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat must be one of {list(REMAT_POLICIES)}, got {remat!r}")
+    t_sp = t if sp else 1
+    if remat == "full":
+        return 2 * s * b * h / t_sp
+    attention_core = 0 if remat == "selective" else 5 * a * s * s * b / t
     if sp:
-        return s * b * h / t * (34 + 5 * a * s / h)
-    return s * b * h * (10 + 24 / t + 5 * a * s / (h * t))
+        return 34 * s * b * h / t + attention_core
+    return s * b * h * (10 + 24 / t) + attention_core
 
 
 # Each difference of our GPT layer from Korthikanti's, as (what, bytes per layer); `our_layer_bytes`
 # is their sum with the formula, and the planner's lowered graph must equal it exactly.
 def layer_differences(s: int, b: int, h: int, a: int, t: int = 1, sp: bool = False,
-                      act_bytes: int = 2) -> list[tuple[str, float]]:
+                      act_bytes: int = 2, remat: str = "none", attention: str = "sdpa") -> list[tuple[str, float]]:
+    """`attention`: GPTConfig's, "sdpa" (flash: no s² tensors, a logsumexp) or "math" (the softmax output kept)."""
     t_sp = t if sp else 1  # what the residual stream (and its norms) is split by
+    if remat == "full":  # the layer input alone, as the formula
+        return [] if act_bytes == 2 else [(f"{act_bytes}-byte activations instead of 2",
+                                           2 * s * b * h / t_sp * (act_bytes / 2 - 1))]
+    logsumexp = 4 * a * s * b / t if attention == "sdpa" else 0
+    if attention == "math" and remat == "selective":
+        core = ("attention written out (math): its softmax output is recomputed, as the formula assumes", 0)
+    elif attention == "math":
+        core = ("attention written out (math): only the softmax output is kept (2as²b/t); no scores (the "
+                "scale's gradient reads nothing), no dropout: -3as²b/t", -3 * a * s * s * b / t)
+    elif remat == "selective":
+        core = ("SDPA (flash) keeps no a·s² tensors, so selective recompute finds none to drop; "
+                "its fp32 logsumexp is kept: +4asb/t", logsumexp)
+    else:
+        core = ("SDPA (flash) keeps no a·s² scores, softmax or dropout: -5as²b/t, + fp32 logsumexp 4asb/t",
+                -5 * a * s * s * b / t + logsumexp)
     out = [
         ("no dropout: the two 1-byte masks after attention and MLP", -2 * s * b * h / t_sp),
-        ("SDPA (flash) keeps no a·s² scores, softmax or dropout: -5as²b/t, + fp32 logsumexp 4asb/t",
-         -5 * a * s * s * b / t + 4 * a * s * b / t),
+        core,
         (f"LayerNorm mean and rstd kept for backward ({act_bytes}-byte, 2 norms)", 4 * act_bytes * s * b / t_sp),
     ]
     if sp:
         out.append(("SP: the all-gathered norm outputs feeding the column matmuls are kept for the weight "
                     "gradient (Megatron keeps the shard and re-gathers in backward)", 4 * s * b * h * (1 - 1 / t)))
     if act_bytes != 2:
-        base = korthikanti_layer_bytes(s, b, h, a, t, sp) + sum(v for _, v in out)
-        lse_and_stats = 4 * a * s * b / t + 4 * act_bytes * s * b / t_sp
+        base = korthikanti_layer_bytes(s, b, h, a, t, sp, remat) + sum(v for _, v in out)
+        lse_and_stats = logsumexp + 4 * act_bytes * s * b / t_sp
         out.append((f"{act_bytes}-byte activations instead of 2", (base - lse_and_stats) * (act_bytes / 2 - 1)))
     return out
 
 
-def our_layer_bytes(s: int, b: int, h: int, a: int, t: int = 1, sp: bool = False, act_bytes: int = 2) -> float:
-    return korthikanti_layer_bytes(s, b, h, a, t, sp) + sum(v for _, v in layer_differences(s, b, h, a, t, sp,
-                                                                                             act_bytes))
+def our_layer_bytes(s: int, b: int, h: int, a: int, t: int = 1, sp: bool = False, act_bytes: int = 2,
+                    remat: str = "none", attention: str = "sdpa") -> float:
+    return korthikanti_layer_bytes(s, b, h, a, t, sp, remat) + sum(
+        v for _, v in layer_differences(s, b, h, a, t, sp, act_bytes, remat, attention))

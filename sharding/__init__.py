@@ -1,14 +1,15 @@
 """sharding: a mesh, PartitionSpecs, and one compiler pass that inserts the collectives.
 
-trace -> propagate -> insert -> localize -> schedule -> place (host/device memory kinds) -> run; `jit` drives
-the pipeline, `Lowered` shows it.
+trace -> remat -> propagate -> insert -> localize -> schedule -> place (host/device memory kinds) -> run; `jit`
+drives the pipeline, `Lowered` shows it.
 """
 from .api import Lowered, jit
+from .checkpoint_name import checkpoint_name
 from .constrain import constrain
-from .errors import CollectiveError, MeshError, PropagationError, ShardingError, SpecError
+from .errors import CollectiveError, MeshError, PropagationError, RematError, ShardingError, SpecError
 from .mesh import Mesh
 from .spec import P
 from .tree import match, shard, unshard
 
-__all__ = ["Mesh", "P", "match", "shard", "unshard", "constrain", "jit", "Lowered",
-           "ShardingError", "CollectiveError", "SpecError", "MeshError", "PropagationError"]
+__all__ = ["Mesh", "P", "match", "shard", "unshard", "constrain", "checkpoint_name", "jit", "Lowered",
+           "ShardingError", "CollectiveError", "SpecError", "MeshError", "PropagationError", "RematError"]

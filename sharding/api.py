@@ -19,6 +19,7 @@ from .localize import localize
 from .mesh import Mesh
 from .placement import DEVICE, HOST, check_kind, place, transfer_log
 from .propagate import propagate
+from .remat import check_policy, remat
 from .schedule import DEFAULT_BUCKET_BYTES, schedule
 from .spec import P
 from .trace import trace
@@ -78,6 +79,8 @@ class jit:
     The schedule passes (`sharding.schedule`) are on by default: `regather` (ZeRO-3 gathers a
     parameter again for its backward use), `bucket_bytes` (merge small collectives up to this
     many bytes per bucket; 0 disables) and `overlap` (issue early, wait late, prefetch gathers).
+    `remat` is the activation-checkpointing policy applied to the traced step before propagation
+    (`sharding.remat`: "none", "full" or "selective").
 
     `in_memory_kinds` / `out_memory_kinds` give each leaf a memory kind, "device" (the default,
     also for None) or "host", as a tree prefix like the specs (a str for a whole argument). A
@@ -88,8 +91,9 @@ class jit:
     def __init__(self, fn: Callable, *, mesh: Mesh, in_specs: Sequence, out_specs,
                  logical_rules: Mapping[str, Any] | None = None, data_axes: Sequence[str] | None = None,
                  regather: bool = True, bucket_bytes: int = DEFAULT_BUCKET_BYTES, overlap: bool = True,
-                 in_memory_kinds: Sequence | None = None, out_memory_kinds=None):
+                 in_memory_kinds: Sequence | None = None, out_memory_kinds=None, remat: str = "none"):
         self.fn = fn
+        self.remat = check_policy(remat)
         self.mesh = mesh
         self.in_specs = tuple(in_specs) if isinstance(in_specs, (list, tuple)) and not isinstance(in_specs, P) \
             else (in_specs,)
@@ -138,7 +142,7 @@ class jit:
         unknown = [a for a in data_axes or () if a not in mesh.axis_names]
         if unknown:
             raise SpecError(f"data_axes {tuple(unknown)} are not mesh axes {mesh.axis_names}")
-        graph_module = traced.graph_module
+        graph_module = remat(traced.graph_module, self.remat)
         ctx = propagate(graph_module.graph, traced.in_layouts, out_layouts, mesh.axis_names, mesh.axis_sizes,
                         data_axes)
         local = schedule(localize(insert(graph_module, ctx, mesh), mesh.axis_sizes), mesh.axis_sizes,

@@ -17,5 +17,9 @@ class PropagationError(ShardingError):
     """An op with no rule, or a layout choice the rules cannot settle."""
 
 
+class RematError(ShardingError):
+    """An activation-checkpointing policy that cannot be applied (unknown name, or no backward)."""
+
+
 class CollectiveError(RuntimeError):
     """A collective that failed at run time (a peer died, hung past the timeout, or diverged)."""

@@ -103,6 +103,7 @@ def test_every_model_and_optimizer_builds():
     (["mesh.dp=0"], ValueError, r"mesh.dp=0"),
     (["grad_accum=3", "data.global_batch=8"], ValueError, r"4 rows per rank, .* into 3 equal micro-batches"),
     (["precision=fp8"], ValueError, r"unknown precision 'fp8'"),
+    (["remat=some"], ValueError, r"remat must be one of \['none', 'full', 'selective'\], got 'some'"),
 ])
 def test_bad_strategy_or_mesh_fails_before_spawning(overrides, error, message, tmp_path, monkeypatch):
     cfg = compose_config(overrides)
@@ -124,7 +125,8 @@ def test_mesh_must_match_the_torchrun_world():
 @pytest.mark.slow
 def test_run_trains_on_two_ranks_and_writes_outputs(tmp_path):
     cfg = compose_config(["model=gpt_tiny", "strategy=zero3", "steps=30", "log_every=10", "eval_every=30",
-                          "eval_batches=2", "progress=false", "data.global_batch=8", "optim.warmup_steps=5"])
+                          "eval_batches=2", "progress=false", "data.global_batch=8", "optim.warmup_steps=5",
+                          "remat=full"])  # ZeRO-3 with full activation recompute, end to end
     summary = train.run(cfg, tmp_path)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [10, 20, 30]
@@ -137,6 +139,7 @@ def test_run_trains_on_two_ranks_and_writes_outputs(tmp_path):
     assert saved.steps == 30 and saved.model.size == "tiny" and saved.strategy.name == "zero3"
     written = json.loads((tmp_path / "summary.json").read_text())
     assert written["world_size"] == 2 and [r["rank"] for r in written["ranks"]] == [0, 1]
+    assert written["remat"] == "full"
     cost = written["cost"]
     assert set(cost["bytes_by_kind"]) == {"all_gather", "reduce_scatter", "all_reduce"}  # ZeRO-3's collectives
     assert cost["bytes_moved"] == sum(cost["bytes_by_kind"].values()) > 0

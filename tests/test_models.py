@@ -52,6 +52,19 @@ def test_fused_qkv_equals_separate(random_tokens):
     torch.testing.assert_close(fused.apply(fused_params, tokens), separate.apply(params, tokens))
 
 
+def test_math_attention_equals_sdpa(random_tokens):
+    """attention="math" (the s² scores written out) is the same function as SDPA: loss and gradients."""
+    sdpa, math = models.build("gpt", "tiny"), models.build("gpt", "tiny", attention="math")
+    params = sdpa.init(0, dtype=torch.float64)
+    tokens = random_tokens(2, 17, 64)
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+    (grads_sdpa, loss_sdpa), (grads_math, loss_math) = (torch.func.grad_and_value(m.loss)(params, batch)
+                                                        for m in (sdpa, math))
+    torch.testing.assert_close(loss_math, loss_sdpa, rtol=0, atol=1e-12)
+    for a, b in zip(tree_leaves(grads_math), tree_leaves(grads_sdpa)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
 def test_gqa_equals_mha_with_repeated_heads(random_tokens):
     """GQA with kv heads repeated into full wk/wv must equal plain multi-head attention."""
     gqa = models.build("llama", "tiny")  # n_kv_heads=2
@@ -126,6 +139,8 @@ def test_config_validation():
         gpt.GPTConfig.named("huge")
     with pytest.raises(ValueError, match="divisible"):
         llama.LlamaConfig(d_model=32, n_heads=4, n_kv_heads=3)
+    with pytest.raises(ValueError, match=r"attention must be one of \['sdpa', 'math'\]"):
+        gpt.GPTConfig(attention="flash")
     with pytest.raises(ValueError, match="unknown architecture"):
         models.build("mamba")
 

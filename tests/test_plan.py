@@ -139,3 +139,56 @@ def test_tiny_model_every_strategy():
     for row in result["strategies"]:
         assert row["figures"]["activations"] > 0 and row["figures"]["params"] > 0
     assert "| fsdp_tp |" in markdown(result)
+
+
+@pytest.fixture(scope="module")
+def recompute_plans():
+    """GPT-3 175B, bf16, dp=64 × tp=8: TP+SP under selective recompute, TP+SP and Megatron TP under full."""
+    return {"selective": plan_cli.plan(plan_config(["remat=selective", "strategies=[tp_sp]"])),
+            "full": plan_cli.plan(plan_config(["remat=full", "strategies=[tp_sp,tp]"]))}
+
+
+def test_selective_recompute_175b_matches_korthikanti(recompute_plans):
+    """Selective recompute, TP+SP: Korthikanti's 34sbh/t per layer, plus exactly the documented
+    differences (no dropout masks, the flash logsumexp, norm statistics, the SP-gathered norm outputs)."""
+    s, h, a, b, t = 2048, 12288, 96, 1, 8
+    rows = {row["strategy"]: row for row in recompute_plans["selective"]["strategies"]}
+    tp_sp = rows["tp_sp"]
+    assert tp_sp["korthikanti_layer_bytes"] == 34 * s * b * h / t
+    ours = tp_sp["per_layer"]["activations"]
+    assert ours == published.our_layer_bytes(s, b, h, a, t, True, remat="selective")
+    assert ours - 34 * s * b * h // t == (-2 * s * b * h // t + 4 * a * s * b // t + 8 * s * b // t
+                                         + 4 * s * b * h * (t - 1) // t)
+    assert "selective recompute" in markdown(recompute_plans["selective"])
+
+
+def test_full_recompute_175b_keeps_the_layer_input(recompute_plans):
+    """Full recompute keeps one layer input per layer: 2sbh/t under SP (sequence-split), 2sbh under TP."""
+    s, h, b, t = 2048, 12288, 1, 8
+    rows = {row["strategy"]: row for row in recompute_plans["full"]["strategies"]}
+    assert rows["tp_sp"]["per_layer"]["activations"] == 2 * s * b * h // t == rows["tp_sp"]["korthikanti_layer_bytes"]
+    assert rows["tp"]["per_layer"]["activations"] == 2 * s * b * h == rows["tp"]["korthikanti_layer_bytes"]
+    assert all(not row["layer_differences"] for row in rows.values())
+
+
+def test_bad_remat_fails_before_lowering():
+    with pytest.raises(ValueError, match=r"remat must be one of \['none', 'selective', 'full'\]"):
+        plan_cli.plan(plan_config(["remat=some"]))
+
+
+def test_math_attention_rows_follow_the_formula():
+    """With the scores written out (GPTConfig(attention="math")) no recompute keeps the softmax output
+    (2as²b of Korthikanti's 5as²b) and selective recompute drops it: both rows equal the formula plus
+    the documented differences (a small GPT, data parallel over 2 ranks, bf16). Under TP the math path
+    is not head-split (see GPTConfig), so the check is without TP."""
+    mesh = {"dp": 2}
+    base = config("gpt", "tiny", seq_len=32, attention="math", vocab_size=planner.mesh_padded_vocab(64, mesh))
+    build_model = lambda n: build("gpt", cfg=dataclasses.replace(base, n_layers=n))  # noqa: E731
+    s, b, h, a = 32, 1, base.d_model, base.n_heads
+    per_layer = {}
+    for remat in ("none", "selective"):
+        result = planner.plan_strategy(build_model, 2, Strategy.load("dp"), mesh, 2, planner.PRECISIONS["bf16"],
+                                       remat=remat)
+        per_layer[remat] = result.per_layer["activations"]
+        assert per_layer[remat] == published.our_layer_bytes(s, b, h, a, 1, False, 2, remat, "math"), remat
+    assert per_layer["none"] - per_layer["selective"] == 2 * a * s * s * b  # the bf16 softmax output

@@ -2,8 +2,9 @@
 
 Params are a plain nested dict/list of tensors; weights are stored `[in, out]` and used as
 `x @ w`, so a leaf path such as `blocks/0/attn/wq` names exactly one matmul operand. The
-residual stream is named with logical axes via `constrain` so a strategy can shard it; no
-other parallelism lives here.
+residual stream is named with logical axes via `constrain` so a strategy can shard it, and each
+block's input is named `layer_input` (`checkpoint_name`) for activation checkpointing; no other
+parallelism lives here.
 """
 from __future__ import annotations
 
@@ -13,16 +14,25 @@ import math
 import torch
 import torch.nn.functional as F
 
-from sharding import constrain
+from sharding import checkpoint_name, constrain
+from sharding.checkpoint_name import LAYER_INPUT
 
 from ._init_utils import ParamFactory
 
 RESIDUAL_AXES = ("batch", "seq", "embed")
+ATTENTION = ("sdpa", "math")
 
 
 @dataclasses.dataclass(frozen=True)
 class GPTConfig:
-    """Sizes of a GPT. `d_mlp` defaults to 4 * d_model."""
+    """Sizes of a GPT. `d_mlp` defaults to 4 * d_model.
+
+    `attention`: "sdpa" (`F.scaled_dot_product_attention`, which keeps no s² tensors on CPU) or
+    "math" (softmax(QKᵀ/√d + causal mask)·V written out, the s² scores materialised, as in
+    Korthikanti et al.'s accounting); the same function either way. Under tensor parallelism the
+    math path's batched matmuls merge the batch and head dims, and a head split does not survive
+    that reshape, so its attention core runs unsplit on each TP rank (correct, not Megatron's layout).
+    """
 
     vocab_size: int = 64
     seq_len: int = 16
@@ -33,6 +43,7 @@ class GPTConfig:
     fused_qkv: bool = False
     ln_eps: float = 1e-5
     init_std: float = 0.02
+    attention: str = "sdpa"
 
     @property
     def mlp_dim(self) -> int:
@@ -50,6 +61,8 @@ class GPTConfig:
         return dataclasses.replace(SIZES[size], **overrides)
 
     def __post_init__(self):
+        if self.attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {list(ATTENTION)}, got {self.attention!r}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
 
@@ -94,7 +107,18 @@ def init(cfg: GPTConfig, seed: int, dtype: torch.dtype = torch.float32) -> dict:
     return params
 
 
-def _attention(p: dict, x: torch.Tensor, n_heads: int) -> torch.Tensor:
+def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(QKᵀ/√d + causal mask)·V with the [B, H, S, S] scores materialised."""
+    seq = q.shape[-2]
+    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # [B, H, S, S]
+    # An additive mask (-inf above the diagonal): its gradient reads nothing, so no mask is saved.
+    positions = torch.arange(seq, device=q.device)
+    future = positions[None, :] > positions[:, None]  # [S, S]: key after query
+    causal = torch.zeros(seq, seq, dtype=scores.dtype, device=q.device).masked_fill(future, float("-inf"))
+    return torch.softmax(scores + causal, dim=-1) @ v  # [B, H, S, hd]
+
+
+def _attention(p: dict, x: torch.Tensor, n_heads: int, attention: str = "sdpa") -> torch.Tensor:
     """Causal multi-head self-attention; x [B, S, D] -> [B, S, D]."""
     batch, seq, d_model = x.shape
     head_dim = d_model // n_heads
@@ -104,7 +128,10 @@ def _attention(p: dict, x: torch.Tensor, n_heads: int) -> torch.Tensor:
         q, k, v = x @ p["wq"], x @ p["wk"], x @ p["wv"]
     # [B, S, D] -> [B, H, S, hd]
     q, k, v = (t.view(batch, seq, n_heads, head_dim).transpose(1, 2) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if attention == "math":
+        out = _math_attention(q, k, v)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     out = out.transpose(1, 2).reshape(batch, seq, d_model)  # [B, H, S, hd] -> [B, S, D]
     return out @ p["wo"]
 
@@ -130,7 +157,8 @@ def apply(params: dict, tokens: torch.Tensor, cfg: GPTConfig) -> torch.Tensor:
     x = params["wte"][tokens] + params["wpe"][positions]  # [B, S, D]
     x = constrain(x, RESIDUAL_AXES)
     for block in params["blocks"]:
-        x = x + _attention(block["attn"], _layer_norm(x, block["ln1"], eps), n_heads)
+        x = checkpoint_name(x, LAYER_INPUT)
+        x = x + _attention(block["attn"], _layer_norm(x, block["ln1"], eps), n_heads, cfg.attention)
         x = constrain(x, RESIDUAL_AXES)
         x = x + _mlp(block["mlp"], _layer_norm(x, block["ln2"], eps))
         x = constrain(x, RESIDUAL_AXES)

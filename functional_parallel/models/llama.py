@@ -12,7 +12,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from sharding import constrain
+from sharding import checkpoint_name, constrain
+from sharding.checkpoint_name import LAYER_INPUT
 
 from ._init_utils import ParamFactory
 
@@ -145,6 +146,7 @@ def apply(params: dict, tokens: torch.Tensor, cfg: LlamaConfig) -> torch.Tensor:
     eps = cfg.norm_eps
     x = constrain(params["tok"][tokens], RESIDUAL_AXES)  # [B, S, D]
     for block in params["blocks"]:
+        x = checkpoint_name(x, LAYER_INPUT)
         x = x + _attention(block["attn"], _rms_norm(x, block["attn_norm"]["w"], eps), cfg)
         x = constrain(x, RESIDUAL_AXES)
         x = x + _mlp(block["mlp"], _rms_norm(x, block["mlp_norm"]["w"], eps))

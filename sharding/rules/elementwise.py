@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ..checkpoint_name import CHECKPOINT_NAME
 from . import Choice, rule, tensor_inputs
 from .choose import PARTIAL, REPLICATE, anchor, broadcast_dim, is_shard, to_output_dim
 
@@ -22,7 +23,8 @@ NONLINEAR = [
 SUMS = [aten.add.Tensor, aten.sub.Tensor]                       # linear when every operand is Partial
 PRODUCTS = [aten.mul.Tensor, aten.div.Tensor]                   # linear in one Partial operand
 UNARY_LINEAR = [aten.neg, aten.clone, aten._to_copy, aten.alias, aten.detach, aten.lift_fresh_copy,
-                aten.mul.Scalar, aten.div.Scalar]
+                aten.mul.Scalar, aten.div.Scalar,
+                CHECKPOINT_NAME]  # an identity (`sharding.remat` removes it before propagation anyway)
 SELECT = [aten.where.self]
 OTHER_ARITHMETIC = [aten.add.Scalar, aten.sub.Scalar, aten.rsub]
 

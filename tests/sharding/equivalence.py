@@ -13,9 +13,11 @@ from sharding import Mesh, P, jit, shard, unshard
 GLOBAL_BATCH = 8
 
 
-def make_problem(arch: str, seed: int = 0):
-    """Model, float64 params, AdamW state, a fixed global batch, and the step that also returns grads."""
-    model = build(arch, "tiny")
+def make_problem(arch: str, seed: int = 0, model_overrides: dict | None = None):
+    """Model, float64 params, AdamW state, a fixed global batch, and the step that also returns grads.
+
+    `model_overrides` change fields of the tiny config (e.g. `{"attention": "math"}`)."""
+    model = build(arch, "tiny", **(model_overrides or {}))
     params = model.init(seed, dtype=torch.float64)
     optimizer = optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(1e-2, weight_decay=0.1))
     opt_state = optimizer.init(params)
@@ -33,8 +35,8 @@ def make_problem(arch: str, seed: int = 0):
     return step, params, opt_state, batch
 
 
-def reference(arch: str, steps: int = 3):
-    step, params, opt_state, batch = make_problem(arch)
+def reference(arch: str, steps: int = 3, model_overrides: dict | None = None):
+    step, params, opt_state, batch = make_problem(arch, model_overrides=model_overrides)
     losses, grads = [], None
     for i in range(steps):
         params, opt_state, metrics = step(params, opt_state, batch)
@@ -43,9 +45,9 @@ def reference(arch: str, steps: int = 3):
     return {"losses": losses, "grads": grads, "params": params}
 
 
-def compile_strategy(arch: str, strategy_name: str, **jit_options):
+def compile_strategy(arch: str, strategy_name: str, model_overrides: dict | None = None, **jit_options):
     """On this rank: the compiled step of `make_problem(arch)` under a strategy, and its local inputs."""
-    step, params, opt_state, batch = make_problem(arch)
+    step, params, opt_state, batch = make_problem(arch, model_overrides=model_overrides)
     strategy = Strategy.load(strategy_name)
     mesh = Mesh(MESHES[strategy_name])
     pspecs, sspecs, bspec = param_specs(strategy, params), state_specs(strategy, opt_state, params), strategy.batch
@@ -57,10 +59,11 @@ def compile_strategy(arch: str, strategy_name: str, **jit_options):
     return compiled, local
 
 
-def run_strategy(rank: int, world: int, arch: str, strategy_name: str, steps: int = 3, **jit_options):
+def run_strategy(rank: int, world: int, arch: str, strategy_name: str, steps: int = 3,
+                 model_overrides: dict | None = None, **jit_options):
     """On each rank: compile, run `steps` steps, unshard; returns what the test compares."""
     started = time.perf_counter()
-    compiled, local = compile_strategy(arch, strategy_name, **jit_options)
+    compiled, local = compile_strategy(arch, strategy_name, model_overrides, **jit_options)
     mesh, pspecs = compiled.mesh, compiled.in_specs[0]
     lowered = compiled.lower(*local)
     compile_s = time.perf_counter() - started
