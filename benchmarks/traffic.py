@@ -18,7 +18,7 @@ import torch
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from sharding.memory import MemoryTracker
+from sharding.memory import DEVICE, MemoryTracker
 
 # op name (without namespace and trailing "_") -> (kind, which tensors count: "in" or "out")
 KINDS = {
@@ -67,5 +67,5 @@ class CollectiveCounter(TorchDispatchMode):
 class LocalMemoryTracker(MemoryTracker):
     """A `MemoryTracker` that counts a DTensor as its local shard."""
 
-    def _add(self, tensor: torch.Tensor) -> None:
-        super()._add(tensor._local_tensor if isinstance(tensor, DTensor) else tensor)
+    def _add(self, tensor: torch.Tensor, kind: str = DEVICE) -> None:
+        super()._add(tensor._local_tensor if isinstance(tensor, DTensor) else tensor, kind)

@@ -21,7 +21,7 @@ def compose_compare(overrides):
 def test_default_compares_every_strategy_in_float64_plus_policy_runs():
     cfg = compose_compare([])
     runs = compare.parse_runs(cfg)
-    assert [run.name for run in runs] == PLAIN + ["zero3_bf16", "tp_sp_bf16", "dp_accum2"]
+    assert [run.name for run in runs] == PLAIN + ["zero3_bf16", "tp_sp_bf16", "dp_accum2", "zero3_remat", "zero3_offload"]
     assert cfg.model.dtype == "float64" and cfg.model.size == "tiny"
     for run in runs:
         train_cfg = compare.train_config(cfg, run)
@@ -30,11 +30,13 @@ def test_default_compares_every_strategy_in_float64_plus_policy_runs():
     configs = {run.name: compare.train_config(cfg, run) for run in runs}
     assert configs["zero3_bf16"].precision == "bf16" and configs["dp_accum2"].grad_accum == 2
     assert configs["zero3"].precision == "fp32" and configs["zero3"].grad_accum == 1
-    # one reference per distinct policy: fp32, bf16, fp32 with two micro-batches
+    assert configs["zero3_remat"].remat == "full" and configs["zero3_offload"].offload == "optimizer"
+    # one reference per distinct policy: fp32, bf16, fp32 with two micro-batches (remat and offload
+    # change where values live, not what they are: they share the fp32 reference)
     assert len({compare.reference_policy(c) for c in configs.values()}) == 3
     assert compare.tolerance(cfg, configs["zero3"]) == 1e-9
     assert compare.tolerance(cfg, configs["zero3_bf16"]) == compare.TOLERANCES["bfloat16"]
-    assert compare.policy_keys(runs) == ["precision", "grad_accum"]
+    assert compare.policy_keys(runs) == ["precision", "grad_accum", "remat", "offload"]
 
 
 def test_strategies_shorthand_replaces_runs():
