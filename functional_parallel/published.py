@@ -83,9 +83,10 @@ def layer_differences(s: int, b: int, h: int, a: int, t: int = 1, sp: bool = Fal
         core,
         (f"LayerNorm mean and rstd kept for backward ({act_bytes}-byte, 2 norms)", 4 * act_bytes * s * b / t_sp),
     ]
-    if sp:
+    if sp and remat == "none":  # with recompute, jit gathers them again in backward (schedule.regather)
         out.append(("SP: the all-gathered norm outputs feeding the column matmuls are kept for the weight "
-                    "gradient (Megatron keeps the shard and re-gathers in backward)", 4 * s * b * h * (1 - 1 / t)))
+                    "gradient (Megatron keeps the shard and re-gathers in backward; so do we under "
+                    "remat=selective|full)", 4 * s * b * h * (1 - 1 / t)))
     if act_bytes != 2:
         base = korthikanti_layer_bytes(s, b, h, a, t, sp, remat) + sum(v for _, v in out)
         lse_and_stats = logsumexp + 4 * act_bytes * s * b / t_sp

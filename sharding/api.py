@@ -80,7 +80,9 @@ class jit:
     parameter again for its backward use), `bucket_bytes` (merge small collectives up to this
     many bytes per bucket; 0 disables) and `overlap` (issue early, wait late, prefetch gathers).
     `remat` is the activation-checkpointing policy applied to the traced step before propagation
-    (`sharding.remat`: "none", "full" or "selective").
+    (`sharding.remat`: "none", "full" or "selective"); under "full" or "selective" an activation
+    all-gathered for the forward (sequence parallelism's norm output) is also gathered again for
+    its backward use instead of kept (`schedule.regather`, as Megatron-LM does).
 
     `in_memory_kinds` / `out_memory_kinds` give each leaf a memory kind, "device" (the default,
     also for None) or "host", as a tree prefix like the specs (a str for a whole argument). A
@@ -100,8 +102,8 @@ class jit:
         self.out_specs = out_specs
         self.logical_rules = dict(logical_rules or {})
         self.data_axes = data_axes
-        self.schedule_options = {"regather_params": regather, "bucket_bytes": bucket_bytes,
-                                 "overlap_communication": overlap}
+        self.schedule_options = {"regather_params": regather, "regather_activations": self.remat != "none",
+                                 "bucket_bytes": bucket_bytes, "overlap_communication": overlap}
         self.in_memory_kinds = tuple(in_memory_kinds) if isinstance(in_memory_kinds, (list, tuple)) \
             else (in_memory_kinds,) * len(self.in_specs)
         if len(self.in_memory_kinds) != len(self.in_specs):

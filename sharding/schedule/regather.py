@@ -8,6 +8,13 @@ a new window starts when, since its previous use, some other gathered parameter 
 backward, or a weight shared by two layers). Each later window gets its own all-gather, just
 before its first use; views of the gathered value are copied into the window. A parameter used
 again right away (the output head's backward follows its forward) keeps its copy.
+
+`activations=True` does the same for every other all-gather: an activation gathered for a forward
+matmul and read again by its weight gradient (sequence parallelism's gathered norm output) keeps
+only its shard alive in between and is gathered again in the backward, as Megatron-LM does
+(Korthikanti et al. 2022 count the shard). `jit` turns it on with activation checkpointing, a
+policy that trades recomputation (here: communication) for activation memory; a gather whose uses
+are all in one window (a backward's own gathers) is left alone.
 """
 from __future__ import annotations
 
@@ -30,10 +37,12 @@ def _uses(value: fx.Node) -> list[tuple[fx.Node, list[fx.Node]]]:
     return found
 
 
-def _windows(gathers: list[Chain], order: dict) -> dict:
-    """chain -> list of windows, each a list of (consumer, view path), in program order."""
+def _windows(gathers: list[Chain], order: dict, counted: list[Chain] | None = None) -> dict:
+    """chain -> list of windows, each a list of (consumer, view path), in program order. A window
+    ends where a use of another chain of `counted` (default: `gathers`) comes between two uses."""
     uses = {chain: sorted(_uses(chain.result), key=lambda use: order[use[0]]) for chain in gathers}
-    all_positions = sorted(order[consumer] for found in uses.values() for consumer, _ in found)
+    counted_uses = uses if counted is None else {chain: _uses(chain.result) for chain in counted}
+    all_positions = sorted(order[consumer] for found in counted_uses.values() for consumer, _ in found)
     windows = {}
     for chain, found in uses.items():
         groups: list[list] = []
@@ -63,12 +72,17 @@ def _gather_again(graph: fx.Graph, chain: Chain, before: fx.Node) -> fx.Node:
     return copies[chain.result]
 
 
-def regather(graph_module: fx.GraphModule) -> fx.GraphModule:
+def regather(graph_module: fx.GraphModule, params: bool = True, activations: bool = False) -> fx.GraphModule:
     graph = graph_module.graph
     order = positions(graph)
-    gathers = [chain for chain in chains(graph) if is_parameter_gather(chain)]
+    all_gathers = [chain for chain in chains(graph) if chain.kind == "all_gather"]
+    parameter_gathers = [chain for chain in all_gathers if is_parameter_gather(chain)]
+    windows = _windows(parameter_gathers, order) if params else {}
+    if activations:
+        others = [chain for chain in all_gathers if not is_parameter_gather(chain)]
+        windows.update(_windows(others, order, counted=all_gathers))
     touched_views: list[fx.Node] = []
-    for chain, groups in _windows(gathers, order).items():
+    for chain, groups in windows.items():
         for group in groups[1:]:
             fresh = _gather_again(graph, chain, before=group[0][0])
             copied: dict[fx.Node, fx.Node] = {}

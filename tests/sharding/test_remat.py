@@ -131,6 +131,22 @@ def test_tp_full_remat_recomputes_forward_all_reduces():
     assert _all_reduces(full, "dp") == _all_reduces(plain, "dp")  # the gradient reductions are unchanged
 
 
+def test_sequence_parallel_gathers_norm_outputs_again_under_recompute():
+    """Under SP each norm output is all-gathered on tp for the column matmuls and read again by their
+    weight gradients. With recompute on, the backward gathers it again from the kept shard (Megatron's
+    SP backward; Korthikanti's 2sbh/t for the QKV and MLP inputs) instead of keeping the gathered copy:
+    two re-gathers per layer on tp, each the gathered [b/dp, s, h] activation; without recompute, none."""
+    model, _, plain = lower("tp_sp", bucket_bytes=0)
+    _, _, selective = lower("tp_sp", bucket_bytes=0, remat="selective")
+    again = [r for r in selective.collectives if r.get("regather")]
+    assert not [r for r in plain.collectives if r.get("regather")]
+    cfg, local_batch = model.cfg, 8 // 2
+    assert len(again) == 2 * cfg.n_layers
+    assert all(r["kind"] == "all_gather" and r["axes"] == ("tp",)
+               and r["bytes"] == local_batch * cfg.seq_len * cfg.d_model * 4 for r in again)
+    assert sum("_attention" in r["source"] or 'p["wq"]' in r["source"] for r in again) == cfg.n_layers
+
+
 # --- the pass's contract ------------------------------------------------------------------------
 
 def test_bad_policy_and_missing_backward_fail_clearly():
