@@ -100,24 +100,23 @@ def backward_seeds(graph: fx.Graph) -> list[fx.Node]:
     return seeds
 
 
-def _ancestors(roots) -> set[fx.Node]:
+def _closure(roots, step) -> set[fx.Node]:
+    """`roots` and every node reached from them by `step` (a node -> its neighbours in one direction)."""
     found, stack = set(), list(roots)
     while stack:
         node = stack.pop()
         if node not in found:
             found.add(node)
-            stack.extend(node.all_input_nodes)
+            stack.extend(step(node))
     return found
+
+
+def _ancestors(roots) -> set[fx.Node]:
+    return _closure(roots, lambda node: node.all_input_nodes)
 
 
 def _descendants(roots) -> set[fx.Node]:
-    found, stack = set(), list(roots)
-    while stack:
-        node = stack.pop()
-        if node not in found:
-            found.add(node)
-            stack.extend(node.users)
-    return found
+    return _closure(roots, lambda node: node.users)
 
 
 def _random(node: fx.Node) -> bool:

@@ -75,3 +75,20 @@ def run_strategy(rank: int, world: int, arch: str, strategy_name: str, steps: in
         grads = grads or unshard(metrics["grads"], pspecs, mesh)
     return {"losses": losses, "grads": grads, "params": unshard(p, pspecs, mesh),
             "collectives": lowered.collectives, "compile_s": compile_s, "timings": lowered.timings}
+
+
+def measured_peaks(lowered, local, runs: int = 3) -> list[int]:
+    """`MemoryTracker`'s peak over `runs` runs of a lowered step. Take the least as the program's peak:
+    gloo's worker thread drops its reference to a finished collective's tensors a moment after `wait`
+    returns, so a tensor freed inside that window is really freed a little later and one run can read
+    high (see tests/sharding/test_memory_peak.py)."""
+    from sharding.memory import MemoryTracker
+
+    measured = []
+    for _ in range(runs):
+        with MemoryTracker() as mem:
+            mem.track(local)
+            out = lowered.run(*local)
+        del out
+        measured.append(mem.peak_bytes)
+    return measured

@@ -13,9 +13,8 @@ from __future__ import annotations
 import pytest
 
 from functional_parallel.launch import spawn
-from sharding.memory import MemoryTracker
 
-from .equivalence import MESHES, compile_strategy
+from .equivalence import MESHES, compile_strategy, measured_peaks
 
 TOLERANCE = 0.05
 RUNS = 3
@@ -27,13 +26,7 @@ def _measure(rank, world, arch):
         compiled, local = compile_strategy(arch, name)
         lowered = compiled.lower(*local)
         lowered.run(*local)  # a first run, so lazily created process-group state is not counted
-        measured = []
-        for _ in range(RUNS):
-            with MemoryTracker() as mem:
-                mem.track(local)
-                out = lowered.run(*local)
-            del out
-            measured.append(mem.peak_bytes)
+        measured = measured_peaks(lowered, local, RUNS)
         results[name] = {"predicted": lowered.cost["peak_bytes"], "measured": min(measured), "runs": measured}
     return results
 

@@ -22,7 +22,7 @@ from sharding.memory import MemoryTracker
 from sharding.remat import RematError, backward_seeds
 from sharding.trace import trace
 
-from .equivalence import compile_strategy, reference
+from .equivalence import compile_strategy, measured_peaks, reference
 from .lowered import lower
 
 aten = torch.ops.aten
@@ -48,13 +48,7 @@ def _run_all(rank, world):
                 p, s, metrics = lowered.run(p, s, local[2])
                 losses.append(metrics["loss"])
                 grads = grads or unshard(metrics["grads"], pspecs, mesh)
-            measured = []
-            for _ in range(RUNS):
-                with MemoryTracker() as mem:
-                    mem.track(local)
-                    out = lowered.run(*local)
-                del out
-                measured.append(mem.peak_bytes)
+            measured = measured_peaks(lowered, local, RUNS)
             results[(policy, name)] = {"losses": losses, "grads": grads, "params": unshard(p, pspecs, mesh),
                                        "predicted": lowered.cost["peak_bytes"], "measured": measured}
     return results
