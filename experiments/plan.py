@@ -24,7 +24,8 @@ from experiments.plan_report import markdown, print_tables
 from experiments.strategies import write_into_readme
 from functional_parallel import planner, published
 from functional_parallel.models import build, config as model_config
-from functional_parallel.parallel import Strategy
+from functional_parallel.parallel import Strategy, check_offload
+from sharding.remat import check_policy
 
 ALL_STRATEGIES = ["dp", "zero1", "zero2", "zero3", "tp", "tp_sp", "fsdp_tp"]
 
@@ -62,12 +63,11 @@ def plan(cfg: PlanConfig, progress=None) -> dict[str, Any]:
     """Every strategy's figures and the matching published formulas, as one JSON-able dict."""
     if cfg.precision not in planner.PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(planner.PRECISIONS)}, got {cfg.precision!r}")
-    if cfg.remat not in published.REMAT_POLICIES:
-        raise ValueError(f"remat must be one of {list(published.REMAT_POLICIES)}, got {cfg.remat!r}")
+    check_policy(cfg.remat)
     unknown = [name for name in cfg.strategies if name not in ALL_STRATEGIES]
     if unknown:
         raise ValueError(f"unknown strategies {unknown}; expected some of {ALL_STRATEGIES}")
-    planner.memory_by_kind({}, cfg.offload)  # a bad offload value fails before any lowering
+    check_offload(cfg.offload)
     precision = planner.PRECISIONS[cfg.precision]
     base, build_model = _model_builder(cfg)
     mesh = dict(cfg.mesh)

@@ -119,7 +119,7 @@ def setup(cfg: Any, rank: int, device: torch.device, output_dir: pathlib.Path | 
     params, opt_state = init_state(optimizer, params, precision)
     started = time.perf_counter()
     compiled, specs = compile_step(make_train_step(model.loss, optimizer, cfg.grad_accum, precision), strategy, mesh,
-                                   params, opt_state, offload=cfg.offload, remat=getattr(cfg, "remat", "none"))
+                                   params, opt_state, offload=cfg.offload, remat=cfg.remat)
     compiled_eval = jit(model.loss, mesh=mesh, in_specs=(specs[0], specs[2]), out_specs=P(),
                         logical_rules=strategy.logical)
     state = initial_state(params, opt_state, specs, mesh, device, cfg.offload)
@@ -258,7 +258,7 @@ def finish(session: Session) -> dict:
     summary = {
         "strategy": cfg.strategy.name, "mesh": mesh_shape(cfg.mesh), "world_size": len(ranks),
         "model": f"{cfg.model.arch}/{cfg.model.size}", "dtype": cfg.model.dtype, "device": session.device.type,
-        "remat": getattr(cfg, "remat", "none"),
+        "remat": cfg.remat,
         "steps": session.state.step, "first_loss": session.first_loss, "final_loss": history[-1]["loss"],
         "val_loss": history[-1].get("val_loss"), "tokens_per_s": history[-1]["tokens_per_s"],
         "step_time_s": max(r["step_time_s"] for r in ranks),  # the step is as slow as its slowest rank

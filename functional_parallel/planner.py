@@ -39,7 +39,7 @@ from sharding.tree import leaf_paths
 
 from . import optim
 from .models import Model, padded_vocab
-from .parallel import Strategy, compile_step, grad_specs
+from .parallel import Strategy, check_offload, compile_step, grad_specs
 from .train import make_train_step
 
 
@@ -206,7 +206,7 @@ def account(lowered, params, opt_state, strategy: Strategy, mesh: Mesh, precisio
 
 
 # ZeRO-Offload's split: the optimizer role (fp32 master copy and Adam moments) lives in host memory.
-HOST_ROLES = {"none": (), "optimizer": ("optimizer",)}
+HOST_ROLES = {"none": (), "optimizer": ("optimizer",)}  # by `parallel.OFFLOAD` value
 DEVICE_ROLES = ("params", "grads", "optimizer", "activations", "gathered_params")
 
 
@@ -214,9 +214,7 @@ def memory_by_kind(figures: Mapping[str, int], offload: str = "none") -> dict[st
     """Per-rank {"device": bytes, "host": bytes} of the memory roles under an offload policy
     (`offload="optimizer"`: the optimizer role moves to host; the compiler's placement pass runs
     its update there, `sharding.placement`)."""
-    if offload not in HOST_ROLES:
-        raise ValueError(f"offload must be one of {tuple(HOST_ROLES)}, got {offload!r}")
-    host = sum(figures.get(role, 0) for role in HOST_ROLES[offload])
+    host = sum(figures.get(role, 0) for role in HOST_ROLES[check_offload(offload)])
     return {"device": sum(figures.get(role, 0) for role in DEVICE_ROLES) - host, "host": host}
 
 

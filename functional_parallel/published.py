@@ -9,6 +9,8 @@
 """
 from __future__ import annotations
 
+from sharding.remat import check_policy
+
 # ZeRO Table 1: Ψ = 7.5B, N_d = 64, K = 12; GB = 1e9 bytes.
 ZERO_TABLE_1 = {"psi": 7.5e9, "n_d": 64, "k": 12, "gb": {"dp": 120.0, "zero1": 31.4, "zero2": 16.6, "zero3": 1.9}}
 # Which ZeRO stage (0 = the paper's baseline data parallelism) a strategy reproduces.
@@ -38,16 +40,12 @@ def zero_comm_bytes(stage: int, psi: float, bytes_per_element: int = 2) -> float
     return (3 if stage == 3 else 2) * psi * bytes_per_element
 
 
-REMAT_POLICIES = ("none", "selective", "full")
-
-
 def korthikanti_layer_bytes(s: int, b: int, h: int, a: int, t: int = 1, sp: bool = False,
                             remat: str = "none") -> float:
     """Activation bytes per layer (their Table 2). No recompute: 34sbh + 5as²b; TP: sbh(10 + 24/t + 5as/(ht));
     TP+SP: (sbh/t)(34 + 5as/h). Selective recompute drops the 5as²b/t attention-core term; full recompute
     keeps only the layer input, 2sbh (2sbh/t under SP)."""
-    if remat not in REMAT_POLICIES:
-        raise ValueError(f"remat must be one of {list(REMAT_POLICIES)}, got {remat!r}")
+    check_policy(remat)
     t_sp = t if sp else 1
     if remat == "full":
         return 2 * s * b * h / t_sp

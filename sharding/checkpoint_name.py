@@ -11,34 +11,15 @@ from __future__ import annotations
 import torch
 
 from .constrain import _TRACE_CONTEXT
+from .marker_ops import define_identity
 
 LAYER_INPUT = "layer_input"
 
-_LIBRARY = torch.library.Library("fp", "FRAGMENT")
-_LIBRARY.define("checkpoint_name(Tensor x, str name) -> Tensor")
-# As `fp::constrain`: a plain op, with a functorch-compatible gradient from `_CheckpointName`.
-_LIBRARY.impl("checkpoint_name", lambda x, name: x.clone(), "CompositeExplicitAutograd")
-CHECKPOINT_NAME = torch.ops.fp.checkpoint_name.default
-
-
-class _CheckpointName(torch.autograd.Function):
-    """Identity whose gradient is the incoming gradient (no node in the backward)."""
-
-    @staticmethod
-    def forward(x, name):
-        return torch.ops.fp.checkpoint_name(x, name)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
+CHECKPOINT_NAME, _checkpoint_name = define_identity("checkpoint_name", "name", mark_gradient=False)
 
 
 def checkpoint_name(x: torch.Tensor, name: str) -> torch.Tensor:
     """Name `x` (e.g. `LAYER_INPUT`, the input of a transformer block) for `jit(..., remat=...)`."""
     if _TRACE_CONTEXT.get() is None:
         return x
-    return _CheckpointName.apply(x, name)
+    return _checkpoint_name(x, name)

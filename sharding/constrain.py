@@ -12,6 +12,7 @@ from typing import Mapping, Sequence
 
 import torch
 
+from .marker_ops import define_identity
 from .spec import P
 
 # The active trace: logical-axis rules and mesh axis names, set only while `jit` traces.
@@ -50,27 +51,8 @@ def resolve_logical(axes: Sequence[str | None], logical_rules: Mapping[str, obje
     return P(*entries)
 
 
-_LIBRARY = torch.library.Library("fp", "DEF")
-_LIBRARY.define("constrain(Tensor x, str spec) -> Tensor")
-# A plain op (no autograd kernel of its own): `_Constrain` below gives it a functorch-compatible
-# gradient, which a `custom_op` autograd registration cannot in torch 2.13.
-_LIBRARY.impl("constrain", lambda x, spec: x.clone(), "CompositeExplicitAutograd")
-
-
-class _Constrain(torch.autograd.Function):
-    """Identity whose gradient carries the same constraint (functorch-compatible)."""
-
-    @staticmethod
-    def forward(x, spec):
-        return torch.ops.fp.constrain(x, spec)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.spec = inputs[1]
-
-    @staticmethod
-    def backward(ctx, grad):
-        return torch.ops.fp.constrain(grad, ctx.spec), None
+# Its gradient carries the same constraint (Megatron's SP needs it for the residual stream's gradient).
+CONSTRAIN, _constrain = define_identity("constrain", "spec", mark_gradient=True)
 
 
 def constrain(x: torch.Tensor, spec: P | Sequence[str | None]) -> torch.Tensor:
@@ -85,4 +67,4 @@ def constrain(x: torch.Tensor, spec: P | Sequence[str | None]) -> torch.Tensor:
     if not isinstance(spec, P):
         spec = resolve_logical(spec, context["logical_rules"])
     spec = P(*[e for e in spec][: x.dim()])
-    return _Constrain.apply(x, encode_spec(spec))
+    return _constrain(x, encode_spec(spec))

@@ -141,16 +141,11 @@ def _constants(forward: set[fx.Node]) -> set[fx.Node]:
 
 def _with_storage_owners(nodes: set[fx.Node]) -> set[fx.Node]:
     """`nodes` plus what they alias: a kept view keeps its base, a kept `getitem` its op."""
-    out, stack = set(), list(nodes)
-    while stack:
-        node = stack.pop()
-        if node in out:
-            continue
-        out.add(node)
-        if node.op == "call_function" and (node.target in VIEW_OPS or node.target is operator.getitem) \
-                and isinstance(node.args[0], fx.Node):
-            stack.append(node.args[0])
-    return out
+    def owner(node: fx.Node) -> list[fx.Node]:
+        aliases = node.op == "call_function" and (node.target in VIEW_OPS or node.target is operator.getitem)
+        return [node.args[0]] if aliases and isinstance(node.args[0], fx.Node) else []
+
+    return _closure(nodes, owner)
 
 
 def _kept_values(forward: set[fx.Node], named: set[fx.Node]) -> set[fx.Node]:

@@ -172,7 +172,7 @@ def test_full_recompute_175b_keeps_the_layer_input(recompute_plans):
 
 
 def test_bad_remat_fails_before_lowering():
-    with pytest.raises(ValueError, match=r"remat must be one of \['none', 'selective', 'full'\]"):
+    with pytest.raises(ValueError, match=r"remat must be one of \['none', 'full', 'selective'\]"):
         plan_cli.plan(plan_config(["remat=some"]))
 
 
