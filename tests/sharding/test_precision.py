@@ -163,7 +163,7 @@ def _run(rank, world, cases, steps):
 @pytest.mark.slow
 def test_low_precision_strategies_equal_a_reference_that_casts_identically():
     bf16, fp16 = Precision.named("bf16"), Precision.named("fp16", init_scale=2.0 ** 16)  # fp16: first step skipped
-    cases, steps = [("dp", bf16), ("zero3", bf16), ("tp_sp", bf16), ("zero3", fp16)], 2
+    cases, steps = [("dp", bf16), ("zero2", bf16), ("zero3", bf16), ("tp_sp", bf16), ("zero3", fp16)], 2
     references = {policy: _reference(policy, steps) for policy in (bf16, fp16)}
     start = _problem()[1]
     for rank_result in spawn(_run, 4, cases, steps, timeout_s=300):
