@@ -6,10 +6,11 @@ drives the pipeline, `Lowered` shows it.
 from .api import Lowered, jit
 from .checkpoint_name import checkpoint_name
 from .constrain import constrain
-from .errors import CollectiveError, MeshError, PropagationError, RematError, ShardingError, SpecError
+from .errors import CollectiveError, MeshError, PropagationError, RematError, ShardingError, SpecError, TraceError
 from .mesh import Mesh
 from .spec import P
 from .tree import match, shard, unshard
 
 __all__ = ["Mesh", "P", "match", "shard", "unshard", "constrain", "checkpoint_name", "jit", "Lowered",
-           "ShardingError", "CollectiveError", "SpecError", "MeshError", "PropagationError", "RematError"]
+           "ShardingError", "CollectiveError", "SpecError", "MeshError", "PropagationError", "RematError",
+           "TraceError"]

@@ -13,6 +13,10 @@ class MeshError(ShardingError):
     """A mesh that does not fit the process group."""
 
 
+class TraceError(ShardingError):
+    """A function that cannot be traced on shapes alone (it reads a tensor's values in Python)."""
+
+
 class PropagationError(ShardingError):
     """An op with no rule, or a layout choice the rules cannot settle."""
 

@@ -136,14 +136,20 @@ def _propagate_node(ctx: Context, node: torch.fx.Node) -> None:
         _record(ctx, node, {source: layout}, layout)
         return
     rule_fn = RULES.get(node.target)
-    if rule_fn is None:
-        raise ctx.error(node, f"no sharding rule for op {node.target}; add one in sharding/rules "
-                              f"or rewrite the model line with supported ops")
     _apply_compute_layouts(ctx, node, inputs)
     requires: dict[torch.fx.Node, list] = {}
     outputs = []
     for axis in range(len(ctx.axis_names)):
-        choice: Choice = rule_fn(ctx, node, axis)
+        if all(ctx.placement(i, axis) == REPLICATE for i in inputs):
+            # Rule 0: an op whose tensor inputs are all replicated on an axis runs unchanged there.
+            choice = Choice(_replicated_output(node))
+        elif rule_fn is None:
+            raise ctx.error(node, f"no sharding rule for op {node.target} with inputs laid out as "
+                                  f"{_input_layouts(ctx, inputs)}; every op runs unchanged where its inputs "
+                                  f"are replicated: constrain its inputs to P() on mesh axis "
+                                  f"{ctx.axis_names[axis]!r}, or add a rule in sharding/rules")
+        else:
+            choice = rule_fn(ctx, node, axis)
         for inp in inputs:
             requires.setdefault(inp, []).append(choice.inputs.get(inp, ctx.placement(inp, axis)))
         outputs.append(choice.output)
@@ -153,6 +159,16 @@ def _propagate_node(ctx: Context, node: torch.fx.Node) -> None:
     else:
         out_layout = Layout(tuple(outputs))
     _record(ctx, node, required_layouts, out_layout)
+
+
+def _replicated_output(node):
+    val = node.meta.get("val")
+    return tuple(REPLICATE for _ in val) if isinstance(val, (list, tuple)) else REPLICATE
+
+
+def _input_layouts(ctx: Context, inputs) -> str:
+    return "; ".join(f"{i.name}: {ctx.layout(i).pretty(ctx.axis_names)}" for i in inputs
+                     if isinstance(ctx.layouts.get(i), Layout))
 
 
 def _apply_compute_layouts(ctx: Context, node, inputs) -> None:

@@ -37,6 +37,15 @@ def user_stack_traces():
         PythonKeyTracer._filter_traceback_frames = original
 
 
+def innermost_user_frame(tb) -> str:
+    """`file:line in function: code` of the innermost user frame of a traceback (or "")."""
+    frames = [f for f in traceback.extract_tb(tb) if _is_user_frame(f)]
+    if not frames:
+        return ""
+    frame = frames[-1]
+    return f"{frame.filename}:{frame.lineno} in {frame.name}: {(frame.line or '').strip()}"
+
+
 def source_line(node: torch.fx.Node) -> str:
     """`file:line in function: code` of the innermost user frame that made `node` (or "")."""
     trace = node.meta.get("stack_trace") or ""

@@ -1,8 +1,11 @@
 """Stage 1, trace: `fn` on fake tensors of *global* shape -> a flat aten `GraphModule`.
 
-Local shapes times the spec's axis sizes give the global shapes; nothing is allocated. A few
-composite losses are decomposed so every op left has a sharding rule that is exact (a mean
-becomes sum / count, so a sharded mean is a Partial sum over the global count).
+Local shapes times the spec's axis sizes give the global shapes; nothing is allocated. Composite
+ops are decomposed with torch's own tables into the small core set the rules cover (`addmm` is
+`mm` + `add`, `embedding` is `index`, a mean is sum / count so a sharded mean is a Partial sum
+over the global count). Tensors `fn` closes over (module buffers such as rotary `inv_freq`)
+become replicated constants; values nothing uses (an unused KV cache) are removed. Libraries
+that ask whether they are being compiled are told "yes", so they skip data-dependent checks.
 """
 from __future__ import annotations
 
@@ -14,10 +17,11 @@ import torch
 from torch._decomp import get_decompositions
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 from .constrain import tracing_context
-from .source import source_line, user_stack_traces
-from .errors import PropagationError, SpecError
+from .source import innermost_user_frame, source_line, user_stack_traces
+from .errors import PropagationError, SpecError, TraceError
 from .layout import Layout, layout_from_spec
 from .mesh import Mesh
 from .tree import NAMESPACE, flat_specs, leaf_paths
@@ -39,11 +43,26 @@ def _mean(x, *, dtype=None):
     return _mean_dim(x, None, False, dtype=dtype)
 
 
+def _one_hot(x, num_classes=-1):
+    if num_classes < 0:
+        raise TraceError("one_hot without num_classes reads the largest class id from the data, which a "
+                         "trace cannot do; pass num_classes (F.one_hot(x, num_classes=V))")
+    return (x.unsqueeze(-1) == torch.arange(num_classes, device=x.device)).to(torch.int64)
+
+
+# Composite ops traced as the core ops every rule family covers, taken from torch's own tables.
+TORCH_DECOMPOSED = [
+    aten.addmm, aten.addmv, aten.baddbmm, aten.addbmm,                       # mm + add
+    aten.embedding, aten.embedding_dense_backward,                           # index / index_put
+    aten._unsafe_masked_index_put_accumulate, aten._unsafe_index_put, aten._unsafe_index,
+    aten.nll_loss_forward, aten.nll_loss_backward, aten.nll_loss2d_forward,  # gather / scatter
+    aten._log_softmax_backward_data, aten.logsumexp,
+]
 DECOMPOSITIONS = {
-    **get_decompositions([aten.nll_loss_forward, aten.nll_loss_backward, aten.embedding_dense_backward,
-                          aten._log_softmax_backward_data, aten.nll_loss2d_forward]),
+    **get_decompositions(TORCH_DECOMPOSED),
     aten.mean.dim: _mean_dim,
     aten.mean.default: _mean,
+    aten.one_hot.default: _one_hot,
 }
 
 
@@ -116,11 +135,34 @@ def trace(fn: Callable, args: tuple, in_specs: Sequence, mesh: Mesh, logical_rul
         out_info.update(treedef=out_treedef, paths=out_paths)
         return tuple(out_leaves)
 
-    with FakeTensorMode(allow_non_fake_inputs=False):
+    with FakeTensorMode(allow_non_fake_inputs=True):
         fakes = [torch.empty(shape, dtype=leaf.dtype, device=fake_device or leaf.device)
                  for shape, leaf in zip(shapes, leaves)]
-    with tracing_context(logical_rules, mesh.axis_names), user_stack_traces():
-        graph_module = make_fx(flat_fn, decomposition_table=DECOMPOSITIONS, tracing_mode="fake",
-                               record_stack_traces=True)(*fakes)
+    with tracing_context(logical_rules, mesh.axis_names), user_stack_traces(), \
+            torch.compiler._compile_session_context():
+        try:
+            # Captured real tensors (module buffers) are allowed: they become get_attr constants.
+            graph_module = make_fx(flat_fn, decomposition_table=DECOMPOSITIONS, tracing_mode="fake",
+                                   record_stack_traces=True, _allow_non_fake_inputs=True)(*fakes)
+        except DATA_DEPENDENT as error:
+            raise data_dependent_error(error) from None
     remove_inplace(graph_module)
+    graph_module.graph.eliminate_dead_code()
+    graph_module.recompile()
     return Traced(graph_module, layouts, out_info["treedef"], out_info["paths"])
+
+
+DATA_DEPENDENT = (torch._subclasses.fake_tensor.DataDependentOutputException,
+                  torch._subclasses.fake_tensor.DynamicOutputShapeException,
+                  GuardOnDataDependentSymNode)
+
+
+def data_dependent_error(error: Exception) -> TraceError:
+    """The user's line that asked for a value only the data has, and the traceable ways around it."""
+    where = innermost_user_frame(error.__traceback__)
+    return TraceError(
+        f"{where or 'the traced function'} needs a value that depends on the data ({type(error).__name__}: "
+        f"{error}); a step is traced once on shapes, without values. Write it without reading tensor "
+        f"values in Python: no `.item()`, `bool(tensor)`, `if tensor...:`, `tensor.nonzero()` or boolean-"
+        f"mask indexing `x[mask]` (use torch.where(mask, x, 0)); give sizes explicitly "
+        f"(F.one_hot(x, num_classes=V))")

@@ -59,4 +59,4 @@ def tensor_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
 
 def load_all() -> None:
     """Import every rule module so its registrations run."""
-    from . import creation, elementwise, indexing, matmul, nn, reductions, views  # noqa: F401
+    from . import along_dims, creation, elementwise, indexing, matmul, nn, reductions, views  # noqa: F401

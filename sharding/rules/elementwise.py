@@ -9,34 +9,45 @@ from .choose import PARTIAL, REPLICATE, anchor, broadcast_dim, is_shard, to_outp
 
 aten = torch.ops.aten
 
-NONLINEAR = [
-    aten.exp, aten.log, aten.log1p, aten.expm1, aten.sqrt, aten.rsqrt, aten.pow, aten.gelu, aten.gelu_backward,
-    aten.silu, aten.silu_backward, aten.sigmoid, aten.sigmoid_backward, aten.tanh, aten.tanh_backward,
-    aten.relu, aten.threshold_backward, aten.clamp, aten.clamp_min, aten.clamp_max, aten.minimum,
-    aten.maximum, aten.reciprocal, aten.abs, aten.sign, aten.ne, aten.eq, aten.lt, aten.gt, aten.le, aten.ge,
-    aten.logical_not, aten.logical_and, aten.logical_or, aten.bitwise_not, aten.masked_fill, aten.erf,
-    aten.cos, aten.sin, aten.square, aten.lerp, aten.addcmul, aten.addcdiv, aten.isnan, aten.isinf,
-    aten.nan_to_num, aten.floor, aten.ceil, aten.round, aten.fmod, aten.remainder, aten.exp2, aten.log2,
-    aten.softplus, aten.hardtanh, aten.leaky_relu, aten.elu, aten.fill, aten.bitwise_and, aten.bitwise_or,
-    aten.copy,
-]
+# Linearity is the one fact torch's tags do not give: these keep a Partial operand Partial.
 SUMS = [aten.add.Tensor, aten.sub.Tensor]                       # linear when every operand is Partial
 PRODUCTS = [aten.mul.Tensor, aten.div.Tensor]                   # linear in one Partial operand
 UNARY_LINEAR = [aten.neg, aten.clone, aten._to_copy, aten.alias, aten.detach, aten.lift_fresh_copy,
                 aten.mul.Scalar, aten.div.Scalar,
                 CHECKPOINT_NAME]  # an identity (`sharding.remat` removes it before propagation anyway)
 SELECT = [aten.where.self]
-OTHER_ARITHMETIC = [aten.add.Scalar, aten.sub.Scalar, aten.rsub]
+# Elementwise ops torch does not tag `pointwise` (casts, copies, fills).
+UNTAGGED = [aten._to_copy, aten.alias, aten.detach, aten.lift_fresh_copy, aten.copy, aten.fill,
+            aten.masked_fill, CHECKPOINT_NAME]
 
-_TARGETS: set = set()
-for _op in NONLINEAR + SUMS + PRODUCTS + UNARY_LINEAR + SELECT + OTHER_ARITHMETIC:
-    if isinstance(_op, torch._ops.OpOverloadPacket):
-        _TARGETS.update(getattr(_op, o) for o in _op.overloads())
-    else:
-        _TARGETS.add(_op)
+
+def _overloads(ops) -> set:
+    out = set()
+    for op in ops:
+        if isinstance(op, torch._ops.OpOverloadPacket):
+            out.update(getattr(op, o) for o in op.overloads())
+        else:
+            out.add(op)
+    return out
+
+
+def pointwise_ops() -> set:
+    """Every aten overload torch tags `pointwise`: one rule covers the whole family."""
+    found = set()
+    for name in torch._C._dispatch_get_all_op_names():
+        if not name.startswith("aten::"):
+            continue
+        base, _, overload = name[len("aten::"):].partition(".")
+        packet = getattr(aten, base, None)
+        op = getattr(packet, overload or "default", None) if packet is not None else None
+        if isinstance(op, torch._ops.OpOverload) and torch.Tag.pointwise in op.tags:
+            found.add(op)
+    return found
+
+
+_TARGETS: set = pointwise_ops() | _overloads(UNTAGGED + SUMS + PRODUCTS + UNARY_LINEAR + SELECT)
 _SUMS, _PRODUCTS, _SELECT = set(SUMS), set(PRODUCTS), set(SELECT)
-_UNARY_LINEAR = {getattr(p, o) for p in UNARY_LINEAR if isinstance(p, torch._ops.OpOverloadPacket)
-                 for o in p.overloads()} | {p for p in UNARY_LINEAR if not isinstance(p, torch._ops.OpOverloadPacket)}
+_UNARY_LINEAR = _overloads(UNARY_LINEAR)
 
 
 def joins_component(node) -> bool:

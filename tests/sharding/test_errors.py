@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from functional_parallel.launch import RankError, spawn
-from sharding import Mesh, MeshError, P, PropagationError, SpecError, jit, match, shard
+from sharding import Mesh, MeshError, P, PropagationError, SpecError, TraceError, jit, match, shard
 
 MESH = Mesh.abstract({"dp": 2, "tp": 2})
 
@@ -62,11 +62,23 @@ def test_axes_out_of_mesh_order():
 
 
 def test_op_without_rule_names_op_and_source_line():
-    def uses_cumsum(params, x):
-        return torch.cumsum(x @ params["w"], dim=0).sum()  # THE-LINE
+    def uses_kthvalue(params, x):
+        return torch.kthvalue(x @ params["w"], 1, dim=0).values.sum()  # THE-LINE
 
-    with pytest.raises(PropagationError, match=r"no sharding rule for op aten\.cumsum.*test_errors\.py:\d+.*THE-LINE"):
-        _lower(P(), fn=uses_cumsum)
+    with pytest.raises(PropagationError, match=r"no sharding rule for op aten\.kthvalue.*constrain its inputs to "
+                                               r"P\(\).*test_errors\.py:\d+.*THE-LINE"):
+        _lower(P(), fn=uses_kthvalue)
+
+
+def test_op_without_rule_runs_where_its_inputs_are_replicated():
+    """Rule 0: no rule is needed on an axis where every input is replicated (a triu causal mask)."""
+    def masked(params, x):
+        y = x @ params["w"]
+        mask = torch.triu(torch.ones(y.shape[-1], y.shape[-1], dtype=torch.bool), 1)
+        return torch.kthvalue(params["w"], 1, dim=0).values.sum() + y.masked_fill(mask[0], 0.0).sum()
+
+    lowered = _lower(P(), fn=masked)
+    assert {c["kind"] for c in lowered.collectives} == {"all_reduce"}
 
 
 def test_match_first_rule_wins_and_unmatched_replicates():
@@ -103,3 +115,19 @@ def test_every_rank_reports_the_error_without_hanging():
         spawn(_bad_spec_on_rank, 2, timeout_s=60)
     assert sorted(info.value.errors) == [0, 1]
     assert all(kind == "SpecError" and "'xx'" in message for kind, message, _ in info.value.errors.values())
+
+
+def test_data_dependent_python_names_the_user_line_and_the_traceable_way():
+    def reads_values(params, x):
+        classes = torch.nn.functional.one_hot((x @ params["w"]).long())  # DATA-LINE
+        return classes.sum().to(x.dtype)
+
+    with pytest.raises(TraceError, match=r"test_errors\.py:\d+ in reads_values.*DATA-LINE.*num_classes"):
+        _lower(P(), fn=reads_values)
+
+
+def test_one_hot_with_a_class_count_traces():
+    def counts(params, x):
+        return torch.nn.functional.one_hot((x @ params["w"]).long().clamp(0, 3), num_classes=4).sum().to(x.dtype)
+
+    assert _lower(P(), fn=counts).collectives
