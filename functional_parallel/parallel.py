@@ -133,7 +133,8 @@ def compile_step(step: Callable, strategy: Strategy, mesh: Mesh, params, opt_sta
     step = _with_local_batch_check(step, strategy.batch, mesh)
     kinds = ("device", state_kind, "device")
     compiled = jit(step, mesh=mesh, in_specs=(pspecs, sspecs, strategy.batch), out_specs=(pspecs, sspecs, P()),
-                   logical_rules=strategy.logical, in_memory_kinds=kinds, out_memory_kinds=kinds, **jit_options)
+                   logical_rules=strategy.logical, in_memory_kinds=kinds, out_memory_kinds=kinds,
+                   data_argnums=2, **jit_options)
     return compiled, (pspecs, sspecs, strategy.batch)
 
 

@@ -75,7 +75,9 @@ class jit:
 
     `in_specs` has one entry per argument (a P for every leaf, or a tree of P's); `out_specs`
     likewise for the outputs. `logical_rules` maps logical axis names used by `constrain` to
-    mesh axes. `data_axes` defaults to the axes that split integer inputs (token ids).
+    mesh axes. `data_argnums` names the arguments that are data (the batch: tokens, float masks,
+    pixels; every leaf in them); by default the arguments holding an integer tensor (token ids).
+    `data_axes` defaults to the axes that split a data argument; every other axis is a model axis.
     The schedule passes (`sharding.schedule`) are on by default: `regather` (ZeRO-3 gathers a
     parameter again for its backward use), `bucket_bytes` (merge small collectives up to this
     many bytes per bucket; 0 disables) and `overlap` (issue early, wait late, prefetch gathers).
@@ -92,6 +94,7 @@ class jit:
 
     def __init__(self, fn: Callable, *, mesh: Mesh, in_specs: Sequence, out_specs,
                  logical_rules: Mapping[str, Any] | None = None, data_axes: Sequence[str] | None = None,
+                 data_argnums: int | Sequence[int] | None = None,
                  regather: bool = True, bucket_bytes: int = DEFAULT_BUCKET_BYTES, overlap: bool = True,
                  in_memory_kinds: Sequence | None = None, out_memory_kinds=None, remat: str = "none"):
         self.fn = fn
@@ -102,6 +105,11 @@ class jit:
         self.out_specs = out_specs
         self.logical_rules = dict(logical_rules or {})
         self.data_axes = data_axes
+        self.data_argnums = (data_argnums,) if isinstance(data_argnums, int) else data_argnums
+        for argnum in self.data_argnums or ():
+            if not 0 <= argnum < len(self.in_specs):
+                raise SpecError(f"data_argnums names argument {argnum}, but the function has "
+                                f"{len(self.in_specs)} arguments (one per in_specs entry)")
         self.schedule_options = {"regather_params": regather, "regather_activations": self.remat != "none",
                                  "bucket_bytes": bucket_bytes, "overlap_communication": overlap}
         self.in_memory_kinds = tuple(in_memory_kinds) if isinstance(in_memory_kinds, (list, tuple)) \
@@ -146,7 +154,7 @@ class jit:
             raise SpecError(f"data_axes {tuple(unknown)} are not mesh axes {mesh.axis_names}")
         graph_module = remat(traced.graph_module, self.remat)
         ctx = propagate(graph_module.graph, traced.in_layouts, out_layouts, mesh.axis_names, mesh.axis_sizes,
-                        data_axes)
+                        data_axes, data_leaves(args, self.data_argnums))
         local = schedule(localize(insert(graph_module, ctx, mesh), mesh.axis_sizes), mesh.axis_sizes,
                          **self.schedule_options)
         fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
@@ -171,6 +179,17 @@ class jit:
         return [layout_from_spec(spec, tuple(val.shape), self.mesh.axis_names, self.mesh.axis_sizes,
                                  where=f"output {path!r}")
                 for spec, val, path in zip(specs, vals, traced.out_paths)]
+
+
+def data_leaves(args, data_argnums) -> list[bool]:
+    """Per input leaf: is it data? Every leaf of a data argument is; by default the data arguments
+    are those holding an integer tensor (a float mask beside the token ids is data too)."""
+    per_argument = [optree.tree_leaves(arg, namespace=NAMESPACE, none_is_leaf=False) for arg in args]
+    if data_argnums is None:
+        data_argnums = [i for i, leaves in enumerate(per_argument)
+                        if any(isinstance(x, torch.Tensor) and not x.is_floating_point() and not x.is_complex()
+                               for x in leaves)]
+    return [i in data_argnums for i, leaves in enumerate(per_argument) for _ in leaves]
 
 
 def flat_kinds(kinds, tree, what: str) -> list[str]:

@@ -84,23 +84,26 @@ class Context:
                                 + (f", at {where}" if where else "") + ")")
 
 
-def is_data(val) -> bool:
-    """Integer inputs (token ids) are the data; everything a step computes from them depends on it."""
+def is_integer(val) -> bool:
     return isinstance(val, torch.Tensor) and not val.is_floating_point() and not val.is_complex()
 
 
 def propagate(graph: torch.fx.Graph, in_layouts: Sequence[Layout], out_layouts: Sequence[Layout],
-              axis_names, axis_sizes, data_axes: Sequence[str] | None = None) -> Context:
-    """`data_axes` defaults to the axes that split the data (the integer inputs)."""
+              axis_names, axis_sizes, data_axes: Sequence[str] | None = None,
+              data_inputs: Sequence[bool] | None = None) -> Context:
+    """`data_inputs` says, per input leaf, whether it is data (the batch: tokens, masks, pixels);
+    by default the integer leaves are. `data_axes` defaults to the axes that split a data input."""
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    data_inputs = [n for n in placeholders if is_data(n.meta.get("val"))]
+    if data_inputs is None:
+        data_inputs = [is_integer(n.meta.get("val")) for n in placeholders]
+    data_nodes = [n for n, is_data in zip(placeholders, data_inputs) if is_data]
     if data_axes is None:
         data_axes = [name for axis, name in enumerate(axis_names)
                      if any(is_shard(layout.placements[axis])
-                            for node, layout in zip(placeholders, in_layouts) if node in data_inputs)]
+                            for node, layout in zip(placeholders, in_layouts) if node in data_nodes)]
     hints = Hints(graph, in_layouts, out_layouts, axis_names, axis_sizes)
     ctx = Context(axis_names, axis_sizes, data_axes, hints)
-    ctx.data_dependent.update(data_inputs)
+    ctx.data_dependent.update(data_nodes)
     for node, layout in zip(placeholders, in_layouts):
         ctx.layouts[node] = layout
         node.meta["fp_layout"] = layout
@@ -253,6 +256,8 @@ def _record(ctx: Context, node, requires: dict, out_layout) -> None:
             del requires[inp]
     for inp, layout in requires.items():
         ctx.available.setdefault(inp, []).append(layout)
+        if isinstance(layout, Layout):
+            _check_divisible(ctx, inp, layout, consumer=node)
     ctx.layouts[node] = out_layout
     node.meta["fp_layout"] = out_layout
     node.meta["fp_requires"] = requires
@@ -260,12 +265,13 @@ def _record(ctx: Context, node, requires: dict, out_layout) -> None:
         _check_divisible(ctx, node, out_layout)
 
 
-def _check_divisible(ctx: Context, node, layout: Layout) -> None:
+def _check_divisible(ctx: Context, node, layout: Layout, consumer=None) -> None:
     shape = ctx.shape(node)
     for dim, size in enumerate(shape):
         count = layout.shard_count(dim, ctx.axis_sizes)
         if size % count:
-            raise ctx.error(node, f"output dim {dim} of size {size} cannot be split into {count} blocks "
-                                  f"(layout {layout.pretty(ctx.axis_names)}, shape {shape}); choose sizes "
-                                  f"divisible by the mesh axes or add a constrain")
-
+            what = f"input {node.name} of this op" if consumer is not None else "output"
+            raise ctx.error(consumer if consumer is not None else node,
+                            f"{what}: dim {dim} of size {size} cannot be split into {count} blocks "
+                            f"(layout {layout.pretty(ctx.axis_names)}, shape {shape}); choose sizes "
+                            f"divisible by the mesh axes or add a constrain")

@@ -81,6 +81,11 @@ def _attention(ctx, node, axis, count):
                   inputs[0])
     choice = _follow(ctx, node, axis, inputs, [0, 1], leader=leader)
     placement = choice.output
+    if is_shard(placement):
+        size = ctx.shape(leader)[placement]
+        for i in inputs:  # a broadcast mask ([b, 1, s, s]) stays whole on the dim it broadcasts
+            if ctx.shape(i)[placement] != size:
+                choice.inputs[i] = REPLICATE
     outputs = []
     for val in node.meta["val"][:count] if isinstance(node.meta["val"], (list, tuple)) else [node.meta["val"]]:
         outputs.append(placement if isinstance(val, torch.Tensor) and val.dim() >= 2 else REPLICATE)
