@@ -1,0 +1,57 @@
+"""Hugging Face GPT-2 and Llama (tiny, float64, sdpa and eager attention) through `functional_call`,
+`grad_and_value` and `sharding.jit`: every strategy on 4 gloo ranks equals the single-process run."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from functional_parallel.launch import spawn  # noqa: E402
+
+from . import hf_problem  # noqa: E402
+
+MODELS = [("gpt2", "sdpa"), ("gpt2", "eager"), ("llama", "sdpa"), ("llama", "eager")]
+TOLERANCE = 1e-9
+
+
+def _every_model_and_strategy(rank, world):
+    return {(arch, attention, name): hf_problem.run_strategy(arch, attention, name)
+            for arch, attention in MODELS for name in hf_problem.STRATEGY_MESHES}
+
+
+@pytest.fixture(scope="module")
+def per_rank():
+    """One spawn for every model and strategy: the processes start (and import transformers) once."""
+    return spawn(_every_model_and_strategy, 4, timeout_s=600)
+
+
+@pytest.fixture(params=MODELS, ids=["-".join(m) for m in MODELS])
+def outcome(request, per_rank):
+    arch, attention = request.param
+    results = [{name: got[(arch, attention, name)] for name in hf_problem.STRATEGY_MESHES} for got in per_rank]
+    return arch, attention, hf_problem.reference(arch, attention), results
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", list(hf_problem.STRATEGY_MESHES))
+def test_hf_model_equals_reference(outcome, strategy):
+    arch, attention, ref, per_rank = outcome
+    for rank, results in enumerate(per_rank):
+        got = results[strategy]
+        assert abs(got["loss"].item() - ref["loss"].item()) < TOLERANCE, (arch, attention, strategy, rank)
+        for name, grad in ref["grads"].items():
+            error = (got["grads"][name] - grad).abs().max().item()
+            assert error < TOLERANCE, f"{arch}/{attention}/{strategy} rank {rank}: grad {name} off by {error}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["tp", "tp_sp", "fsdp_tp"])
+def test_hf_tp_gathers_no_parameter_over_tp(outcome, strategy):
+    """Tensor parallelism moves activations, never a tp-split weight (Megatron's layout)."""
+    arch, attention, _, per_rank = outcome
+    params = hf_problem.make_problem(arch, attention)[1]
+    param_shapes = {tuple(p.shape) for p in params.values()}
+    gathered = [c for c in per_rank[0][strategy]["collectives"]
+                if c["kind"] == "all_gather" and c["axes"] == ("tp",) and c["shape"] in param_shapes]
+    assert not gathered, gathered
