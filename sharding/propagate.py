@@ -1,13 +1,17 @@
 """Stage 2, propagate: give every node a `Layout`, and every consumer the input layouts it needs.
 
-Deterministic rules, in this order:
+The numbered rules README's "Propagation rules" lists, in the order they apply:
+0. An op whose tensor inputs are all replicated on a mesh axis runs unchanged there (no rule).
 1. Inputs get their storage layout; `constrain` and `out_specs` are required layouts.
-2. A value that does not depend on the data (a parameter, optimizer state) and is sharded on a
-   *data* axis is all-gathered over that axis before use (ZeRO-3), except by the elementwise
-   ops of its own update (the optimizer works on the shard).
-3. Each op's rule (`sharding/rules`) picks placements per mesh axis; where a `Partial` must be
-   reduced, it is reduce-scattered if the value's *hint* is a shard (its elementwise component
-   holds sharded state or a sharded constraint) and all-reduced otherwise.
+2. The data is every leaf of a data argument (`data_inputs`); an axis splitting it is a data axis.
+3. A value that does not depend on the data and is sharded on a data axis is all-gathered over
+   that axis before use (ZeRO-3), except by the elementwise ops of its own update.
+4. Each op's rule (`sharding/rules`, one family per module) picks placements per mesh axis.
+5. Conflicting splits: the data keeps its split on a data axis, the parameter on a model axis;
+   anything else is an error naming the `constrain` (`rules.choose.anchor`).
+6. A `Partial` that must be reduced is reduce-scattered if the value's *hint* is a shard (its
+   elementwise component holds sharded state or a sharded constraint), all-reduced otherwise.
+7. A layout that does not divide a tensor (output or required input) is an error.
 The result is written to `node.meta["fp_layout"]` and `node.meta["fp_requires"]`.
 """
 from __future__ import annotations

@@ -22,3 +22,17 @@ def test_readme_strategy_table_is_what_the_compiler_prints():
     begin, end = README_MARKERS
     written = readme.split(begin)[1].split(end)[0].strip()
     assert written == table("gpt", "tiny", 8, list(MESHES)).strip()
+
+
+def test_readme_any_model_example_lowers_hugging_face_gpt2():
+    """README's bring-your-own-module example lowers as written; its MLP is Megatron's (two all-reduces
+    over tp per layer and step, none gathered)."""
+    import pytest
+
+    pytest.importorskip("transformers")
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    source = next(b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "functional_call" in b)
+    namespace: dict = {}
+    exec(compile(source.replace("print(lowered.summary())", ""), "README.md", "exec"), namespace)
+    tp = [c for c in namespace["lowered"].collectives if c["axes"] == ("tp",)]
+    assert [c["kind"] for c in tp] == ["all_reduce"] * 4, [(c["kind"], c["shape"]) for c in tp]

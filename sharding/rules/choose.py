@@ -1,24 +1,37 @@
-"""Shared choices for rules: which operand stays put when two operands disagree on an axis.
+"""Shared choices for rules: which operand keeps its split when two operands disagree on an axis.
 
-Data axes move parameters (ZeRO: gather the weight, keep the batch split); model axes move
-activations (TP/SP: the weight's shard is the point of the strategy). Ties go to the larger
-tensor, so the smaller one moves; equal sizes go to the earlier operand.
+Rule 4: on a data axis the data keeps its split and parameters move (ZeRO: gather the weight,
+keep the batch split); on a model axis the parameter keeps its split and activations move
+(TP/SP: the weight's shard is the point of the strategy). When that does not single out one
+split (two activations, or two parameters, split along different dims), nothing else decides:
+the error names the `constrain` that does.
 """
 from __future__ import annotations
 
 from ..layout import PARTIAL, REPLICATE, is_shard
 
 
-def anchor(ctx, axis: int, nodes):
-    """The operand whose placement on `axis` wins a conflict."""
+def anchor(ctx, axis: int, node, nodes, placement_of=None):
+    """The operand whose split on `axis` wins a conflict (rule 4), or a PropagationError.
 
-    def rank(indexed):
-        index, node = indexed
-        param = ctx.param_like(node)
-        preferred = (not param) if ctx.is_data_axis(axis) else param
-        return (preferred, ctx.nbytes(node), -index)
-
-    return max(enumerate(nodes), key=rank)[1]
+    `placement_of(operand)` gives the split each operand stands for (its dim in the output for
+    pointwise ops); operands standing for the same split do not conflict."""
+    placement_of = placement_of or (lambda n: ctx.placement(n, axis))
+    keeps = [n for n in nodes if (not ctx.param_like(n)) == ctx.is_data_axis(axis)]
+    candidates = keeps or list(nodes)
+    if len({placement_of(n) for n in candidates}) > 1:
+        axis_name = ctx.axis_names[axis]
+        kind = "data" if ctx.is_data_axis(axis) else "model"
+        who = "data" if candidates and not ctx.param_like(candidates[0]) else "parameters"
+        splits = ", ".join(f"{n.name} split along dim {ctx.placement(n, axis)}" for n in candidates)
+        first = candidates[0]
+        spec = ctx.layout(first).to_spec(ctx.ndim(first), ctx.axis_names)
+        raise ctx.error(node, f"operands disagree on {kind} axis {axis_name!r} ({splits}), and all of them are "
+                              f"{who}, so rule 4 (on a data axis the data keeps its split, on a model axis the "
+                              f"parameter does) leaves the choice open; settle it with a constrain on one "
+                              f"operand, e.g. constrain(<{first.name}>, {spec}) keeps {first.name}'s split, or "
+                              f"constrain it to P() to replicate it")
+    return candidates[0]
 
 
 def broadcast_dim(ctx, node, inp, out_dim: int):

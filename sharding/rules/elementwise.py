@@ -69,10 +69,10 @@ def _linear_choice(ctx, node, axis, inputs):
             return None
         if target in _SELECT and placements[node.args[0]] == PARTIAL:
             return None
-        # Small replicated operands (scalars such as a running norm) and zeros join as Partial by
-        # masking (one rank keeps them); a large replicated operand instead makes the Partial reduce
-        # here, where the user wrote the sum (Megatron's all-reduce before the residual add).
-        if all(placements[v] == PARTIAL or ctx.is_zeros(v) or ctx.numel(v) <= 1 for v in values):
+        # Replicated scalars (0-dim: a running norm) and zeros join as Partial by masking (one rank
+        # keeps them); a replicated tensor instead makes the Partial reduce here, where the user
+        # wrote the sum (Megatron's all-reduce before the residual add).
+        if all(placements[v] == PARTIAL or ctx.is_zeros(v) or ctx.ndim(v) == 0 for v in values):
             return Choice(PARTIAL, {v: PARTIAL for v in values})
         return None
     if target in _PRODUCTS:
@@ -105,7 +105,8 @@ def elementwise(ctx, node, axis):
         if is_shard(placement):
             shards.setdefault(to_output_dim(ctx, node, inp, placement), []).append(inp)
     if len(shards) > 1:
-        winner = anchor(ctx, axis, [i for group in shards.values() for i in group])
+        winner = anchor(ctx, axis, node, [i for group in shards.values() for i in group],
+                        lambda i: to_output_dim(ctx, node, i, ctx.placement(i, axis)))
         dim = to_output_dim(ctx, node, winner, ctx.placement(winner, axis))
     elif shards:
         dim = next(iter(shards))

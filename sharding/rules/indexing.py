@@ -29,7 +29,7 @@ def index(ctx, node, axis):
     if is_shard(pt) and pt == 0:
         pt = REPLICATE                                    # a split vocabulary needs the whole table
     if is_shard(pt) and is_shard(pi):                     # both split: the anchor keeps its split
-        if anchor(ctx, axis, [table, ids]) is table:
+        if anchor(ctx, axis, node, [table, ids], lambda n: "table" if n is table else "ids") is table:
             pi = REPLICATE
         else:
             pt = REPLICATE

@@ -43,7 +43,7 @@ def contraction(ctx, node, axis, a, b, spec_a, spec_b, spec_out):
         return Choice(spec_out.index(letter), {a: placement_in(spec_a, letter) if letter in spec_a else REPLICATE,
                                                b: placement_in(spec_b, letter) if letter in spec_b else REPLICATE})
     # Both split, on different letters: the anchor keeps its split, the other operand follows it.
-    keeper = anchor(ctx, axis, [a, b])
+    keeper = anchor(ctx, axis, node, [a, b], lambda n: la if n is a else lb)
     letter = la if keeper is a else lb
     mover, mover_spec = (b, spec_b) if keeper is a else (a, spec_a)
     required = {mover: mover_spec.index(letter) if letter in mover_spec else REPLICATE}

@@ -166,7 +166,7 @@ def _concatenate(ctx, node, axis, dim, shift):
         if shift or placement != dim:
             return Choice(placement + (1 if shift and placement >= dim else 0))
     elif placements <= {PARTIAL, REPLICATE} and all(
-            ctx.placement(i, axis) == PARTIAL or ctx.is_zeros(i) or ctx.numel(i) <= 1 for i in inputs):
+            ctx.placement(i, axis) == PARTIAL or ctx.is_zeros(i) or ctx.ndim(i) == 0 for i in inputs):
         # Concatenation is linear: replicated pieces join as Partial by masking (no communication).
         return Choice(PARTIAL, {i: PARTIAL for i in inputs})
     return Choice(REPLICATE, {i: REPLICATE for i in inputs})
