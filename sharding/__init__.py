@@ -8,9 +8,9 @@ from .checkpoint_name import checkpoint_name
 from .constrain import constrain
 from .errors import CollectiveError, MeshError, PropagationError, RematError, ShardingError, SpecError, TraceError
 from .mesh import Mesh
-from .spec import P
+from .spec import P, chunked
 from .tree import match, shard, unshard
 
-__all__ = ["Mesh", "P", "match", "shard", "unshard", "constrain", "checkpoint_name", "jit", "Lowered",
+__all__ = ["Mesh", "P", "chunked", "match", "shard", "unshard", "constrain", "checkpoint_name", "jit", "Lowered",
            "ShardingError", "CollectiveError", "SpecError", "MeshError", "PropagationError", "RematError",
            "TraceError"]

@@ -100,6 +100,23 @@ def local_slice(x: torch.Tensor, dim: int, index: int, count: int) -> torch.Tens
     return x.narrow(dim, index * size, size).clone(memory_format=torch.contiguous_format)
 
 
+def strided_slice(x: torch.Tensor, dim: int, chunks: int, index: int, count: int) -> torch.Tensor:
+    """Replicate -> Strided(dim, chunks): block `index` of `count` of every one of `chunks` pieces."""
+    pieces = x.unflatten(dim, (chunks, -1))
+    size = pieces.shape[dim + 1] // count
+    return pieces.narrow(dim + 1, index * size, size).flatten(dim, dim + 1).contiguous()
+
+
+def interleave(x: torch.Tensor, dim: int, chunks: int, count: int) -> torch.Tensor:
+    """After an all-gather of Strided(dim, chunks) blocks (rank after rank): piece after piece."""
+    return x.unflatten(dim, (count, chunks, -1)).transpose(dim, dim + 1).flatten(dim, dim + 2).contiguous()
+
+
+def deinterleave(x: torch.Tensor, dim: int, chunks: int, count: int) -> torch.Tensor:
+    """Before a reduce-scatter into Strided(dim, chunks): every rank's blocks made contiguous."""
+    return x.unflatten(dim, (chunks, count, -1)).transpose(dim, dim + 1).flatten(dim, dim + 2).contiguous()
+
+
 def mask_partial(x: torch.Tensor, keep: bool) -> torch.Tensor:
     """Replicate -> Partial: one rank keeps the value, the others contribute zeros (no communication)."""
     return x.clone() if keep else torch.zeros_like(x)

@@ -7,22 +7,29 @@ axis first and slices outer axis first, so blocks split by several axes nest in 
 """
 from __future__ import annotations
 
+import torch
 import torch.fx as fx
 
 from . import collectives
-from .layout import PARTIAL, REPLICATE, Layout, is_shard
+from .layout import PARTIAL, REPLICATE, Layout, Strided, split_dim
 from .source import source_line
 
 
+aten = torch.ops.aten
+VIEW_OPS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.t.default,
+            aten.transpose.int, aten.permute.default, aten.unsqueeze.default, aten.squeeze.dim}
+
+
 def plan_steps(src: Layout, dst: Layout) -> list[tuple[str, int, object]]:
-    """The per-axis steps (kind, axis index, dim or None) that turn `src` into `dst`."""
+    """The per-axis steps (kind, axis index, placement or None) that turn `src` into `dst`."""
     current, target = list(src.placements), dst.placements
     n = len(current)
     changing = [a for a in range(n) if current[a] != target[a]]
-    unshard = {a for a in changing if is_shard(current[a])}
+    unshard = {a for a in changing if split_dim(current[a]) is not None}
     for a in changing:  # an inner axis nested in a dim an outer axis changes must step aside first
+        dims = {split_dim(current[a]), split_dim(target[a])} - {None}
         for b in range(a + 1, n):
-            if is_shard(current[b]) and current[b] in (current[a], target[a]):
+            if split_dim(current[b]) in dims:
                 unshard.add(b)
     steps = []
     for a in sorted(unshard, reverse=True):
@@ -33,7 +40,7 @@ def plan_steps(src: Layout, dst: Layout) -> list[tuple[str, int, object]]:
             continue
         if current[a] == PARTIAL:
             steps.append(("all_reduce", a, None) if target[a] == REPLICATE else ("reduce_scatter", a, target[a]))
-        elif is_shard(target[a]):
+        elif split_dim(target[a]) is not None:
             steps.append(("local_slice", a, target[a]))
         else:
             steps.append(("mask_partial", a, None))
@@ -69,22 +76,43 @@ class Inserter:
             return self.env[old]
         key = (old, target)
         if key not in self.cache:
-            self.cache[key] = self.redistribute(old, layout, target, consumer)
+            self.cache[key] = (self._gather_through_view(old, layout, target, consumer)
+                               or self.redistribute(old, layout, target, consumer))
         return self.cache[key]
+
+    def _gather_through_view(self, old: fx.Node, layout: Layout, target: Layout, consumer: fx.Node):
+        """A chunked split made by a view and wanted whole is the view of its input gathered (one
+        gather of the residual shared by the q, k and v views, no reorder), or None."""
+        if old.op != "call_function" or old.target not in VIEW_OPS or not isinstance(old.args[0], fx.Node):
+            return None
+        axes = [a for a, (have, want) in enumerate(zip(layout.placements, target.placements)) if have != want]
+        if not axes or any(not isinstance(layout.placements[a], Strided) or target.placements[a] != REPLICATE
+                           for a in axes):
+            return None
+        source = old.args[0]
+        source_layout = self.ctx.layouts.get(source)
+        if not isinstance(source_layout, Layout) or any(source_layout.placements[a] == PARTIAL for a in axes):
+            return None
+        source_target = Layout(tuple(REPLICATE if a in axes else p for a, p in enumerate(source_layout.placements)))
+        view = self.graph.call_function(old.target, (self.get(source, source_target, consumer), *old.args[1:]),
+                                        dict(old.kwargs))
+        view.meta.update(old.meta)
+        view.meta["fp_layout"] = target
+        return view
 
     def redistribute(self, old: fx.Node, src: Layout, dst: Layout, consumer: fx.Node) -> fx.Node:
         value = self.env[old]
         current = src
         source = source_line(consumer) if consumer.op != "output" else source_line(old)
         global_val = old.meta["val"]
-        for kind, axis, dim in plan_steps(src, dst):
+        for kind, axis, placement in plan_steps(src, dst):
             if self.mesh.axis_sizes[axis] == 1:  # one rank: every placement holds the same value
                 current = current.with_axis(axis, dst.placements[axis])
                 continue
             before = current
             current = current.with_axis(axis, REPLICATE if kind == "all_gather" else
                                         PARTIAL if kind == "mask_partial" else
-                                        REPLICATE if kind == "all_reduce" else dim)
+                                        REPLICATE if kind == "all_reduce" else placement)
             if kind in collectives.ISSUE_OPS:
                 local = before if kind != "all_gather" else current
                 numel = 1
@@ -98,30 +126,42 @@ class Inserter:
                 }
                 label = (f"over mesh axis {self.mesh.axis_names[axis]!r} ({self.mesh.axis_sizes[axis]} ranks) of "
                          f"{old.name} (global shape {tuple(global_val.shape)}){', from ' + source if source else ''}")
-                value = self._emit_collective(kind, axis, dim, value, record, label)
+                value = self._emit_collective(kind, axis, placement, value, record, label)
             else:
-                value = self._emit_local(kind, axis, dim, value)
+                value = self._emit_local(kind, axis, placement, value)
             value.meta.update(val=global_val, fp_layout=current)
+            if value.target is collectives.interleave:  # the collective's own result, before the reorder
+                value.args[0].meta.update(val=global_val, fp_layout=current)
         return value
 
-    def _emit_collective(self, kind, axis, dim, value, record, label):
-        """to_front -> issue (carries the log record) -> wait -> from_front (only for dim > 0)."""
+    def _emit_collective(self, kind, axis, placement, value, record, label):
+        """[deinterleave] -> to_front -> issue (carries the log record) -> wait -> from_front (dim > 0)
+        -> [interleave]; the bracketed reorders only for a strided placement."""
         size = self.mesh.axis_sizes[axis]
         group = self.mesh.group_name(axis) if not self.mesh.abstract_only else f"<{self.mesh.axis_names[axis]}>"
-        dim = dim or 0
+        dim = split_dim(placement) or 0
+        strided = isinstance(placement, Strided)
+        if strided and kind == "reduce_scatter":
+            value = self.graph.call_function(collectives.deinterleave, (value, dim, placement.chunks, size))
         front = self.graph.call_function(collectives.to_front, (value, dim))
         args = {"all_gather": (front, size, group), "reduce_scatter": (front, "sum", size, group),
                 "all_reduce": (front, "sum", group)}[kind]
         issue = self.graph.call_function(collectives.ISSUE_OPS[kind], args)
         issue.meta["fp_collective"] = record
         wait = self.graph.call_function(collectives.WAIT, (issue, front, kind, label))
-        return self.graph.call_function(collectives.from_front, (wait, dim)) if dim else wait
+        result = self.graph.call_function(collectives.from_front, (wait, dim)) if dim else wait
+        if strided and kind == "all_gather":
+            result = self.graph.call_function(collectives.interleave, (result, dim, placement.chunks, size))
+        return result
 
-    def _emit_local(self, kind, axis, dim, value):
+    def _emit_local(self, kind, axis, placement, value):
         size = self.mesh.axis_sizes[axis]
         coordinate = self.mesh.coordinate[axis]
+        if kind == "local_slice" and isinstance(placement, Strided):
+            return self.graph.call_function(collectives.strided_slice,
+                                            (value, placement.dim, placement.chunks, coordinate, size))
         if kind == "local_slice":
-            return self.graph.call_function(collectives.local_slice, (value, dim, coordinate, size))
+            return self.graph.call_function(collectives.local_slice, (value, placement, coordinate, size))
         return self.graph.call_function(collectives.mask_partial, (value, coordinate == 0))
 
 

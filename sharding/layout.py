@@ -1,8 +1,10 @@
 """`Layout`: how one global tensor lies on the mesh, one placement per mesh axis.
 
-A placement is `REPLICATE`, `PARTIAL` (each rank holds a summand) or a tensor dim `int`
-(the tensor is split into equal contiguous blocks along that dim). Several axes may shard
-one dim; their blocks nest in mesh order (outer axis first), as `P(("dp", "tp"))` does.
+A placement is `REPLICATE`, `PARTIAL` (each rank holds a summand), a tensor dim `int` (the
+tensor is split into equal contiguous blocks along that dim) or `Strided(dim, chunks)` (the dim
+is `chunks` equal pieces and each is split: a fused q/k/v weight whose every rank holds its
+q, k and v columns). Several axes may shard one dim; each splits the block the axes before it
+in mesh order left (outer axis first), as `P(("dp", "tp"))` does.
 """
 from __future__ import annotations
 
@@ -10,17 +12,33 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from .errors import SpecError
-from .spec import P
+from .spec import P, chunked
 
 REPLICATE = "R"
 PARTIAL = "P"
 
 
+@dataclass(frozen=True)
+class Strided:
+    """Shard(dim) of each of `chunks` equal pieces of the dim (DTensor's `_StridedShard` analogue)."""
+
+    dim: int
+    chunks: int
+
+
 def is_shard(placement) -> bool:
+    """A plain (contiguous) split along a dim."""
     return isinstance(placement, int)
 
 
+def split_dim(placement):
+    """The dim a plain or strided split cuts, else None."""
+    return placement if isinstance(placement, int) else placement.dim if isinstance(placement, Strided) else None
+
+
 def describe(placement) -> str:
+    if isinstance(placement, Strided):
+        return f"Shard({placement.dim}, chunks={placement.chunks})"
     return {REPLICATE: "Replicate", PARTIAL: "Partial(sum)"}.get(placement, f"Shard({placement})")
 
 
@@ -43,9 +61,12 @@ class Layout:
         """How many blocks tensor dim `dim` is cut into."""
         count = 1
         for placement, size in zip(self.placements, axis_sizes):
-            if placement == dim:
+            if split_dim(placement) == dim:
                 count *= size
         return count
+
+    def has_strided(self) -> bool:
+        return any(isinstance(p, Strided) for p in self.placements)
 
     def local_shape(self, global_shape: Sequence[int], axis_sizes: Sequence[int]) -> list[int]:
         return [size // self.shard_count(dim, axis_sizes) for dim, size in enumerate(global_shape)]
@@ -56,7 +77,8 @@ class Layout:
     def to_spec(self, ndim: int, axis_names: Sequence[str]) -> P:
         entries = []
         for dim in range(ndim):
-            axes = tuple(name for name, pl in zip(axis_names, self.placements) if pl == dim)
+            axes = tuple(chunked(name, pl.chunks) if isinstance(pl, Strided) else name
+                         for name, pl in zip(axis_names, self.placements) if split_dim(pl) == dim)
             entries.append(axes if axes else None)
         while entries and entries[-1] is None:
             entries.pop()
@@ -91,14 +113,15 @@ def layout_from_spec(spec: P, shape: Sequence[int], axis_names: Sequence[str], a
                                 f"at most one dim")
             seen.add(axis)
             positions.append(axis_names.index(axis))
+            chunks = getattr(axis, "chunks", 1)
             if axis_sizes[axis_names.index(axis)] > 1:  # a size-1 axis splits nothing
-                placements[axis_names.index(axis)] = dim
+                placements[axis_names.index(axis)] = Strided(dim, chunks) if chunks > 1 else dim
         if positions != sorted(positions):
             raise SpecError(f"{where}: spec {spec} lists axes {axes} for dim {dim} out of mesh order "
                             f"{tuple(axis_names)}; list them outer axis first")
         count = 1
         for axis in axes:
-            count *= axis_sizes[axis_names.index(axis)]
+            count *= axis_sizes[axis_names.index(axis)] * getattr(axis, "chunks", 1)
         if shape[dim] % count:
             raise SpecError(f"{where}: dim {dim} has size {shape[dim]}, not divisible by {count} "
                             f"(mesh axes {axes} of sizes "

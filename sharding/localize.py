@@ -11,7 +11,7 @@ import torch
 import torch.fx as fx
 
 from .errors import PropagationError
-from .layout import Layout
+from .layout import Layout, split_dim
 from .source import source_line
 
 aten = torch.ops.aten
@@ -34,12 +34,37 @@ def _contiguous_strides(shape):
     return list(reversed(strides))
 
 
+SPLIT_SIZES = {aten.split.Tensor, aten.split_with_sizes.default}
+
+
+def _localize_split(node, layouts, axis_sizes) -> None:
+    """A split along a dim its pieces are split on takes local piece sizes (each piece's own)."""
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    pieces = node.meta["val"]
+    dim %= pieces[0].dim()
+    local = [layout.local_shape(piece.shape, axis_sizes)[dim] for piece, layout in zip(pieces, layouts)]
+    if local == [piece.shape[dim] for piece in pieces]:
+        return
+    args = list(node.args)
+    if node.target is aten.split.Tensor:
+        if len(set(local)) != 1:
+            raise PropagationError(f"split {node.name} into pieces of unequal local sizes {local} "
+                                   f"(at {source_line(node)})")
+        args[1] = local[0]
+    else:
+        args[1] = local
+    node.args = tuple(args)
+
+
 def localize(graph_module: fx.GraphModule, axis_sizes) -> fx.GraphModule:
     for node in graph_module.graph.nodes:
         if node.op != "call_function":
             continue
         layout = node.meta.get("fp_layout")
-        if not isinstance(layout, Layout) or not any(isinstance(p, int) for p in layout.placements):
+        if node.target in SPLIT_SIZES and isinstance(layout, tuple):
+            _localize_split(node, layout, axis_sizes)
+            continue
+        if not isinstance(layout, Layout) or not any(split_dim(p) is not None for p in layout.placements):
             continue
         global_shape = tuple(node.meta["val"].shape)
         local_shape = layout.local_shape(global_shape, axis_sizes)

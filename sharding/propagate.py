@@ -24,8 +24,8 @@ import torch
 from .constrain import decode_spec
 from .errors import PropagationError
 from .hints import Hints
-from .layout import PARTIAL, REPLICATE, Layout, is_shard, layout_from_spec
-from .rules import RULES, Choice, load_all, tensor_inputs
+from .layout import PARTIAL, REPLICATE, Layout, Strided, is_shard, layout_from_spec
+from .rules import RULES, STRIDED_AWARE, Choice, load_all, tensor_inputs
 from .source import source_line
 
 load_all()
@@ -144,6 +144,8 @@ def _propagate_node(ctx: Context, node: torch.fx.Node) -> None:
         return
     rule_fn = RULES.get(node.target)
     _apply_compute_layouts(ctx, node, inputs)
+    if rule_fn not in STRIDED_AWARE:
+        _gather_strided(ctx, inputs)
     requires: dict[torch.fx.Node, list] = {}
     outputs = []
     for axis in range(len(ctx.axis_names)):
@@ -166,6 +168,15 @@ def _propagate_node(ctx: Context, node: torch.fx.Node) -> None:
     else:
         out_layout = Layout(tuple(outputs))
     _record(ctx, node, required_layouts, out_layout)
+
+
+def _gather_strided(ctx: Context, inputs) -> None:
+    """A rule that does not place chunked splits sees its chunked inputs whole."""
+    for inp in inputs:
+        layout = ctx.layout(inp) if isinstance(ctx.layouts.get(inp), Layout) else None
+        if layout is not None and layout.has_strided():
+            ctx.effective[inp] = Layout(tuple(REPLICATE if isinstance(p, Strided) else p
+                                              for p in layout.placements))
 
 
 def _replicated_output(node):

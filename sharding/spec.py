@@ -2,6 +2,23 @@
 from __future__ import annotations
 
 
+class chunked(str):
+    """A mesh axis that splits each of `chunks` equal pieces of a dim: `P(None, chunked("tp", 3))`
+    splits a fused [d, 3d] q/k/v weight so every tp rank holds its q, k and v columns."""
+
+    def __new__(cls, axis: str, chunks: int):
+        if not isinstance(chunks, int) or chunks < 1:
+            raise TypeError(f"chunked({axis!r}, ...) needs a positive int count of chunks, got {chunks!r}")
+        value = super().__new__(cls, axis)
+        value.chunks = chunks
+        return value
+
+    def __repr__(self) -> str:
+        return f"chunked({str(self)!r}, {self.chunks})"
+
+    # Equal to (and hashed as) its axis name, so mesh-axis lookups treat it as that axis.
+
+
 class P(tuple):
     """PartitionSpec. Each entry is `None`, a mesh axis name, or a tuple of axis names.
 

@@ -10,7 +10,7 @@ import torch.utils._cxx_pytree  # noqa: F401  (insertion-ordered dicts in optree
 
 from . import collectives
 from .errors import SpecError
-from .layout import layout_from_spec
+from .layout import Strided, layout_from_spec
 from .mesh import Mesh
 from .spec import P
 
@@ -58,26 +58,19 @@ def leaf_paths_of_specs(specs) -> list[str]:
     return ["/".join(str(k) for k in path) for path in paths]
 
 
-def _block(mesh: Mesh, layout, dim: int) -> tuple[int, int]:
-    """(index, count) of this rank's block along `dim`: nested over the axes in mesh order."""
-    index, count = 0, 1
-    for axis_index, placement in enumerate(layout.placements):
-        if placement == dim:
-            size = mesh.axis_sizes[axis_index]
-            index, count = index * size + mesh.coordinate[axis_index], count * size
-    return index, count
-
-
 def shard(tree, specs, mesh: Mesh):
     """This rank's slice of every global tensor in `tree`."""
     paths, leaves, treedef = leaf_paths(tree)
     out = []
     for path, leaf, spec in zip(paths, leaves, flat_specs(specs, tree, "shard")):
         layout = layout_from_spec(spec, leaf.shape, mesh.axis_names, mesh.axis_sizes, where=path or "value")
-        for dim in range(leaf.dim()):
-            index, count = _block(mesh, layout, dim)
-            if count > 1:
-                leaf = collectives.local_slice(leaf, dim, index, count)
+        # Outer axes first: each splits the block the axes before it left.
+        for axis_index, placement in enumerate(layout.placements):
+            size, index = mesh.axis_sizes[axis_index], mesh.coordinate[axis_index]
+            if isinstance(placement, Strided):
+                leaf = collectives.strided_slice(leaf, placement.dim, placement.chunks, index, size)
+            elif isinstance(placement, int):
+                leaf = collectives.local_slice(leaf, placement, index, size)
         out.append(leaf)
     return optree.tree_unflatten(treedef, out)
 
@@ -94,5 +87,10 @@ def unshard(tree, specs, mesh: Mesh):
             if isinstance(placement, int):
                 leaf = collectives.all_gather(leaf, placement, mesh.axis_sizes[axis_index],
                                               mesh.group_name(axis_index))
+            elif isinstance(placement, Strided):
+                size = mesh.axis_sizes[axis_index]
+                leaf = collectives.interleave(collectives.all_gather(leaf, placement.dim, size,
+                                                                     mesh.group_name(axis_index)),
+                                              placement.dim, placement.chunks, size)
         out.append(leaf)
     return optree.tree_unflatten(treedef, out)

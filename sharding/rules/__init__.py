@@ -12,6 +12,14 @@ from typing import Callable
 import torch
 
 RULES: dict[object, Callable] = {}
+# Rules that place `Strided` (chunked) splits themselves; every other rule sees such an input
+# gathered first (correct, at the price of a gather).
+STRIDED_AWARE: set[Callable] = set()
+
+
+def handles_strided(fn: Callable) -> Callable:
+    STRIDED_AWARE.add(fn)
+    return fn
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Shared choices for rules: which operand keeps its split when two operands disagree on an axis.
 
-Rule 4: on a data axis the data keeps its split and parameters move (ZeRO: gather the weight,
+Rule 5: on a data axis the data keeps its split and parameters move (ZeRO: gather the weight,
 keep the batch split); on a model axis the parameter keeps its split and activations move
 (TP/SP: the weight's shard is the point of the strategy). When that does not single out one
 split (two activations, or two parameters, split along different dims), nothing else decides:
@@ -12,7 +12,7 @@ from ..layout import PARTIAL, REPLICATE, is_shard
 
 
 def anchor(ctx, axis: int, node, nodes, placement_of=None):
-    """The operand whose split on `axis` wins a conflict (rule 4), or a PropagationError.
+    """The operand whose split on `axis` wins a conflict (rule 5), or a PropagationError.
 
     `placement_of(operand)` gives the split each operand stands for (its dim in the output for
     pointwise ops); operands standing for the same split do not conflict."""
@@ -27,7 +27,7 @@ def anchor(ctx, axis: int, node, nodes, placement_of=None):
         first = candidates[0]
         spec = ctx.layout(first).to_spec(ctx.ndim(first), ctx.axis_names)
         raise ctx.error(node, f"operands disagree on {kind} axis {axis_name!r} ({splits}), and all of them are "
-                              f"{who}, so rule 4 (on a data axis the data keeps its split, on a model axis the "
+                              f"{who}, so rule 5 (on a data axis the data keeps its split, on a model axis the "
                               f"parameter does) leaves the choice open; settle it with a constrain on one "
                               f"operand, e.g. constrain(<{first.name}>, {spec}) keeps {first.name}'s split, or "
                               f"constrain it to P() to replicate it")

@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 from ..checkpoint_name import CHECKPOINT_NAME
-from . import Choice, rule, tensor_inputs
+from ..layout import Strided, split_dim
+from . import Choice, handles_strided, rule, tensor_inputs
 from .choose import PARTIAL, REPLICATE, anchor, broadcast_dim, is_shard, to_output_dim
 
 aten = torch.ops.aten
@@ -95,34 +96,46 @@ def _widens(node) -> bool:
     return isinstance(val, torch.Tensor) and dtype.itemsize > val.dtype.itemsize
 
 
+def _output_split(ctx, node, inp, axis):
+    """(output dim, chunks) that `inp`'s split on `axis` stands for, or None if it is not split."""
+    placement = ctx.placement(inp, axis)
+    dim = split_dim(placement)
+    if dim is None:
+        return None
+    return to_output_dim(ctx, node, inp, dim), placement.chunks if isinstance(placement, Strided) else 1
+
+
+@handles_strided
 @rule(*sorted(_TARGETS, key=str))
 def elementwise(ctx, node, axis):
     inputs = tensor_inputs(node)
     out_shape = ctx.shape(node)
-    shards: dict[int, list] = {}
+    shards: dict[tuple, list] = {}
     for inp in inputs:
-        placement = ctx.placement(inp, axis)
-        if is_shard(placement):
-            shards.setdefault(to_output_dim(ctx, node, inp, placement), []).append(inp)
+        split = _output_split(ctx, node, inp, axis)
+        if split is not None:
+            shards.setdefault(split, []).append(inp)
     if len(shards) > 1:
         winner = anchor(ctx, axis, node, [i for group in shards.values() for i in group],
-                        lambda i: to_output_dim(ctx, node, i, ctx.placement(i, axis)))
-        dim = to_output_dim(ctx, node, winner, ctx.placement(winner, axis))
+                        lambda i: _output_split(ctx, node, i, axis))
+        split = _output_split(ctx, node, winner, axis)
     elif shards:
-        dim = next(iter(shards))
+        split = next(iter(shards))
     else:
-        dim = None
+        split = None
         if any(ctx.placement(i, axis) == PARTIAL for i in inputs):
             choice = _linear_choice(ctx, node, axis, inputs)
             if choice is not None:
                 return choice
             hint = ctx.hint(node, axis)
             if is_shard(hint) and ctx.divisible(out_shape, hint, axis):
-                dim = hint
-    if dim is None:
+                split = (hint, 1)
+    if split is None:
         return Choice(REPLICATE, {i: REPLICATE for i in inputs})
+    dim, chunks = split
+    placement_at = (lambda d: Strided(d, chunks)) if chunks > 1 else (lambda d: d)
     required = {}
     for inp in inputs:
         in_dim = broadcast_dim(ctx, node, inp, dim)
-        required[inp] = REPLICATE if in_dim is None else in_dim
-    return Choice(dim, required)
+        required[inp] = REPLICATE if in_dim is None else placement_at(in_dim)
+    return Choice(placement_at(dim), required)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from . import Choice, rule
+from ..layout import Strided
+from . import Choice, handles_strided, rule
 from .choose import PARTIAL, REPLICATE, anchor, is_shard
 
 aten = torch.ops.aten
@@ -19,7 +20,32 @@ def _letter(spec: str, placement):
     return spec[placement] if is_shard(placement) else placement
 
 
+def _strided_contraction(ctx, axis, a, b, spec_a, spec_b, spec_out):
+    """A chunked split on one letter: kept letters carry it, a contracted or batch letter needs the
+    other operand chunked alike; anything else sees the chunked operand whole."""
+    pa, pb = ctx.placement(a, axis), ctx.placement(b, axis)
+    strided, other = ((a, b) if isinstance(pa, Strided) else (b, a))
+    spec_s, spec_o = (spec_a, spec_b) if strided is a else (spec_b, spec_a)
+    ps, po = ctx.placement(strided, axis), ctx.placement(other, axis)
+    letter = spec_s[ps.dim]
+    if letter in spec_o:  # contracted or batch: the other operand splits the same letter the same way
+        wanted = Strided(spec_o.index(letter), ps.chunks)
+        if po in (REPLICATE, wanted):
+            out = PARTIAL if letter not in spec_out else Strided(spec_out.index(letter), ps.chunks)
+            return Choice(out, {other: wanted})
+    elif po in (REPLICATE, PARTIAL):  # a kept letter of the chunked operand only
+        return Choice(Strided(spec_out.index(letter), ps.chunks), {other: REPLICATE})
+    return None
+
+
 def contraction(ctx, node, axis, a, b, spec_a, spec_b, spec_out):
+    if isinstance(ctx.placement(a, axis), Strided) or isinstance(ctx.placement(b, axis), Strided):
+        choice = _strided_contraction(ctx, axis, a, b, spec_a, spec_b, spec_out)
+        if choice is not None:
+            return choice
+        for operand in (a, b):  # no chunked rule fits: that operand is used whole
+            if isinstance(ctx.placement(operand, axis), Strided):
+                ctx.effective[operand] = ctx.layout(operand).with_axis(axis, REPLICATE)
     la, lb = _letter(spec_a, ctx.placement(a, axis)), _letter(spec_b, ctx.placement(b, axis))
     contracted = set(spec_a) & set(spec_b) - set(spec_out)
 
@@ -65,6 +91,7 @@ def contraction_after(ctx, node, axis, a, b, spec_a, spec_b, spec_out, required)
     return Choice(spec_out.index(letter), required)
 
 
+@handles_strided
 @rule(*EQUATIONS)
 def matmul(ctx, node, axis):
     spec_a, spec_b, spec_out = EQUATIONS[node.target]

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from . import Choice, rule
+from ..layout import Strided, split_dim
+from . import Choice, handles_strided, rule
 from .choose import PARTIAL, REPLICATE, is_shard
 
 aten = torch.ops.aten
@@ -24,6 +25,7 @@ def _kept_position(dim: int, reduced: list[int], keepdim: bool) -> int:
     return dim if keepdim else dim - sum(1 for r in reduced if r < dim)
 
 
+@handles_strided
 @rule(aten.sum.dim_IntList, aten.sum.default)
 def sum_(ctx, node, axis):
     placement = ctx.placement(node.args[0], axis)
@@ -31,8 +33,10 @@ def sum_(ctx, node, axis):
         reduced, keepdim = list(range(ctx.ndim(node.args[0]))), False
     else:
         reduced, keepdim = _reduced_dims(ctx, node)
-    if placement == PARTIAL or (is_shard(placement) and placement in reduced):
+    if placement == PARTIAL or (split_dim(placement) is not None and split_dim(placement) in reduced):
         return Choice(PARTIAL)
+    if isinstance(placement, Strided):
+        return Choice(Strided(_kept_position(placement.dim, reduced, keepdim), placement.chunks))
     if is_shard(placement):
         return Choice(_kept_position(placement, reduced, keepdim))
     return Choice(REPLICATE)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from . import Choice, rule, tensor_inputs
+from ..layout import Strided, split_dim
+from . import Choice, handles_strided, rule, tensor_inputs
 from .choose import PARTIAL, REPLICATE, is_shard
 
 aten = torch.ops.aten
@@ -40,40 +41,81 @@ def _first_significant(dims, shape):
     return next((d for d in dims if shape[d] > 1), None)
 
 
+def _local_sizes(ctx, node, shape, axis, placements_of) -> list[int]:
+    """Sizes of `shape`'s dims within the block the mesh axes before `axis` leave."""
+    sizes = list(shape)
+    for earlier in range(axis):
+        dim = split_dim(placements_of(earlier))
+        if dim is not None:
+            sizes[dim] //= ctx.axis_sizes[earlier]
+    return sizes
+
+
+@handles_strided
 @rule(aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.view.dtype)
 def reshape(ctx, node, axis):
+    """A split follows its dim through a reshape when the dim leads its group of merged or split
+    dims (else the dim is gathered first); a chunked dim keeps its chunks through a reshape that
+    leaves it whole, and a chunked dim split into its pieces is a plain split of the piece dim."""
     x = node.args[0]
     placement = ctx.placement(x, axis)
-    if not is_shard(placement):
+    dim = split_dim(placement)
+    if dim is None:
         return Choice(placement)
     in_shape, out_shape = ctx.shape(x), ctx.shape(node)
-    count = ctx.layout(x).shard_count(placement, ctx.axis_sizes)
+    count = ctx.axis_sizes[axis]
+    in_local = _local_sizes(ctx, node, in_shape, axis, lambda a: ctx.placement(x, a))
+    out_local = _local_sizes(ctx, node, out_shape, axis, lambda a: _output_placement(ctx, node, a))
     for in_dims, out_dims in view_groups(in_shape, out_shape):
-        if placement in in_dims:
-            target = _first_significant(out_dims, out_shape)
-            if (_first_significant(in_dims, in_shape) == placement and target is not None
-                    and out_shape[target] % count == 0):
-                return Choice(target)
+        if dim not in in_dims:
+            continue
+        chunks = placement.chunks if isinstance(placement, Strided) else 1
+        before = 1  # pieces in front of the split dim within the group, in this axis's block
+        for d in in_dims[:in_dims.index(dim)]:
+            before *= in_local[d]
+        if before > 1 and chunks == 1:
+            # A split dim merged behind others: kept whole for now (a chunked result here meets
+            # plain splits of the same dim downstream, which the rules cannot yet reconcile).
             break
+        pieces = before * chunks
+        # The output dim where the split part starts: `pieces` whole pieces of the group lie before it.
+        running = 1
+        for out_dim in out_dims:
+            if running == pieces and out_local[out_dim] % count == 0 and out_local[out_dim] > 1:
+                return Choice(out_dim)
+            if running * out_local[out_dim] > pieces:
+                if pieces % running == 0 and (out_local[out_dim] % (pieces // running)) == 0 and \
+                        (out_local[out_dim] // (pieces // running)) % count == 0:
+                    return Choice(Strided(out_dim, pieces // running) if pieces // running > 1 else out_dim)
+                break
+            running *= out_local[out_dim]
+        break
     return Choice(REPLICATE, {x: REPLICATE})
+
+
+def _output_placement(ctx, node, axis):
+    return reshape(ctx, node, axis).output
 
 
 def _mapped(ctx, node, axis, dim_map):
     """Output placement when input dim d becomes output dim dim_map[d] (None: the dim disappears)."""
     placement = ctx.placement(node.args[0], axis)
-    if not is_shard(placement):
+    dim = split_dim(placement)
+    if dim is None:
         return Choice(placement)
-    target = dim_map(placement)
+    target = dim_map(dim)
     if target is None:
         return Choice(REPLICATE, {node.args[0]: REPLICATE})
-    return Choice(target)
+    return Choice(Strided(target, placement.chunks) if isinstance(placement, Strided) else target)
 
 
+@handles_strided
 @rule(aten.t.default)
 def t(ctx, node, axis):
     return _mapped(ctx, node, axis, lambda d: 1 - d if ctx.ndim(node.args[0]) == 2 else d)
 
 
+@handles_strided
 @rule(aten.transpose.int)
 def transpose(ctx, node, axis):
     ndim = ctx.ndim(node.args[0])
@@ -81,6 +123,7 @@ def transpose(ctx, node, axis):
     return _mapped(ctx, node, axis, lambda d: d1 if d == d0 else d0 if d == d1 else d)
 
 
+@handles_strided
 @rule(aten.permute.default)
 def permute(ctx, node, axis):
     ndim = ctx.ndim(node.args[0])
@@ -88,12 +131,14 @@ def permute(ctx, node, axis):
     return _mapped(ctx, node, axis, lambda d: order.index(d))
 
 
+@handles_strided
 @rule(aten.unsqueeze.default)
 def unsqueeze(ctx, node, axis):
     new = node.args[1] % ctx.ndim(node)
     return _mapped(ctx, node, axis, lambda d: d + 1 if d >= new else d)
 
 
+@handles_strided
 @rule(aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default)
 def squeeze(ctx, node, axis):
     in_shape = ctx.shape(node.args[0])
@@ -105,6 +150,7 @@ def squeeze(ctx, node, axis):
     return _mapped(ctx, node, axis, lambda d: None if d in removed else d - sum(r < d for r in removed))
 
 
+@handles_strided
 @rule(aten.expand.default)
 def expand(ctx, node, axis):
     offset = ctx.ndim(node) - ctx.ndim(node.args[0])
@@ -116,6 +162,7 @@ def _is_full_slice(shape, dim, start, end, step) -> bool:
     return (start in (None, 0)) and (end is None or end >= shape[dim]) and step in (None, 1)
 
 
+@handles_strided
 @rule(aten.slice.Tensor)
 def slice_(ctx, node, axis):
     x = node.args[0]
@@ -133,23 +180,31 @@ def slice_backward(ctx, node, axis):
     return _mapped(ctx, node, axis, lambda d: None if d == dim else d)
 
 
+@handles_strided
 @rule(aten.select.int)
 def select(ctx, node, axis):
     dim = node.args[1] % ctx.ndim(node.args[0])
     return _mapped(ctx, node, axis, lambda d: None if d == dim else (d - 1 if d > dim else d))
 
 
+@handles_strided
 @rule(aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int, aten.chunk.default)
 def split(ctx, node, axis):
+    """Pieces of a split dim are whole (gathered first), except that a dim chunked into as many
+    equal pieces as the op makes splits each piece plainly (a fused qkv into q, k and v)."""
     x = node.args[0]
     ndim = ctx.ndim(x)
     dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
     if node.target is aten.unbind.int:
         dim = node.args[1] if len(node.args) > 1 else 0
     dim %= ndim
-    count = len(node.meta["val"])
+    pieces = node.meta["val"]
+    count = len(pieces)
     placement = ctx.placement(x, axis)
-    if is_shard(placement) and placement == dim:
+    if isinstance(placement, Strided) and placement.dim == dim and placement.chunks == count and \
+            node.target is not aten.unbind.int and len({tuple(p.shape) for p in pieces}) == 1:
+        return Choice((dim,) * count)
+    if split_dim(placement) == dim or isinstance(placement, Strided):
         return Choice((REPLICATE,) * count, {x: REPLICATE})
     if node.target is aten.unbind.int and is_shard(placement) and placement > dim:
         placement -= 1
@@ -159,6 +214,12 @@ def split(ctx, node, axis):
 def _concatenate(ctx, node, axis, dim, shift):
     inputs = tensor_inputs(node)
     placements = {ctx.placement(i, axis) for i in inputs}
+    if placements == {dim} and not shift and len(inputs) == len(node.args[0]) and \
+            len({ctx.shape(i) for i in inputs}) == 1:
+        # Equal pieces each split along the joined dim: the result is chunked (q, k, v grads -> qkv).
+        return Choice(Strided(dim, len(inputs)))
+    if any(isinstance(p, Strided) for p in placements):
+        return Choice(REPLICATE, {i: REPLICATE for i in inputs})
     if len(placements) == 1:
         (placement,) = placements
         if not is_shard(placement):
@@ -172,6 +233,7 @@ def _concatenate(ctx, node, axis, dim, shift):
     return Choice(REPLICATE, {i: REPLICATE for i in inputs})
 
 
+@handles_strided
 @rule(aten.cat.default)
 def cat(ctx, node, axis):
     dim = (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) % ctx.ndim(node)

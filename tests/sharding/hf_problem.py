@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sharding import Mesh, P, jit, shard, unshard
+from sharding import Mesh, P, chunked, jit, shard, unshard
 
 VOCAB, SEQ, BATCH = 64, 16, 8
 STRATEGY_MESHES = {"dp": {"dp": 4, "tp": 1}, "zero3": {"dp": 4, "tp": 1}, "tp": {"dp": 2, "tp": 2},
@@ -75,7 +75,8 @@ def param_specs(arch: str, strategy: str, params) -> dict:
                 tp_dim = 1 - colwise_dim
         entries = [None] * p.dim()
         if tp_dim is not None:
-            entries[tp_dim] = "tp"
+            # GPT-2's c_attn is q, k and v side by side: each tp rank takes its part of every one.
+            entries[tp_dim] = chunked("tp", 3) if "c_attn" in name else "tp"
         free = next((d for d in range(p.dim()) if entries[d] is None), None)
         if strategy in ("zero3", "fsdp_tp") and free is not None:
             entries[free] = "dp"  # ZeRO-3 over dp on a dim tp leaves whole (a tp-split bias stays on tp)
