@@ -69,15 +69,18 @@ def reshape(ctx, node, axis):
     for in_dims, out_dims in view_groups(in_shape, out_shape):
         if dim not in in_dims:
             continue
-        chunks = placement.chunks if isinstance(placement, Strided) else 1
-        before = 1  # pieces in front of the split dim within the group, in this axis's block
+        if not isinstance(placement, Strided):
+            # A plain split survives only where it leads its group; merged behind others it is
+            # gathered (a chunked result there would meet plain splits the rules cannot reconcile).
+            target = _first_significant(out_dims, out_shape)
+            total = ctx.layout(x).shard_count(dim, ctx.axis_sizes)
+            if _first_significant(in_dims, in_shape) == dim and target is not None and out_shape[target] % total == 0:
+                return Choice(target)
+            break
+        before = 1  # pieces in front of the chunked dim within the group, in this axis's block
         for d in in_dims[:in_dims.index(dim)]:
             before *= in_local[d]
-        if before > 1 and chunks == 1:
-            # A split dim merged behind others: kept whole for now (a chunked result here meets
-            # plain splits of the same dim downstream, which the rules cannot yet reconcile).
-            break
-        pieces = before * chunks
+        pieces = before * placement.chunks
         # The output dim where the split part starts: `pieces` whole pieces of the group lie before it.
         running = 1
         for out_dim in out_dims:

@@ -10,11 +10,12 @@ import torch
 import torch.nn.functional as F
 
 from functional_parallel.launch import spawn
-from sharding import Mesh, P, jit, shard, unshard
+from sharding import Mesh, P, constrain, jit, shard, unshard
 
 VOCAB, SEQ, BATCH, D, HEADS, EXPERTS = 32, 8, 12, 16, 4, 4
 MESHES = {"dp": {"dp": 4, "tp": 1}, "zero3": {"dp": 4, "tp": 1}, "tp": {"dp": 2, "tp": 2},
-          "fsdp_tp": {"dp": 2, "tp": 2}}
+          "tp_sp": {"dp": 2, "tp": 2}, "fsdp_tp": {"dp": 2, "tp": 2}}
+LOGICAL = {"batch": "dp", "seq": "tp"}  # seq: tp only under tp_sp (Megatron's sequence parallelism)
 TOLERANCE = 1e-9
 
 
@@ -38,6 +39,7 @@ def loss(params, batch):
     mask = batch["mask"]                                             # [b, s] float: 1 = real token
     positions = (mask.cumsum(-1) - 1).clamp(min=0).long()           # as GPT-NeoX and HF derive them
     h = F.embedding(batch["tokens"], params["embed"]) + F.embedding(positions, params["pos"])
+    h = constrain(h, ("batch", "seq", "embed"))                     # the residual stream's logical axes
     b, s, d = h.shape
     heads = lambda x: x.view(b, s, HEADS, d // HEADS).transpose(1, 2)
     q = heads(F.linear(h, params["wq"], params["bq"]))
@@ -46,18 +48,20 @@ def loss(params, batch):
     scores = torch.einsum("bhqd,bhkd->bhqk", q, k) / math.sqrt(d // HEADS)
     causal = torch.triu(torch.ones(s, s, dtype=torch.bool), 1)
     attention = torch.einsum("bhqk,bhkd->bhqd", scores.masked_fill(causal, float("-inf")).softmax(-1), v)
-    h = h + F.linear(attention.transpose(1, 2).reshape(b, s, d), params["wo"], params["bo"])
+    h = constrain(h + F.linear(attention.transpose(1, 2).reshape(b, s, d), params["wo"], params["bo"]),
+                  ("batch", "seq", "embed"))
     route = h @ params["router"]                                     # [b, s, e]
     top, chosen = route.topk(2, dim=-1)
     gates = torch.zeros_like(route).scatter(-1, chosen, top.softmax(-1))
     h = h + torch.einsum("bse,bsed->bsd", gates, torch.einsum("bsd,edf->bsef", h, params["experts"]))
+    h = constrain(h, ("batch", "seq", "embed"))
     logits = F.linear(h, params["embed"])
     per_token = F.cross_entropy(logits.reshape(-1, VOCAB), batch["targets"].reshape(-1), reduction="none")
     return (per_token * mask.reshape(-1)).sum() / mask.sum()
 
 
 def specs(strategy: str, params) -> dict:
-    tp = strategy in ("tp", "fsdp_tp")
+    tp = strategy in ("tp", "tp_sp", "fsdp_tp")
     column, row = {"wq", "wk", "wv"}, {"wo"}
     out = {}
     for name, p in params.items():
@@ -85,7 +89,9 @@ def step(params, batch):
 def lower(strategy: str, mesh: Mesh, **jit_options):
     params, data = init(), batch()
     pspecs = specs(strategy, params)
-    compiled = jit(step, mesh=mesh, in_specs=(pspecs, P("dp")), out_specs=(P(), pspecs), **jit_options)
+    logical = LOGICAL if strategy == "tp_sp" else {"batch": "dp"}
+    compiled = jit(step, mesh=mesh, in_specs=(pspecs, P("dp")), out_specs=(P(), pspecs), logical_rules=logical,
+                   **jit_options)
     local = (shard(params, pspecs, mesh), shard(data, P("dp"), mesh))
     return compiled.lower(*local), local, pspecs
 
