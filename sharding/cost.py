@@ -12,13 +12,13 @@ import torch.fx as fx
 from .liveness import peaks_by_kind
 from .placement import DEVICE, HOST, transfer_log
 
+from .ops import REGISTRY
+
 aten = torch.ops.aten
 
 # Ops whose output is a view of their input: they allocate nothing (the schedule passes move and
 # copy them freely; the planner follows them to the storage they alias).
-VIEW_OPS = {aten.view.default, aten._unsafe_view.default, aten.t.default, aten.transpose.int,
-            aten.permute.default, aten.expand.default, aten.slice.Tensor, aten.select.int, aten.unsqueeze.default,
-            aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.alias.default, aten.detach.default}
+VIEW_OPS = frozenset(op for op, entry in REGISTRY.items() if entry.view)
 
 
 def collective_log(graph_module: fx.GraphModule) -> list[dict]:

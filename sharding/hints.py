@@ -15,11 +15,10 @@ import torch
 from .constrain import decode_spec
 from .errors import ShardingError
 from .layout import REPLICATE, Layout, is_shard, layout_from_spec
+from .ops import creates_zeros
 
 aten = torch.ops.aten
 
-ZERO_CREATORS = {aten.new_zeros.default, aten.zeros.default, aten.zeros_like.default}
-FILL_CREATORS = {aten.full.default, aten.new_full.default, aten.scalar_tensor.default, aten.full_like.default}
 
 
 class Hints:
@@ -33,7 +32,7 @@ class Hints:
         for node in graph.nodes:
             if node.op != "call_function":
                 continue
-            if node.target in ZERO_CREATORS or (node.target in FILL_CREATORS and _fill_value(node) == 0):
+            if creates_zeros(node):
                 self.zeros.add(node)
             if joins_component(node):
                 shape = _shape(node)
@@ -94,11 +93,3 @@ class Hints:
 def _shape(node):
     val = node.meta.get("val")
     return tuple(val.shape) if isinstance(val, torch.Tensor) else None
-
-
-def _fill_value(node):
-    if node.target is aten.scalar_tensor.default:
-        return node.args[0]
-    if node.target is aten.new_full.default:
-        return node.args[2]
-    return node.args[1]

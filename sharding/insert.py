@@ -7,17 +7,14 @@ axis first and slices outer axis first, so blocks split by several axes nest in 
 """
 from __future__ import annotations
 
-import torch
 import torch.fx as fx
 
 from . import collectives
 from .layout import PARTIAL, REPLICATE, Layout, Strided, split_dim
+from .ops import facts
 from .source import source_line
 
 
-aten = torch.ops.aten
-VIEW_OPS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.t.default,
-            aten.transpose.int, aten.permute.default, aten.unsqueeze.default, aten.squeeze.dim}
 
 
 def plan_steps(src: Layout, dst: Layout) -> list[tuple[str, int, object]]:
@@ -83,7 +80,7 @@ class Inserter:
     def _gather_through_view(self, old: fx.Node, layout: Layout, target: Layout, consumer: fx.Node):
         """A chunked split made by a view and wanted whole is the view of its input gathered (one
         gather of the residual shared by the q, k and v views, no reorder), or None."""
-        if old.op != "call_function" or old.target not in VIEW_OPS or not isinstance(old.args[0], fx.Node):
+        if old.op != "call_function" or not facts(old.target).moves_values or not isinstance(old.args[0], fx.Node):
             return None
         axes = [a for a, (have, want) in enumerate(zip(layout.placements, target.placements)) if have != want]
         if not axes or any(not isinstance(layout.placements[a], Strided) or target.placements[a] != REPLICATE

@@ -2,8 +2,8 @@
 
 The traced graph records `view [256, 32]`, `expand [16, 4, 16, 16]`, `new_zeros [64, 32]`;
 after partitioning each must say the local size. The local size of a node's output is its
-global size divided by its layout's shard counts, so each op only names which argument holds
-its output shape.
+global size divided by its layout's shard counts, so each op only names (in `sharding.ops`)
+which argument holds its output shape.
 """
 from __future__ import annotations
 
@@ -12,18 +12,10 @@ import torch.fx as fx
 
 from .errors import PropagationError
 from .layout import Layout, split_dim
+from .ops import facts
 from .source import source_line
 
 aten = torch.ops.aten
-
-SHAPE_ARGUMENT = {
-    aten.view.default: 1, aten._unsafe_view.default: 1, aten.reshape.default: 1, aten.expand.default: 1,
-    aten.new_zeros.default: 1, aten.new_empty.default: 1, aten.new_ones.default: 1, aten.new_full.default: 1,
-    aten.zeros.default: 0, aten.ones.default: 0, aten.empty.memory_format: 0, aten.full.default: 0,
-    aten.slice_backward.default: 1, aten.select_backward.default: 1, aten.new_empty_strided.default: 1,
-    aten.empty_strided.default: 0,
-}
-STRIDE_ARGUMENT = {aten.new_empty_strided.default: 2, aten.empty_strided.default: 1}
 
 
 def _contiguous_strides(shape):
@@ -32,9 +24,6 @@ def _contiguous_strides(shape):
         strides.append(running)
         running *= size
     return list(reversed(strides))
-
-
-SPLIT_SIZES = {aten.split.Tensor, aten.split_with_sizes.default}
 
 
 def _localize_split(node, layouts, axis_sizes) -> None:
@@ -61,18 +50,19 @@ def localize(graph_module: fx.GraphModule, axis_sizes) -> fx.GraphModule:
         if node.op != "call_function":
             continue
         layout = node.meta.get("fp_layout")
-        if node.target in SPLIT_SIZES and isinstance(layout, tuple):
+        entry = facts(node.target)
+        if entry.split_sizes and isinstance(layout, tuple):
             _localize_split(node, layout, axis_sizes)
             continue
         if not isinstance(layout, Layout) or not any(split_dim(p) is not None for p in layout.placements):
             continue
         global_shape = tuple(node.meta["val"].shape)
         local_shape = layout.local_shape(global_shape, axis_sizes)
-        if node.target in SHAPE_ARGUMENT:
+        if entry.shape_arg is not None:
             args = list(node.args)
-            args[SHAPE_ARGUMENT[node.target]] = local_shape
-            if node.target in STRIDE_ARGUMENT:
-                args[STRIDE_ARGUMENT[node.target]] = _contiguous_strides(local_shape)
+            args[entry.shape_arg] = local_shape
+            if entry.stride_arg is not None:
+                args[entry.stride_arg] = _contiguous_strides(local_shape)
             node.args = tuple(args)
         elif node.target in (aten.arange.default, aten.arange.start, aten.arange.start_step):
             raise PropagationError(f"arange {node.name} was given a split layout; it cannot be localized "

@@ -24,6 +24,7 @@ import torch
 from .constrain import decode_spec
 from .errors import PropagationError
 from .hints import Hints
+from .ops import facts
 from .layout import PARTIAL, REPLICATE, Layout, Strided, is_shard, layout_from_spec
 from .rules import RULES, STRIDED_AWARE, Choice, load_all, tensor_inputs
 from .source import source_line
@@ -225,14 +226,11 @@ def _apply_compute_layouts(ctx: Context, node, inputs) -> None:
             ctx.effective[inp] = Layout(tuple(placements))
 
 
-# Ops that read only their input's dtype and device (`new_zeros(g, shape)`), not its values.
-METADATA_ONLY = {torch.ops.aten.new_zeros.default, torch.ops.aten.new_empty.default, torch.ops.aten.new_ones.default,
-                 torch.ops.aten.new_full.default, torch.ops.aten.new_empty_strided.default}
 
 
 def _reads_values(node) -> int:
     """How many consumers read `node`'s values."""
-    return sum(1 for user in node.users if user.target not in METADATA_ONLY)
+    return sum(1 for user in node.users if not facts(user.target).metadata_only)
 
 
 def _hint(ctx: Context, node, axis: int, consumers: bool):

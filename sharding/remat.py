@@ -38,6 +38,7 @@ import torch.fx as fx
 
 from .checkpoint_name import CHECKPOINT_NAME
 from .cost import VIEW_OPS
+from .ops import REGISTRY
 from .errors import RematError
 
 aten = torch.ops.aten
@@ -46,11 +47,10 @@ POLICIES = ("none", "full", "selective")
 
 # Ops that only move or re-type values: a matmul operand reached from a parameter through these
 # alone is a weight, not an activation.
-_PASS_THROUGH = VIEW_OPS | {aten.clone.default, aten._to_copy.default, aten.expand.default,
-                            aten.contiguous.default, aten.reshape.default}
-_SOFTMAX = {aten._softmax.default, aten.softmax.int, aten._safe_softmax.default}
-_DROPOUT = {aten.native_dropout.default, aten.dropout.default}
-_BATCHED_MATMUL = {aten.bmm.default, aten.baddbmm.default, aten.matmul.default}
+_PASS_THROUGH = frozenset(op for op, entry in REGISTRY.items() if entry.moves_values)
+_SOFTMAX = frozenset(op for op, entry in REGISTRY.items() if entry.recompute == "softmax")
+_DROPOUT = frozenset(op for op, entry in REGISTRY.items() if entry.recompute == "dropout")
+_BATCHED_MATMUL = frozenset(op for op, entry in REGISTRY.items() if entry.recompute == "batched_matmul")
 
 
 def check_policy(policy: str) -> str:
