@@ -117,6 +117,14 @@ def deinterleave(x: torch.Tensor, dim: int, chunks: int, count: int) -> torch.Te
     return x.unflatten(dim, (chunks, count, -1)).transpose(dim, dim + 1).flatten(dim, dim + 2).contiguous()
 
 
+def vocab_parallel_index(table: torch.Tensor, ids: torch.Tensor, start: int) -> torch.Tensor:
+    """`table[ids]` where this rank holds rows [start, start + len(table)): other ids give zeros."""
+    local = ids - start
+    inside = (local >= 0) & (local < table.shape[0])
+    rows = table[torch.where(inside, local, torch.zeros_like(local))]
+    return torch.where(inside.view(*ids.shape, *([1] * (table.dim() - 1))), rows, torch.zeros_like(rows))
+
+
 def mask_partial(x: torch.Tensor, keep: bool) -> torch.Tensor:
     """Replicate -> Partial: one rank keeps the value, the others contribute zeros (no communication)."""
     return x.clone() if keep else torch.zeros_like(x)

@@ -64,6 +64,8 @@ class Inserter:
                 continue
             new = self.graph.node_copy(node, lambda arg: self.get(arg, requires.get(arg), node))
             new.meta.update(node.meta)
+            if "vocab_parallel" in node.meta.get("fp_local", {}).values():
+                self._vocab_parallel(node, new, requires)
             self.env[node] = new
         return fx.GraphModule(self.old, self.graph)
 
@@ -76,6 +78,19 @@ class Inserter:
             self.cache[key] = (self._gather_through_view(old, layout, target, consumer)
                                or self.redistribute(old, layout, target, consumer))
         return self.cache[key]
+
+    def _vocab_parallel(self, node: fx.Node, new: fx.Node, requires: dict) -> None:
+        """The lookup of `table[ids]` in this rank's rows of a table split on dim 0."""
+        table, ids = node.args[0], node.args[1][0]
+        layout = requires.get(table, self.ctx.layouts[table])
+        index, count = 0, 1
+        for axis, placement in enumerate(layout.placements):
+            if placement == 0:
+                size = self.mesh.axis_sizes[axis]
+                index, count = index * size + self.mesh.coordinate[axis], count * size
+        rows = table.meta["val"].shape[0] // count
+        new.target = collectives.vocab_parallel_index
+        new.args = (new.args[0], new.args[1][0], index * rows)
 
     def _gather_through_view(self, old: fx.Node, layout: Layout, target: Layout, consumer: fx.Node):
         """A chunked split made by a view and wanted whole is the view of its input gathered (one

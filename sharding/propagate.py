@@ -149,6 +149,7 @@ def _propagate_node(ctx: Context, node: torch.fx.Node) -> None:
         _gather_strided(ctx, inputs)
     requires: dict[torch.fx.Node, list] = {}
     outputs = []
+    local = {}
     for axis in range(len(ctx.axis_names)):
         if all(ctx.placement(i, axis) == REPLICATE for i in inputs):
             # Rule 0: an op whose tensor inputs are all replicated on an axis runs unchanged there.
@@ -163,12 +164,16 @@ def _propagate_node(ctx: Context, node: torch.fx.Node) -> None:
         for inp in inputs:
             requires.setdefault(inp, []).append(choice.inputs.get(inp, ctx.placement(inp, axis)))
         outputs.append(choice.output)
+        if choice.local is not None:
+            local[axis] = choice.local
     required_layouts = {inp: Layout(tuple(pl)) for inp, pl in requires.items()}
     if outputs and isinstance(outputs[0], tuple):
         out_layout = tuple(Layout(tuple(o[i] for o in outputs)) for i in range(len(outputs[0])))
     else:
         out_layout = Layout(tuple(outputs))
     _record(ctx, node, required_layouts, out_layout)
+    if local:
+        node.meta["fp_local"] = local
 
 
 def _gather_strided(ctx: Context, inputs) -> None:

@@ -24,10 +24,14 @@ def handles_strided(fn: Callable) -> Callable:
 
 @dataclass
 class Choice:
-    """Required input placements (inputs not named keep theirs) and the output placement(s)."""
+    """Required input placements (inputs not named keep theirs) and the output placement(s).
+
+    `local` names a local computation that differs from the global op on this axis (the insert
+    stage emits it): "vocab_parallel", a lookup in this rank's rows of a table split on dim 0."""
 
     output: object
     inputs: dict = field(default_factory=dict)
+    local: str | None = None
 
 
 def rule(*targets):

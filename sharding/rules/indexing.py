@@ -26,8 +26,12 @@ def index(ctx, node, axis):
         return Choice(PARTIAL)
     if pt == PARTIAL or pi == PARTIAL:
         pt, pi = (REPLICATE if pt == PARTIAL else pt), (REPLICATE if pi == PARTIAL else pi)
+    if is_shard(pt) and pt == 0 and pi == REPLICATE and ctx.ndim(table) >= 1:
+        # Vocab-parallel lookup (Megatron's VocabParallelEmbedding): each rank looks up the ids
+        # that fall in its rows and gives zeros for the rest; the sum over ranks is the lookup.
+        return Choice(PARTIAL, {table: 0, ids: REPLICATE}, local="vocab_parallel")
     if is_shard(pt) and pt == 0:
-        pt = REPLICATE                                    # a split vocabulary needs the whole table
+        pt = REPLICATE                                    # ids split on this axis too: whole table
     if is_shard(pt) and is_shard(pi):                     # both split: the anchor keeps its split
         if anchor(ctx, axis, node, [table, ids], lambda n: "table" if n is table else "ids") is table:
             pi = REPLICATE
