@@ -35,7 +35,7 @@ def _named(kind: str, group_size: int, label: str):
 
 
 ISSUE_OPS = {"all_gather": _c10d.all_gather_into_tensor.default, "reduce_scatter": _c10d.reduce_scatter_tensor.default,
-             "all_reduce": _c10d.all_reduce.default}
+             "all_reduce": _c10d.all_reduce.default, "all_to_all": _c10d.all_to_all_single.default}
 
 
 def wait(result: torch.Tensor, keep_alive: torch.Tensor | None = None, kind: str = "collective",
@@ -92,6 +92,16 @@ def all_to_all(x: torch.Tensor, from_dim: int, to_dim: int, group_size: int, gro
         received = _c10d.wait_tensor(_c10d.all_to_all_single(send, None, None, group_name))
     parts = received.chunk(group_size)
     return torch.cat([p.view(chunks[0].shape) for p in parts], dim=from_dim)
+
+
+def to_all_to_all(x: torch.Tensor, to_dim: int, group_size: int) -> torch.Tensor:
+    """The flat send buffer of Shard(from) -> Shard(to): block i of `to_dim` goes to rank i."""
+    return torch.cat([c.reshape(-1) for c in x.chunk(group_size, dim=to_dim)])
+
+
+def from_all_to_all(received: torch.Tensor, from_dim: int, block_shape: list[int], group_size: int) -> torch.Tensor:
+    """Rank i's block (of shape `block_shape`) received i-th, joined along `from_dim`."""
+    return torch.cat([p.view(block_shape) for p in received.chunk(group_size)], dim=from_dim)
 
 
 def local_slice(x: torch.Tensor, dim: int, index: int, count: int) -> torch.Tensor:

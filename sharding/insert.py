@@ -7,6 +7,8 @@ axis first and slices outer axis first, so blocks split by several axes nest in 
 """
 from __future__ import annotations
 
+import math
+
 import torch.fx as fx
 
 from . import collectives
@@ -15,6 +17,14 @@ from .ops import facts
 from .source import source_line
 
 
+
+
+def _exchanges(current, target, a) -> bool:
+    """Axis `a` moves a plain split from one dim to another that no other axis splits."""
+    if not (isinstance(current[a], int) and isinstance(target[a], int) and current[a] != target[a]):
+        return False
+    others = [p for b, p in enumerate(current) if b != a] + [p for b, p in enumerate(target) if b != a]
+    return not any(split_dim(p) in (current[a], target[a]) for p in others)
 
 
 def plan_steps(src: Layout, dst: Layout) -> list[tuple[str, int, object]]:
@@ -30,8 +40,14 @@ def plan_steps(src: Layout, dst: Layout) -> list[tuple[str, int, object]]:
                 unshard.add(b)
     steps = []
     for a in sorted(unshard, reverse=True):
+        if _exchanges(current, target, a):
+            continue
         steps.append(("all_gather", a, current[a]))
         current[a] = REPLICATE
+    for a in sorted(unshard, reverse=True):
+        if _exchanges(current, target, a):  # Shard(i) -> Shard(j) on one axis: one all-to-all
+            steps.append(("all_to_all", a, (current[a], target[a])))
+            current[a] = target[a]
     for a in range(n):
         if current[a] == target[a]:
             continue
@@ -124,8 +140,11 @@ class Inserter:
             before = current
             current = current.with_axis(axis, REPLICATE if kind == "all_gather" else
                                         PARTIAL if kind == "mask_partial" else
-                                        REPLICATE if kind == "all_reduce" else placement)
-            if kind in collectives.ISSUE_OPS:
+                                        REPLICATE if kind == "all_reduce" else
+                                        placement[1] if kind == "all_to_all" else placement)
+            if kind == "all_to_all":
+                value = self._emit_all_to_all(axis, placement, value, before, current, global_val, source, old)
+            elif kind in collectives.ISSUE_OPS:
                 local = before if kind != "all_gather" else current
                 numel = 1
                 for size in local.local_shape(global_val.shape, self.mesh.axis_sizes):
@@ -165,6 +184,27 @@ class Inserter:
         if strided and kind == "all_gather":
             result = self.graph.call_function(collectives.interleave, (result, dim, placement.chunks, size))
         return result
+
+    def _emit_all_to_all(self, axis, dims, value, before: Layout, after: Layout, global_val, source, old):
+        """pack (block i of the new dim for rank i) -> all_to_all_single -> wait -> join along the old dim."""
+        size = self.mesh.axis_sizes[axis]
+        group = self.mesh.group_name(axis) if not self.mesh.abstract_only else f"<{self.mesh.axis_names[axis]}>"
+        from_dim, to_dim = dims
+        local = before.local_shape(global_val.shape, self.mesh.axis_sizes)
+        block = list(local)
+        block[to_dim] //= size
+        record = {"kind": "all_to_all", "axes": (self.mesh.axis_names[axis],),
+                  "bytes": math.prod(local) * global_val.element_size(), "source": source,
+                  "shape": tuple(global_val.shape), "dtype": str(global_val.dtype).replace("torch.", ""),
+                  "value": old.name}
+        label = (f"over mesh axis {self.mesh.axis_names[axis]!r} ({size} ranks) of {old.name} (global shape "
+                 f"{tuple(global_val.shape)}, Shard({from_dim}) -> Shard({to_dim})){', from ' + source if source else ''}")
+        front = self.graph.call_function(collectives.to_all_to_all, (value, to_dim, size))
+        splits = [math.prod(local) // size] * size
+        issue = self.graph.call_function(collectives.ISSUE_OPS["all_to_all"], (front, splits, splits, group))
+        issue.meta["fp_collective"] = record
+        wait = self.graph.call_function(collectives.WAIT, (issue, front, "all_to_all", label))
+        return self.graph.call_function(collectives.from_all_to_all, (wait, from_dim, block, size))
 
     def _emit_local(self, kind, axis, placement, value):
         size = self.mesh.axis_sizes[axis]

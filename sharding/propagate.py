@@ -11,7 +11,8 @@ The numbered rules README's "Propagation rules" lists, in the order they apply:
    anything else is an error naming the `constrain` (`rules.choose.anchor`).
 6. A `Partial` that must be reduced is reduce-scattered if the value's *hint* is a shard (its
    elementwise component holds sharded state or a sharded constraint), all-reduced otherwise.
-7. A layout that does not divide a tensor (output or required input) is an error.
+7. Each layout change is one collective per axis (`sharding.insert`; Shard(i) -> Shard(j) one all-to-all).
+8. A layout that does not divide a tensor (output or required input) is an error.
 The result is written to `node.meta["fp_layout"]` and `node.meta["fp_requires"]`.
 """
 from __future__ import annotations

@@ -59,6 +59,7 @@ MODELS = ("gpt_tiny", "gpt_small", "llama_tiny", "llama_small")
 ALL_MODELS = tuple(sorted(p.stem for p in pathlib.Path(CONF_DIR, "model").glob("*.yaml")))  # + published sizes
 
 
+@pytest.mark.slow
 def test_every_strategy_mesh_and_model_composes_and_validates():
     """Each group option composes through Hydra; every strategy x mesh x model combination is valid.
 

@@ -17,6 +17,8 @@ from functional_parallel.models import build, config
 from functional_parallel.parallel import Strategy
 
 CONF_DIR = str(pathlib.Path(__file__).resolve().parents[1] / "conf")
+# Published-size models lowered on fake tensors: tens of seconds each, so outside `-m "not slow"`.
+pytestmark = pytest.mark.slow
 
 
 def plan_config(overrides: list[str]) -> plan_cli.PlanConfig:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import pathlib
 import re
 
+import pytest
+
 
 def test_readme_api_example_runs():
     readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
@@ -14,6 +16,7 @@ def test_readme_api_example_runs():
     assert namespace["metrics"]["loss"].item() < namespace["metrics"]["loss"].new_tensor(4.7).item()
 
 
+@pytest.mark.slow
 def test_readme_strategy_table_is_what_the_compiler_prints():
     """README's strategy table is generated (`python -m experiments.strategies write_readme=true`), not typed."""
     from experiments.strategies import MESHES, README_MARKERS, table

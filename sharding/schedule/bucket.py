@@ -96,7 +96,8 @@ def bucket(graph_module: fx.GraphModule, axis_sizes, bucket_bytes: int = DEFAULT
     graph = graph_module.graph
     streams: dict[tuple, list[Chain]] = {}
     for chain in chains(graph):
-        streams.setdefault(chain.stream, []).append(chain)
+        if chain.kind != "all_to_all":  # an exchange's blocks are laid out per peer: not packed
+            streams.setdefault(chain.stream, []).append(chain)
     order = positions(graph)
     groups = [group for stream in streams.values()
               for group in _groups(stream, order, bucket_bytes, lambda c: c.result.meta["val"].dtype)

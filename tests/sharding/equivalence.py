@@ -92,3 +92,15 @@ def measured_peaks(lowered, local, runs: int = 3) -> list[int]:
         del out
         measured.append(mem.peak_bytes)
     return measured
+
+
+def assert_equals_reference(per_rank, ref_loss, ref_grads, tolerance: float, where: str = "") -> None:
+    """Every rank's (loss, grads) equals the single-process reference within `tolerance`; grads are
+    dicts (or single tensors) of global tensors."""
+    ref = ref_grads if isinstance(ref_grads, dict) else {"grad": ref_grads}
+    for rank, (loss, grads) in enumerate(per_rank):
+        got = grads if isinstance(grads, dict) else {"grad": grads}
+        assert abs(loss.item() - ref_loss.item()) < tolerance, f"{where} rank {rank}: loss {loss} vs {ref_loss}"
+        for name, grad in ref.items():
+            error = (got[name] - grad).abs().max().item()
+            assert error < tolerance, f"{where} rank {rank}: grad {name} off by {error}"

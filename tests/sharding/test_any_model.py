@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from functional_parallel.launch import spawn
 from sharding import Mesh, P, constrain, jit, shard, unshard
 
+from .equivalence import assert_equals_reference
+
 VOCAB, SEQ, BATCH, D, HEADS, EXPERTS = 32, 8, 12, 16, 4, 4
 MESHES = {"dp": {"dp": 4, "tp": 1}, "zero3": {"dp": 4, "tp": 1}, "tp": {"dp": 2, "tp": 2},
           "tp_sp": {"dp": 2, "tp": 2}, "fsdp_tp": {"dp": 2, "tp": 2}}
@@ -115,14 +117,10 @@ def per_rank():
 @pytest.mark.parametrize("strategy", list(MESHES))
 def test_hand_written_model_equals_reference(per_rank, strategy):
     ref_loss, ref_grads = step(init(), batch())
-    for rank, results in enumerate(per_rank):
-        value, grads = results[strategy]
-        assert abs(value.item() - ref_loss.item()) < TOLERANCE, (strategy, rank)
-        for name, grad in ref_grads.items():
-            error = (grads[name] - grad).abs().max().item()
-            assert error < TOLERANCE, f"{strategy} rank {rank}: grad {name} off by {error}"
+    assert_equals_reference([results[strategy] for results in per_rank], ref_loss, ref_grads, TOLERANCE, strategy)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", list(MESHES))
 def test_a_float_mask_in_the_batch_is_data_not_a_parameter(strategy):
     """The float mask is split over dp like the tokens and never all-gathered (it is data)."""

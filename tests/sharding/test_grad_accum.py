@@ -38,6 +38,7 @@ def _gradient_reductions(collectives, axis):
                    and (c["shape"] is None or len(c["shape"]) < ACTIVATION_DIMS))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["dp", "zero3", "tp_sp"])
 def test_accumulation_reduces_each_gradient_once_per_step(strategy):
     once, accumulated = _collectives(strategy, 1), _collectives(strategy, 2)

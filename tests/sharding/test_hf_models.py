@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 pytest.importorskip("transformers")
 
 from functional_parallel.launch import spawn  # noqa: E402
 
 from . import hf_problem  # noqa: E402
+from .equivalence import assert_equals_reference  # noqa: E402
 
 MODELS = [("gpt2", "sdpa"), ("gpt2", "eager"), ("llama", "sdpa"), ("llama", "eager")]
 TOLERANCE = 1e-9
@@ -37,12 +37,8 @@ def outcome(request, per_rank):
 @pytest.mark.parametrize("strategy", list(hf_problem.STRATEGY_MESHES))
 def test_hf_model_equals_reference(outcome, strategy):
     arch, attention, ref, per_rank = outcome
-    for rank, results in enumerate(per_rank):
-        got = results[strategy]
-        assert abs(got["loss"].item() - ref["loss"].item()) < TOLERANCE, (arch, attention, strategy, rank)
-        for name, grad in ref["grads"].items():
-            error = (got["grads"][name] - grad).abs().max().item()
-            assert error < TOLERANCE, f"{arch}/{attention}/{strategy} rank {rank}: grad {name} off by {error}"
+    assert_equals_reference([(r[strategy]["loss"], r[strategy]["grads"]) for r in per_rank], ref["loss"],
+                            ref["grads"], TOLERANCE, f"{arch}/{attention}/{strategy}")
 
 
 @pytest.mark.slow

@@ -54,6 +54,7 @@ def test_zero3_gathers_and_reduces_in_bf16():
     assert bytes_by["all_gather", "bfloat16"] >= 2 * numel  # every parameter, plus the backward's re-gathers
 
 
+@pytest.mark.slow
 def test_reduce_dtype_float32_reduces_gradients_in_float32():
     bytes_by, numel = _gradient_collectives("zero3", Precision.named("bf16", reduce_dtype="float32"))
     assert set(bytes_by) == {("all_gather", "bfloat16"), ("reduce_scatter", "float32")}
