@@ -25,8 +25,8 @@ import torch
 from .constrain import decode_spec
 from .errors import PropagationError
 from .hints import Hints
-from .ops import facts
 from .layout import PARTIAL, REPLICATE, Layout, Strided, is_shard, layout_from_spec
+from .ops import facts
 from .rules import RULES, STRIDED_AWARE, Choice, load_all, tensor_inputs
 from .source import source_line
 
@@ -230,8 +230,6 @@ def _apply_compute_layouts(ctx: Context, node, inputs) -> None:
                 placements[axis] = REPLICATE
         if tuple(placements) != layout.placements:
             ctx.effective[inp] = Layout(tuple(placements))
-
-
 
 
 def _reads_values(node) -> int:
