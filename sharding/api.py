@@ -18,7 +18,7 @@ from .layout import layout_from_spec
 from .localize import localize
 from .mesh import Mesh
 from .placement import DEVICE, HOST, check_kind, place, transfer_log
-from .propagate import propagate
+from .propagate import is_integer, propagate
 from .remat import check_policy, remat
 from .schedule import DEFAULT_BUCKET_BYTES, schedule
 from .spec import P
@@ -186,9 +186,7 @@ def data_leaves(args, data_argnums) -> list[bool]:
     are those holding an integer tensor (a float mask beside the token ids is data too)."""
     per_argument = [optree.tree_leaves(arg, namespace=NAMESPACE, none_is_leaf=False) for arg in args]
     if data_argnums is None:
-        data_argnums = [i for i, leaves in enumerate(per_argument)
-                        if any(isinstance(x, torch.Tensor) and not x.is_floating_point() and not x.is_complex()
-                               for x in leaves)]
+        data_argnums = [i for i, leaves in enumerate(per_argument) if any(is_integer(x) for x in leaves)]
     return [i in data_argnums for i, leaves in enumerate(per_argument) for _ in leaves]
 
 

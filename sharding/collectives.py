@@ -83,17 +83,6 @@ def all_reduce(x: torch.Tensor, group_size: int, group_name: str, label: str = "
         return _c10d.wait_tensor(_c10d.all_reduce(x.contiguous(), "sum", group_name))
 
 
-def all_to_all(x: torch.Tensor, from_dim: int, to_dim: int, group_size: int, group_name: str,
-               label: str = "") -> torch.Tensor:
-    """Shard(from_dim) -> Shard(to_dim) in one exchange: split `to_dim`, send block i to rank i."""
-    chunks = [c.contiguous() for c in x.chunk(group_size, dim=to_dim)]
-    send = torch.cat([c.reshape(-1) for c in chunks])
-    with _named("all_to_all", group_size, label):
-        received = _c10d.wait_tensor(_c10d.all_to_all_single(send, None, None, group_name))
-    parts = received.chunk(group_size)
-    return torch.cat([p.view(chunks[0].shape) for p in parts], dim=from_dim)
-
-
 def to_all_to_all(x: torch.Tensor, to_dim: int, group_size: int) -> torch.Tensor:
     """The flat send buffer of Shard(from) -> Shard(to): block i of `to_dim` goes to rank i."""
     return torch.cat([c.reshape(-1) for c in x.chunk(group_size, dim=to_dim)])

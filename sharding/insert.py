@@ -97,7 +97,7 @@ class Inserter:
 
     def _vocab_parallel(self, node: fx.Node, new: fx.Node, requires: dict) -> None:
         """The lookup of `table[ids]` in this rank's rows of a table split on dim 0."""
-        table, ids = node.args[0], node.args[1][0]
+        table = node.args[0]
         layout = requires.get(table, self.ctx.layouts[table])
         index, count = 0, 1
         for axis, placement in enumerate(layout.placements):
@@ -142,22 +142,22 @@ class Inserter:
                                         PARTIAL if kind == "mask_partial" else
                                         REPLICATE if kind == "all_reduce" else
                                         placement[1] if kind == "all_to_all" else placement)
-            if kind == "all_to_all":
-                value = self._emit_all_to_all(axis, placement, value, before, current, global_val, source, old)
-            elif kind in collectives.ISSUE_OPS:
-                local = before if kind != "all_gather" else current
-                numel = 1
-                for size in local.local_shape(global_val.shape, self.mesh.axis_sizes):
-                    numel *= size
+            if kind in collectives.ISSUE_OPS:
+                # Bytes per rank: what this rank sends (a gather's result is `size` times its input).
+                local = (current if kind == "all_gather" else before).local_shape(global_val.shape,
+                                                                                  self.mesh.axis_sizes)
                 record = {
                     "kind": kind, "axes": (self.mesh.axis_names[axis],),
-                    "bytes": numel * global_val.element_size(), "source": source,
+                    "bytes": math.prod(local) * global_val.element_size(), "source": source,
                     "shape": tuple(global_val.shape), "dtype": str(global_val.dtype).replace("torch.", ""),
                     "value": old.name,
                 }
                 label = (f"over mesh axis {self.mesh.axis_names[axis]!r} ({self.mesh.axis_sizes[axis]} ranks) of "
                          f"{old.name} (global shape {tuple(global_val.shape)}){', from ' + source if source else ''}")
-                value = self._emit_collective(kind, axis, placement, value, record, label)
+                if kind == "all_to_all":
+                    value = self._emit_all_to_all(axis, placement, value, local, record, label)
+                else:
+                    value = self._emit_collective(kind, axis, placement, value, record, label)
             else:
                 value = self._emit_local(kind, axis, placement, value)
             value.meta.update(val=global_val, fp_layout=current)
@@ -185,20 +185,13 @@ class Inserter:
             result = self.graph.call_function(collectives.interleave, (result, dim, placement.chunks, size))
         return result
 
-    def _emit_all_to_all(self, axis, dims, value, before: Layout, after: Layout, global_val, source, old):
+    def _emit_all_to_all(self, axis, dims, value, local: list[int], record, label):
         """pack (block i of the new dim for rank i) -> all_to_all_single -> wait -> join along the old dim."""
         size = self.mesh.axis_sizes[axis]
         group = self.mesh.group_name(axis) if not self.mesh.abstract_only else f"<{self.mesh.axis_names[axis]}>"
         from_dim, to_dim = dims
-        local = before.local_shape(global_val.shape, self.mesh.axis_sizes)
         block = list(local)
         block[to_dim] //= size
-        record = {"kind": "all_to_all", "axes": (self.mesh.axis_names[axis],),
-                  "bytes": math.prod(local) * global_val.element_size(), "source": source,
-                  "shape": tuple(global_val.shape), "dtype": str(global_val.dtype).replace("torch.", ""),
-                  "value": old.name}
-        label = (f"over mesh axis {self.mesh.axis_names[axis]!r} ({size} ranks) of {old.name} (global shape "
-                 f"{tuple(global_val.shape)}, Shard({from_dim}) -> Shard({to_dim})){', from ' + source if source else ''}")
         front = self.graph.call_function(collectives.to_all_to_all, (value, to_dim, size))
         splits = [math.prod(local) // size] * size
         issue = self.graph.call_function(collectives.ISSUE_OPS["all_to_all"], (front, splits, splits, group))

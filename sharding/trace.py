@@ -43,13 +43,6 @@ def _mean(x, *, dtype=None):
     return _mean_dim(x, None, False, dtype=dtype)
 
 
-def _one_hot(x, num_classes=-1):
-    if num_classes < 0:
-        raise TraceError("one_hot without num_classes reads the largest class id from the data, which a "
-                         "trace cannot do; pass num_classes (F.one_hot(x, num_classes=V))")
-    return (x.unsqueeze(-1) == torch.arange(num_classes, device=x.device)).to(torch.int64)
-
-
 # Composite ops traced as the core ops every rule family covers, taken from torch's own tables.
 TORCH_DECOMPOSED = [
     aten.addmm, aten.addmv, aten.baddbmm, aten.addbmm,                       # mm + add
@@ -62,7 +55,6 @@ DECOMPOSITIONS = {
     **get_decompositions(TORCH_DECOMPOSED),
     aten.mean.dim: _mean_dim,
     aten.mean.default: _mean,
-    aten.one_hot.default: _one_hot,
 }
 
 

@@ -23,8 +23,7 @@ def _letter(spec: str, placement):
 def _strided_contraction(ctx, axis, a, b, spec_a, spec_b, spec_out):
     """A chunked split on one letter: kept letters carry it, a contracted or batch letter needs the
     other operand chunked alike; anything else sees the chunked operand whole."""
-    pa, pb = ctx.placement(a, axis), ctx.placement(b, axis)
-    strided, other = ((a, b) if isinstance(pa, Strided) else (b, a))
+    strided, other = (a, b) if isinstance(ctx.placement(a, axis), Strided) else (b, a)
     spec_s, spec_o = (spec_a, spec_b) if strided is a else (spec_b, spec_a)
     ps, po = ctx.placement(strided, axis), ctx.placement(other, axis)
     letter = spec_s[ps.dim]

@@ -41,7 +41,7 @@ def _first_significant(dims, shape):
     return next((d for d in dims if shape[d] > 1), None)
 
 
-def _local_sizes(ctx, node, shape, axis, placements_of) -> list[int]:
+def _local_sizes(ctx, shape, axis, placements_of) -> list[int]:
     """Sizes of `shape`'s dims within the block the mesh axes before `axis` leave."""
     sizes = list(shape)
     for earlier in range(axis):
@@ -64,8 +64,8 @@ def reshape(ctx, node, axis):
         return Choice(placement)
     in_shape, out_shape = ctx.shape(x), ctx.shape(node)
     count = ctx.axis_sizes[axis]
-    in_local = _local_sizes(ctx, node, in_shape, axis, lambda a: ctx.placement(x, a))
-    out_local = _local_sizes(ctx, node, out_shape, axis, lambda a: _output_placement(ctx, node, a))
+    in_local = _local_sizes(ctx, in_shape, axis, lambda a: ctx.placement(x, a))
+    out_local = _local_sizes(ctx, out_shape, axis, lambda a: _output_placement(ctx, node, a))
     for in_dims, out_dims in view_groups(in_shape, out_shape):
         if dim not in in_dims:
             continue

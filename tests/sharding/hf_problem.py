@@ -6,6 +6,8 @@ plans); nothing in the models is changed.
 """
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.nn.functional as F
 
@@ -59,8 +61,6 @@ def make_problem(arch: str, attention: str):
 
 
 def param_specs(arch: str, strategy: str, params) -> dict:
-    import re
-
     weight, bias = COLWISE[arch]
     colwise_dim = 1 if arch == "gpt2" else 0
     specs = {}
