@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .batched_matmul import BATCHED_MATMUL
+
 aten = torch.ops.aten
 
 
@@ -62,7 +64,7 @@ REGISTRY: dict[object, OpFacts] = {
     aten._safe_softmax.default: OpFacts(recompute="softmax"),
     aten.native_dropout.default: OpFacts(recompute="dropout"), aten.dropout.default: OpFacts(recompute="dropout"),
     aten.bmm.default: OpFacts(recompute="batched_matmul"), aten.baddbmm.default: OpFacts(recompute="batched_matmul"),
-    aten.matmul.default: OpFacts(recompute="batched_matmul"),
+    aten.matmul.default: OpFacts(recompute="batched_matmul"), BATCHED_MATMUL: OpFacts(recompute="batched_matmul"),
 }
 
 

@@ -4,7 +4,8 @@ Local shapes times the spec's axis sizes give the global shapes; nothing is allo
 ops are decomposed with torch's own tables into the small core set the rules cover (`addmm` is
 `mm` + `add`, `embedding` is `index`, a mean is sum / count so a sharded mean is a Partial sum
 over the global count). Tensors `fn` closes over (module buffers such as rotary `inv_freq`)
-become replicated constants; values nothing uses (an unused KV cache) are removed. Libraries
+become replicated constants; a matmul over several batch dims stays one op
+(`sharding.batched_matmul`), so a head split is not merged behind the batch; values nothing uses (an unused KV cache) are removed. Libraries
 that ask whether they are being compiled are told "yes", so they skip data-dependent checks.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
+from .batched_matmul import KeepBatchDims
 from .constrain import tracing_context
 from .source import innermost_user_frame, source_line, user_stack_traces
 from .errors import PropagationError, SpecError, TraceError
@@ -122,7 +124,8 @@ def trace(fn: Callable, args: tuple, in_specs: Sequence, mesh: Mesh, logical_rul
     out_info = {}
 
     def flat_fn(*flat):
-        out = fn(*optree.tree_unflatten(arg_treedef, list(flat)))
+        with KeepBatchDims():
+            out = fn(*optree.tree_unflatten(arg_treedef, list(flat)))
         out_paths, out_leaves, out_treedef = leaf_paths(out)
         out_info.update(treedef=out_treedef, paths=out_paths)
         return tuple(out_leaves)

@@ -178,19 +178,20 @@ def test_bad_remat_fails_before_lowering():
         plan_cli.plan(plan_config(["remat=some"]))
 
 
-def test_math_attention_rows_follow_the_formula():
+@pytest.mark.parametrize("strategy,mesh,t,sp", [("dp", {"dp": 2}, 1, False), ("tp", {"dp": 1, "tp": 2}, 2, False),
+                                               ("tp_sp", {"dp": 1, "tp": 2}, 2, True)])
+def test_math_attention_rows_follow_the_formula(strategy, mesh, t, sp):
     """With the scores written out (GPTConfig(attention="math")) no recompute keeps the softmax output
-    (2as²b of Korthikanti's 5as²b) and selective recompute drops it: both rows equal the formula plus
-    the documented differences (a small GPT, data parallel over 2 ranks, bf16). Under TP the math path
-    is not head-split (see GPTConfig), so the check is without TP."""
-    mesh = {"dp": 2}
+    (2as²b/t of Korthikanti's 5as²b/t) and selective recompute drops it: both rows equal the formula
+    plus the documented differences (a small GPT, global batch 2, bf16). Under TP the scores are
+    split by heads as the formula assumes (`sharding.batched_matmul` keeps the head dim apart)."""
     base = config("gpt", "tiny", seq_len=32, attention="math", vocab_size=planner.mesh_padded_vocab(64, mesh))
     build_model = lambda n: build("gpt", cfg=dataclasses.replace(base, n_layers=n))  # noqa: E731
-    s, b, h, a = 32, 1, base.d_model, base.n_heads
+    s, b, h, a = 32, 2 // mesh["dp"], base.d_model, base.n_heads
     per_layer = {}
     for remat in ("none", "selective"):
-        result = planner.plan_strategy(build_model, 2, Strategy.load("dp"), mesh, 2, planner.PRECISIONS["bf16"],
+        result = planner.plan_strategy(build_model, 2, Strategy.load(strategy), mesh, 2, planner.PRECISIONS["bf16"],
                                        remat=remat)
         per_layer[remat] = result.per_layer["activations"]
-        assert per_layer[remat] == published.our_layer_bytes(s, b, h, a, 1, False, 2, remat, "math"), remat
-    assert per_layer["none"] - per_layer["selective"] == 2 * a * s * s * b  # the bf16 softmax output
+        assert per_layer[remat] == published.our_layer_bytes(s, b, h, a, t, sp, 2, remat, "math"), remat
+    assert per_layer["none"] - per_layer["selective"] == 2 * a * s * s * b // t  # the bf16 softmax output

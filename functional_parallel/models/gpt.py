@@ -29,9 +29,9 @@ class GPTConfig:
 
     `attention`: "sdpa" (`F.scaled_dot_product_attention`, which keeps no s² tensors on CPU) or
     "math" (softmax(QKᵀ/√d + causal mask)·V written out, the s² scores materialised, as in
-    Korthikanti et al.'s accounting); the same function either way. Under tensor parallelism the
-    math path's batched matmuls merge the batch and head dims, and a head split does not survive
-    that reshape, so its attention core runs unsplit on each TP rank (correct, not Megatron's layout).
+    Korthikanti et al.'s accounting); the same function either way. Under tensor parallelism both
+    split the attention core by heads (the math path's [B, H, S, S] matmuls keep their batch dims:
+    `sharding.batched_matmul`).
     """
 
     vocab_size: int = 64

@@ -1,9 +1,10 @@
-"""Contractions (mm, bmm) as einsum letters: shards on a kept letter carry to the output,
+"""Contractions (mm, bmm, batched_matmul over any batch dims) as einsum letters: shards on a kept letter carry to the output,
 shards on the contracted letter on both sides give a Partial, conflicts move the non-anchor."""
 from __future__ import annotations
 
 import torch
 
+from ..batched_matmul import BATCHED_MATMUL
 from ..layout import Strided
 from . import Choice, handles_strided, rule
 from .choose import PARTIAL, REPLICATE, anchor, is_shard
@@ -90,10 +91,18 @@ def contraction_after(ctx, node, axis, a, b, spec_a, spec_b, spec_out, required)
     return Choice(spec_out.index(letter), required)
 
 
+def equation(ctx, node) -> tuple[str, str, str]:
+    """Letters of (a, b, out): one per batch dim (upper case), then m, k / k, n / m, n."""
+    if node.target in EQUATIONS:
+        return EQUATIONS[node.target]
+    batch = "ABCDEFGHIJ"[:ctx.ndim(node) - 2]
+    return batch + "mk", batch + "kn", batch + "mn"
+
+
 @handles_strided
-@rule(*EQUATIONS)
+@rule(*EQUATIONS, BATCHED_MATMUL)
 def matmul(ctx, node, axis):
-    spec_a, spec_b, spec_out = EQUATIONS[node.target]
+    spec_a, spec_b, spec_out = equation(ctx, node)
     a, b = node.args[0], node.args[1]
     if a is b:
         raise ctx.error(node, "a product of a tensor with itself is not supported")
