@@ -33,7 +33,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from sharding import Mesh, P
-from sharding.layout import PARTIAL, layout_from_spec
+from sharding.layout import REPLICATE, layout_from_spec
 from sharding.tree import flat_specs, leaf_paths
 
 from .tree import tree_unflatten
@@ -108,9 +108,9 @@ def _as_global(key: str, local: torch.Tensor, spec: P, mesh: Mesh | None):
         return local
     shape = _global_shape(local, spec, mesh)
     layout = layout_from_spec(spec, shape, mesh.axis_names, mesh.axis_sizes, where=key)
-    if PARTIAL in layout.placements:
+    if layout.has_partial():
         raise CheckpointError(f"{key}: a Partial value cannot be checkpointed; reduce it first")
-    placements = [Replicate() if p == "R" else Shard(p) for p in layout.placements]
+    placements = [Replicate() if p == REPLICATE else Shard(int(p)) for p in layout.placements]
     stride = torch.empty(shape, device="meta").stride()
     return DTensor.from_local(local.contiguous(), mesh.device_mesh(), placements, run_check=False,
                               shape=torch.Size(shape), stride=stride)

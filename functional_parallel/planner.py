@@ -197,7 +197,7 @@ def account(lowered, params, opt_state, strategy: Strategy, mesh: Mesh, precisio
         out["grads"] += _numel(grad_layout.local_shape(shape, axis_sizes)) * precision.grad_bytes
     out["activations"], out["gathered_params"] = saved_across_backward(lowered, axis_sizes, data_placeholders=2)
     for record in lowered.collectives:
-        axis = "/".join(record["axes"])
+        axis = "+".join(record["axes"])  # a joint group: "dp+tp"
         out[f"comm/{axis}/{record['kind']}/bytes"] += record["bytes"]
         out[f"comm/{axis}/{record['kind']}/count"] += 1
         out[f"comm/{axis}/volume"] += VOLUME_FACTOR.get(record["kind"], 1) * record["bytes"]

@@ -6,11 +6,12 @@ drives the pipeline, `Lowered` shows it.
 from .api import Lowered, jit
 from .checkpoint_name import checkpoint_name
 from .constrain import constrain
+from .layout import Partial, Replicate, Shard, Strided
 from .errors import CollectiveError, MeshError, PropagationError, RematError, ShardingError, SpecError, TraceError
 from .mesh import Mesh
 from .spec import P, chunked
 from .tree import match, shard, unshard
 
-__all__ = ["Mesh", "P", "chunked", "match", "shard", "unshard", "constrain", "checkpoint_name", "jit", "Lowered",
+__all__ = ["Mesh", "P", "chunked", "Shard", "Replicate", "Partial", "Strided", "match", "shard", "unshard", "constrain", "checkpoint_name", "jit", "Lowered",
            "ShardingError", "CollectiveError", "SpecError", "MeshError", "PropagationError", "RematError",
            "TraceError"]

@@ -124,6 +124,25 @@ def vocab_parallel_index(table: torch.Tensor, ids: torch.Tensor, start: int) -> 
     return torch.where(inside.view(*ids.shape, *([1] * (table.dim() - 1))), rows, torch.zeros_like(rows))
 
 
+def vocab_parallel_gather(x: torch.Tensor, dim: int, ids: torch.Tensor, start: int) -> torch.Tensor:
+    """`x.gather(dim, ids)` where this rank holds [start, start + x.shape[dim]) of `dim`: other ids give zeros."""
+    local = ids - start
+    inside = (local >= 0) & (local < x.shape[dim])
+    picked = x.gather(dim, torch.where(inside, local, torch.zeros_like(local)))
+    return torch.where(inside, picked, torch.zeros_like(picked))
+
+
+def vocab_parallel_scatter(x: torch.Tensor, dim: int, ids: torch.Tensor, src, start: int) -> torch.Tensor:
+    """`x.scatter(dim, ids, src)` where this rank holds [start, start + x.shape[dim]) of `dim`: other
+    ids write nowhere (they land in one spare slot past the end, dropped after)."""
+    size = x.shape[dim]
+    local = ids - start
+    inside = (local >= 0) & (local < size)
+    spare = torch.cat([x, x.narrow(dim, 0, 1)], dim)
+    written = spare.scatter(dim, torch.where(inside, local, torch.full_like(local, size)), src)
+    return written.narrow(dim, 0, size)
+
+
 def mask_partial(x: torch.Tensor, keep: bool) -> torch.Tensor:
     """Replicate -> Partial: one rank keeps the value, the others contribute zeros (no communication)."""
     return x.clone() if keep else torch.zeros_like(x)

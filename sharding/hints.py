@@ -15,17 +15,14 @@ import torch
 from .constrain import decode_spec
 from .errors import ShardingError
 from .layout import REPLICATE, Layout, is_shard, layout_from_spec
-from .ops import creates_zeros
+from .ops import creates_zeros, joins_component
 
 aten = torch.ops.aten
-
 
 
 class Hints:
     def __init__(self, graph: torch.fx.Graph, in_layouts: Sequence[Layout], out_layouts: Sequence[Layout],
                  axis_names: Sequence[str], axis_sizes: Sequence[int]):
-        from .rules.elementwise import joins_component
-
         self.parent: dict = {}
         self.num_axes = len(axis_names)
         self.zeros: set = set()

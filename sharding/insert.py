@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import math
 
+import torch
 import torch.fx as fx
 
 from . import collectives
-from .layout import PARTIAL, REPLICATE, Layout, Strided, split_dim
+from .layout import PARTIAL, REPLICATE, Layout, Strided, is_partial, split_dim
 from .ops import facts
 from .source import source_line
+
+aten = torch.ops.aten
 
 
 
@@ -27,8 +30,10 @@ def _exchanges(current, target, a) -> bool:
     return not any(split_dim(p) in (current[a], target[a]) for p in others)
 
 
-def plan_steps(src: Layout, dst: Layout) -> list[tuple[str, int, object]]:
-    """The per-axis steps (kind, axis index, placement or None) that turn `src` into `dst`."""
+def plan_steps(src: Layout, dst: Layout) -> list[tuple[str, object, object]]:
+    """The steps (kind, axis index, placement or None) that turn `src` into `dst`, one per axis,
+    except that the all-reduces of one op over several axes are one step over their joint group
+    (its axis index a tuple): one collective, not one per axis."""
     current, target = list(src.placements), dst.placements
     n = len(current)
     changing = [a for a in range(n) if current[a] != target[a]]
@@ -51,12 +56,23 @@ def plan_steps(src: Layout, dst: Layout) -> list[tuple[str, int, object]]:
     for a in range(n):
         if current[a] == target[a]:
             continue
-        if current[a] == PARTIAL:
-            steps.append(("all_reduce", a, None) if target[a] == REPLICATE else ("reduce_scatter", a, target[a]))
+        if is_partial(current[a]):
+            if is_partial(target[a]):
+                raise ValueError(f"no collective turns {current[a]} into {target[a]}")
+            if target[a] != REPLICATE:
+                steps.append(("reduce_scatter", a, target[a]))
+            else:
+                joint = next((i for i, (kind, _, op) in enumerate(steps)
+                              if kind == "all_reduce" and op == current[a].op), None)
+                if joint is None:
+                    steps.append(("all_reduce", (a,), current[a].op))
+                else:
+                    steps[joint] = ("all_reduce", steps[joint][1] + (a,), current[a].op)
         elif split_dim(target[a]) is not None:
             steps.append(("local_slice", a, target[a]))
-        else:
+        elif target[a] == PARTIAL:
             steps.append(("mask_partial", a, None))
+        # Replicate -> Partial("max"/"min"): every rank's copy is already a candidate, no step.
         current[a] = target[a]
     return steps
 
@@ -96,17 +112,23 @@ class Inserter:
         return self.cache[key]
 
     def _vocab_parallel(self, node: fx.Node, new: fx.Node, requires: dict) -> None:
-        """The lookup of `table[ids]` in this rank's rows of a table split on dim 0."""
-        table = node.args[0]
-        layout = requires.get(table, self.ctx.layouts[table])
+        """A lookup, gather or scatter of whole indices into this rank's block of the indexed dim."""
+        source = node.args[0]
+        dim = 0 if node.target is aten.index.Tensor else node.args[1] % source.meta["val"].dim()
+        layout = requires.get(source, self.ctx.layouts[source])
         index, count = 0, 1
         for axis, placement in enumerate(layout.placements):
-            if placement == 0:
+            if split_dim(placement) == dim:
                 size = self.mesh.axis_sizes[axis]
                 index, count = index * size + self.mesh.coordinate[axis], count * size
-        rows = table.meta["val"].shape[0] // count
-        new.target = collectives.vocab_parallel_index
-        new.args = (new.args[0], new.args[1][0], index * rows)
+        start = index * (source.meta["val"].shape[dim] // count)
+        if node.target is aten.index.Tensor:
+            new.target, new.args = collectives.vocab_parallel_index, (new.args[0], new.args[1][0], start)
+        elif node.target is aten.gather.default:
+            new.target, new.args = collectives.vocab_parallel_gather, (new.args[0], dim, new.args[2], start)
+        else:
+            new.target, new.args = collectives.vocab_parallel_scatter, (new.args[0], dim, new.args[2], new.args[3], start)
+            new.kwargs = {}
 
     def _gather_through_view(self, old: fx.Node, layout: Layout, target: Layout, consumer: fx.Node):
         """A chunked split made by a view and wanted whole is the view of its input gathered (one
@@ -119,7 +141,7 @@ class Inserter:
             return None
         source = old.args[0]
         source_layout = self.ctx.layouts.get(source)
-        if not isinstance(source_layout, Layout) or any(source_layout.placements[a] == PARTIAL for a in axes):
+        if not isinstance(source_layout, Layout) or any(is_partial(source_layout.placements[a]) for a in axes):
             return None
         source_target = Layout(tuple(REPLICATE if a in axes else p for a, p in enumerate(source_layout.placements)))
         view = self.graph.call_function(old.target, (self.get(source, source_target, consumer), *old.args[1:]),
@@ -134,30 +156,38 @@ class Inserter:
         source = source_line(consumer) if consumer.op != "output" else source_line(old)
         global_val = old.meta["val"]
         for kind, axis, placement in plan_steps(src, dst):
-            if self.mesh.axis_sizes[axis] == 1:  # one rank: every placement holds the same value
-                current = current.with_axis(axis, dst.placements[axis])
+            axes = tuple(a for a in (axis if isinstance(axis, tuple) else (axis,)) if self.mesh.axis_sizes[a] > 1)
+            if not axes:  # one rank: every placement holds the same value
+                for a in (axis if isinstance(axis, tuple) else (axis,)):
+                    current = current.with_axis(a, dst.placements[a])
                 continue
             before = current
-            current = current.with_axis(axis, REPLICATE if kind == "all_gather" else
-                                        PARTIAL if kind == "mask_partial" else
-                                        REPLICATE if kind == "all_reduce" else
-                                        placement[1] if kind == "all_to_all" else placement)
+            for a in axes:
+                current = current.with_axis(a, REPLICATE if kind in ("all_gather", "all_reduce") else
+                                            PARTIAL if kind == "mask_partial" else
+                                            placement[1] if kind == "all_to_all" else placement)
             if kind in collectives.ISSUE_OPS:
                 # Bytes per rank: what this rank sends (a gather's result is `size` times its input).
                 local = (current if kind == "all_gather" else before).local_shape(global_val.shape,
                                                                                   self.mesh.axis_sizes)
+                names = tuple(self.mesh.axis_names[a] for a in axes)
+                ranks = math.prod(self.mesh.axis_sizes[a] for a in axes)
                 record = {
-                    "kind": kind, "axes": (self.mesh.axis_names[axis],),
+                    "kind": kind, "axes": names,
                     "bytes": math.prod(local) * global_val.element_size(), "source": source,
                     "shape": tuple(global_val.shape), "dtype": str(global_val.dtype).replace("torch.", ""),
                     "value": old.name,
                 }
-                label = (f"over mesh axis {self.mesh.axis_names[axis]!r} ({self.mesh.axis_sizes[axis]} ranks) of "
+                where = f"mesh axis {names[0]!r}" if len(names) == 1 else f"mesh axes {names} jointly"
+                label = (f"over {where} ({ranks} ranks) of "
                          f"{old.name} (global shape {tuple(global_val.shape)}){', from ' + source if source else ''}")
                 if kind == "all_to_all":
                     value = self._emit_all_to_all(axis, placement, value, local, record, label)
                 else:
-                    value = self._emit_collective(kind, axis, placement, value, record, label)
+                    op = before.placements[axes[0]].op if is_partial(before.placements[axes[0]]) else "sum"
+                    if op != "sum":
+                        record["op"] = op
+                    value = self._emit_collective(kind, axes, placement, value, record, label, op)
             else:
                 value = self._emit_local(kind, axis, placement, value)
             value.meta.update(val=global_val, fp_layout=current)
@@ -165,18 +195,23 @@ class Inserter:
                 value.args[0].meta.update(val=global_val, fp_layout=current)
         return value
 
-    def _emit_collective(self, kind, axis, placement, value, record, label):
+    def _group(self, axes: tuple) -> str:
+        if self.mesh.abstract_only:
+            return "<" + "+".join(self.mesh.axis_names[a] for a in axes) + ">"
+        return self.mesh.group_name(axes)
+
+    def _emit_collective(self, kind, axes, placement, value, record, label, op="sum"):
         """[deinterleave] -> to_front -> issue (carries the log record) -> wait -> from_front (dim > 0)
         -> [interleave]; the bracketed reorders only for a strided placement."""
-        size = self.mesh.axis_sizes[axis]
-        group = self.mesh.group_name(axis) if not self.mesh.abstract_only else f"<{self.mesh.axis_names[axis]}>"
+        size = math.prod(self.mesh.axis_sizes[a] for a in axes)
+        group = self._group(axes)
         dim = split_dim(placement) or 0
         strided = isinstance(placement, Strided)
         if strided and kind == "reduce_scatter":
             value = self.graph.call_function(collectives.deinterleave, (value, dim, placement.chunks, size))
         front = self.graph.call_function(collectives.to_front, (value, dim))
-        args = {"all_gather": (front, size, group), "reduce_scatter": (front, "sum", size, group),
-                "all_reduce": (front, "sum", group)}[kind]
+        args = {"all_gather": (front, size, group), "reduce_scatter": (front, op, size, group),
+                "all_reduce": (front, op, group)}[kind]
         issue = self.graph.call_function(collectives.ISSUE_OPS[kind], args)
         issue.meta["fp_collective"] = record
         wait = self.graph.call_function(collectives.WAIT, (issue, front, kind, label))
@@ -188,8 +223,8 @@ class Inserter:
     def _emit_all_to_all(self, axis, dims, value, local: list[int], record, label):
         """pack (block i of the new dim for rank i) -> all_to_all_single -> wait -> join along the old dim."""
         size = self.mesh.axis_sizes[axis]
-        group = self.mesh.group_name(axis) if not self.mesh.abstract_only else f"<{self.mesh.axis_names[axis]}>"
-        from_dim, to_dim = dims
+        group = self._group((axis,))
+        from_dim, to_dim = (int(d) for d in dims)
         block = list(local)
         block[to_dim] //= size
         front = self.graph.call_function(collectives.to_all_to_all, (value, to_dim, size))
@@ -206,7 +241,7 @@ class Inserter:
             return self.graph.call_function(collectives.strided_slice,
                                             (value, placement.dim, placement.chunks, coordinate, size))
         if kind == "local_slice":
-            return self.graph.call_function(collectives.local_slice, (value, placement, coordinate, size))
+            return self.graph.call_function(collectives.local_slice, (value, int(placement), coordinate, size))
         return self.graph.call_function(collectives.mask_partial, (value, coordinate == 0))
 
 

@@ -1,10 +1,11 @@
 """`Layout`: how one global tensor lies on the mesh, one placement per mesh axis.
 
-A placement is `REPLICATE`, `PARTIAL` (each rank holds a summand), a tensor dim `int` (the
-tensor is split into equal contiguous blocks along that dim) or `Strided(dim, chunks)` (the dim
-is `chunks` equal pieces and each is split: a fused q/k/v weight whose every rank holds its
-q, k and v columns). Several axes may shard one dim; each splits the block the axes before it
-in mesh order left (outer axis first), as `P(("dp", "tp"))` does.
+A placement is one of the typed values below: `Replicate()`, `Partial("sum" | "max" | "min")`
+(each rank holds a summand, or a candidate of a max/min), `Shard(dim)` (the tensor is split into
+equal contiguous blocks along that dim) or `Strided(dim, chunks)` (the dim is `chunks` equal
+pieces and each is split: a fused q/k/v weight whose every rank holds its q, k and v columns).
+Several axes may shard one dim; each splits the block the axes before it in mesh order left
+(outer axis first), as `P(("dp", "tp"))` does.
 """
 from __future__ import annotations
 
@@ -14,8 +15,69 @@ from typing import Sequence
 from .errors import SpecError
 from .spec import P, chunked
 
-REPLICATE = "R"
-PARTIAL = "P"
+class Shard(int):
+    """Equal contiguous blocks along tensor dim `dim`. An `int` too, so dims compare and index as
+    numbers (`Shard(1) == 1`); every placement in a `Layout` is typed."""
+
+    def __new__(cls, dim: int):
+        return super().__new__(cls, dim)
+
+    @property
+    def dim(self) -> int:
+        return int(self)
+
+    def __repr__(self) -> str:
+        return f"Shard({int(self)})"
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True)
+class Replicate:
+    """Every rank holds the whole tensor."""
+
+    def __repr__(self) -> str:
+        return "Replicate()"
+
+
+REDUCE_OPS = ("sum", "max", "min")
+
+
+@dataclass(frozen=True)
+class Partial:
+    """Every rank holds a part that `op` over the axis combines: a summand ("sum") or a candidate
+    ("max", "min": a max over a split dim, as the max logit of a vocab-parallel softmax)."""
+
+    op: str = "sum"
+
+    def __post_init__(self):
+        if self.op not in REDUCE_OPS:
+            raise ValueError(f"Partial op must be one of {REDUCE_OPS}, got {self.op!r}")
+
+    def __repr__(self) -> str:
+        return f"Partial({self.op!r})"
+
+
+REPLICATE = Replicate()
+PARTIAL = Partial("sum")    # the Partial of sums: linear ops keep it (rules compare against it)
+PARTIAL_MAX = Partial("max")
+PARTIAL_MIN = Partial("min")
+
+
+def is_partial(placement) -> bool:
+    """Any Partial (sum, max or min); `placement == PARTIAL` is the sum only."""
+    return isinstance(placement, Partial)
+
+
+def typed(placement):
+    """A placement as its typed value (a bare dim `int` from a rule becomes `Shard`)."""
+    if isinstance(placement, bool):
+        raise TypeError(f"not a placement: {placement!r}")
+    if isinstance(placement, int) and not isinstance(placement, Shard):
+        return Shard(placement)
+    if isinstance(placement, (Shard, Replicate, Partial, Strided)):
+        return placement
+    raise TypeError(f"not a placement: {placement!r} (expected Shard, Replicate, Partial or Strided)")
 
 
 @dataclass(frozen=True)
@@ -28,18 +90,22 @@ class Strided:
 
 def is_shard(placement) -> bool:
     """A plain (contiguous) split along a dim."""
-    return isinstance(placement, int)
+    return isinstance(placement, int) and not isinstance(placement, bool)
 
 
 def split_dim(placement):
     """The dim a plain or strided split cuts, else None."""
-    return placement if isinstance(placement, int) else placement.dim if isinstance(placement, Strided) else None
+    if isinstance(placement, Strided):
+        return placement.dim
+    return int(placement) if is_shard(placement) else None
 
 
 def describe(placement) -> str:
     if isinstance(placement, Strided):
         return f"Shard({placement.dim}, chunks={placement.chunks})"
-    return {REPLICATE: "Replicate", PARTIAL: "Partial(sum)"}.get(placement, f"Shard({placement})")
+    if isinstance(placement, Partial):
+        return f"Partial({placement.op})"
+    return "Replicate" if placement == REPLICATE else f"Shard({int(placement)})"
 
 
 @dataclass(frozen=True)
@@ -47,6 +113,9 @@ class Layout:
     """Placements in mesh-axis order; hashable so redistributions can be cached."""
 
     placements: tuple
+
+    def __post_init__(self):
+        object.__setattr__(self, "placements", tuple(typed(p) for p in self.placements))
 
     @staticmethod
     def replicated(num_axes: int) -> "Layout":
@@ -72,7 +141,7 @@ class Layout:
         return [size // self.shard_count(dim, axis_sizes) for dim, size in enumerate(global_shape)]
 
     def has_partial(self) -> bool:
-        return PARTIAL in self.placements
+        return any(isinstance(p, Partial) for p in self.placements)
 
     def to_spec(self, ndim: int, axis_names: Sequence[str]) -> P:
         entries = []

@@ -24,7 +24,7 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from .collectives import WAIT
-from .placement import DEVICE, HOST, KIND_META
+from .memory_kinds import DEVICE, HOST, KIND_META
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import optree
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .placement import DEVICE, HOST, current_kind
+from .memory_kinds import DEVICE, HOST, current_kind
 
 
 class MemoryTracker(TorchDispatchMode):

@@ -1,6 +1,7 @@
 """`Mesh`: named axes over the ranks of torch.distributed; the last axis varies fastest."""
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Mapping
 
@@ -85,9 +86,28 @@ class Mesh:
             self._device_mesh = init_device_mesh(device_type, self.axis_sizes, mesh_dim_names=self.axis_names)
         return self._device_mesh
 
-    def group_name(self, axis_index: int) -> str:
-        """The process group of this rank's peers along one axis (created on first use)."""
-        return self.device_mesh().get_group(self.axis_names[axis_index]).group_name
+    def group_name(self, axis_index) -> str:
+        """The process group of this rank's peers along one axis, or along several axes jointly
+        (a tuple of indices: the ranks that differ only on those axes), created on first use."""
+        if isinstance(axis_index, tuple) and len(axis_index) == 1:
+            axis_index = axis_index[0]
+        if not isinstance(axis_index, tuple):
+            return self.device_mesh().get_group(self.axis_names[axis_index]).group_name
+        if self.abstract_only:
+            raise MeshError("an abstract mesh has no process groups: lower on it, run on a real Mesh")
+        self._joint_groups = getattr(self, "_joint_groups", {})
+        if axis_index not in self._joint_groups:
+            mine = None
+            others = [a for a in range(len(self.axis_sizes)) if a not in axis_index]
+            # Every rank creates every group of this axis set, in the same order (new_group's contract).
+            for fixed in itertools.product(*(range(self.axis_sizes[a]) for a in others)):
+                ranks = [r for r in range(self.size)
+                         if tuple(self._coordinate_of(r)[a] for a in others) == fixed]
+                group = dist.new_group(ranks)
+                if self.rank in ranks:
+                    mine = group
+            self._joint_groups[axis_index] = mine.group_name
+        return self._joint_groups[axis_index]
 
     def __repr__(self) -> str:
         return f"Mesh({self.shape()})"

@@ -8,7 +8,9 @@ Facts: `view` (the output aliases the input: it allocates nothing), `shape_arg` 
 its input's dtype and device), `zeros` (creates zeros) or `fill_arg` (which argument is the fill
 value), `moves_values` (views, copies, casts: a matmul operand reached from a parameter through
 these alone is a weight), and `recompute` (its class under selective activation checkpointing:
-"softmax", "dropout" or "batched_matmul").
+"softmax", "dropout" or "batched_matmul"). `ELEMENTWISE` is every elementwise op: torch's
+`pointwise`-tagged overloads and the casts, copies and fills it leaves untagged; same-shape values
+joined by them share a layout hint (`joins_component`, read by `sharding.hints`).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .batched_matmul import BATCHED_MATMUL
+from .checkpoint_name import CHECKPOINT_NAME
 
 aten = torch.ops.aten
 
@@ -83,3 +86,39 @@ def creates_zeros(node: torch.fx.Node) -> bool:
     if entry.zeros:
         return True
     return entry.fill_arg is not None and len(node.args) > entry.fill_arg and node.args[entry.fill_arg] == 0
+
+
+def overloads(ops) -> set:
+    """Every overload of each op packet in `ops` (overloads pass through)."""
+    out = set()
+    for op in ops:
+        if isinstance(op, torch._ops.OpOverloadPacket):
+            out.update(getattr(op, o) for o in op.overloads())
+        else:
+            out.add(op)
+    return out
+
+
+def pointwise_ops() -> set:
+    """Every aten overload torch tags `pointwise`: one rule covers the whole family."""
+    found = set()
+    for name in torch._C._dispatch_get_all_op_names():
+        if not name.startswith("aten::"):
+            continue
+        base, _, overload = name[len("aten::"):].partition(".")
+        packet = getattr(aten, base, None)
+        op = getattr(packet, overload or "default", None) if packet is not None else None
+        if isinstance(op, torch._ops.OpOverload) and torch.Tag.pointwise in op.tags:
+            found.add(op)
+    return found
+
+
+# Elementwise ops torch does not tag `pointwise` (casts, copies, fills).
+UNTAGGED = [aten._to_copy, aten.alias, aten.detach, aten.lift_fresh_copy, aten.copy, aten.fill,
+            aten.masked_fill, aten.clone, aten.neg, CHECKPOINT_NAME]
+ELEMENTWISE: frozenset = frozenset(pointwise_ops() | overloads(UNTAGGED))
+
+
+def joins_component(node: torch.fx.Node) -> bool:
+    """Whether `node` shares a layout hint with its same-shape operands."""
+    return node.target in ELEMENTWISE or node.target is torch.ops.fp.constrain.default

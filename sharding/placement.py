@@ -19,46 +19,18 @@ memory the GPU; on a CPU-only machine both are the CPU and a transfer is a real 
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
-
 import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from .errors import PropagationError, SpecError
+from .errors import PropagationError
+from .liveness import fake_values
+from .memory_kinds import DEVICE, HOST, KIND_META, MEMORY_KINDS, TRANSFER_META, check_kind, current_kind, running_on
 from .mincut import INFINITE, FlowGraph
 from .source import source_line
 
-DEVICE, HOST = "device", "host"
-MEMORY_KINDS = (DEVICE, HOST)
-KIND_META = "fp_memory_kind"
-TRANSFER_META = "fp_transfer"
-
-_running_on = contextvars.ContextVar("fp_memory_kind", default=DEVICE)
-
-
-def check_kind(kind, where: str) -> str:
-    """`kind` if it is a memory kind ("device", "host"; None means "device"), else a SpecError naming `where`."""
-    if kind is None:
-        return DEVICE
-    if kind not in MEMORY_KINDS:
-        raise SpecError(f"{where}: memory kind {kind!r} is not one of {MEMORY_KINDS}")
-    return kind
-
-
-def current_kind() -> str:
-    """The memory kind of what is allocated now: "host" inside `on_host` / `to_host`, else "device"."""
-    return _running_on.get()
-
-
-@contextlib.contextmanager
-def running_on(kind: str):
-    token = _running_on.set(kind)
-    try:
-        yield
-    finally:
-        _running_on.reset(token)
+__all__ = ["DEVICE", "HOST", "KIND_META", "MEMORY_KINDS", "TRANSFER_META", "check_kind", "current_kind", "running_on",
+           "on_host", "to_host", "to_device", "place", "transfer_log"]
 
 
 def on_host(op, *args, **kwargs):
@@ -129,8 +101,6 @@ def choose_kinds(graph: fx.Graph, values: dict, in_kinds: list[str], out_kinds: 
 def _sizing_values(graph_module: fx.GraphModule, example_inputs, compute_device: torch.device) -> dict:
     """Each node's value on fake inputs of this rank's shapes, all on the compute device (the
     graph was traced with every input there; host inputs move only when placement says so)."""
-    from .liveness import fake_values  # liveness reads the kinds this module writes
-
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     with mode:
         fakes = [torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=compute_device)

@@ -51,7 +51,7 @@ TORCH_DECOMPOSED = [
     aten.embedding, aten.embedding_dense_backward,                           # index / index_put
     aten._unsafe_masked_index_put_accumulate, aten._unsafe_index_put, aten._unsafe_index,
     aten.nll_loss_forward, aten.nll_loss_backward, aten.nll_loss2d_forward,  # gather / scatter
-    aten._log_softmax_backward_data, aten.logsumexp,
+    aten._log_softmax, aten._log_softmax_backward_data, aten.logsumexp,  # max, exp, sum: split vocab works
 ]
 DECOMPOSITIONS = {
     **get_decompositions(TORCH_DECOMPOSED),

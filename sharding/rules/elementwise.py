@@ -5,6 +5,7 @@ import torch
 
 from ..checkpoint_name import CHECKPOINT_NAME
 from ..layout import Strided, split_dim
+from ..ops import ELEMENTWISE, overloads
 from . import Choice, handles_strided, rule, tensor_inputs
 from .choose import PARTIAL, REPLICATE, anchor, broadcast_dim, is_shard, to_output_dim
 
@@ -17,43 +18,9 @@ UNARY_LINEAR = [aten.neg, aten.clone, aten._to_copy, aten.alias, aten.detach, at
                 aten.mul.Scalar, aten.div.Scalar,
                 CHECKPOINT_NAME]  # an identity (`sharding.remat` removes it before propagation anyway)
 SELECT = [aten.where.self]
-# Elementwise ops torch does not tag `pointwise` (casts, copies, fills).
-UNTAGGED = [aten._to_copy, aten.alias, aten.detach, aten.lift_fresh_copy, aten.copy, aten.fill,
-            aten.masked_fill, CHECKPOINT_NAME]
-
-
-def _overloads(ops) -> set:
-    out = set()
-    for op in ops:
-        if isinstance(op, torch._ops.OpOverloadPacket):
-            out.update(getattr(op, o) for o in op.overloads())
-        else:
-            out.add(op)
-    return out
-
-
-def pointwise_ops() -> set:
-    """Every aten overload torch tags `pointwise`: one rule covers the whole family."""
-    found = set()
-    for name in torch._C._dispatch_get_all_op_names():
-        if not name.startswith("aten::"):
-            continue
-        base, _, overload = name[len("aten::"):].partition(".")
-        packet = getattr(aten, base, None)
-        op = getattr(packet, overload or "default", None) if packet is not None else None
-        if isinstance(op, torch._ops.OpOverload) and torch.Tag.pointwise in op.tags:
-            found.add(op)
-    return found
-
-
-_TARGETS: set = pointwise_ops() | _overloads(UNTAGGED + SUMS + PRODUCTS + UNARY_LINEAR + SELECT)
+_TARGETS: set = ELEMENTWISE | overloads(SUMS + PRODUCTS + UNARY_LINEAR + SELECT)
 _SUMS, _PRODUCTS, _SELECT = set(SUMS), set(PRODUCTS), set(SELECT)
-_UNARY_LINEAR = _overloads(UNARY_LINEAR)
-
-
-def joins_component(node) -> bool:
-    """Whether `node` shares a layout hint with its same-shape operands."""
-    return node.target in _TARGETS or node.target is torch.ops.fp.constrain.default
+_UNARY_LINEAR = overloads(UNARY_LINEAR)
 
 
 def _linear_choice(ctx, node, axis, inputs):

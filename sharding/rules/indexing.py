@@ -1,5 +1,7 @@
 """Indexing: embedding lookups (`weight[ids]`) and their backward (`index_put` with accumulate),
-`gather`/`scatter` along an unsplit dim."""
+`gather`/`scatter`. Whole indices into a tensor split along the indexed dim are looked up where
+the values lie (masked, zeros elsewhere: Megatron's vocab-parallel embedding and cross-entropy):
+a lookup or gather is then a Partial sum, a scatter stays split."""
 from __future__ import annotations
 
 import torch
@@ -62,6 +64,9 @@ def gather(ctx, node, axis):
     px, pi = ctx.placement(x, axis), ctx.placement(ids, axis)
     if px == PARTIAL and pi == REPLICATE:
         return Choice(PARTIAL)
+    if is_shard(px) and px == dim and pi == REPLICATE:
+        # The target logit of a vocab-parallel cross-entropy: each rank picks the ids in its block.
+        return Choice(PARTIAL, {x: dim, ids: REPLICATE}, local="vocab_parallel")
     split = px if is_shard(px) and px != dim else (pi if is_shard(pi) and pi != dim else REPLICATE)
     return Choice(split, {x: split, ids: split})
 
@@ -70,6 +75,11 @@ def gather(ctx, node, axis):
 def scatter(ctx, node, axis):
     x, dim, ids = node.args[0], node.args[1] % ctx.ndim(node.args[0]), node.args[2]
     px, pi = ctx.placement(x, axis), ctx.placement(ids, axis)
+    src = node.args[3] if node.target is aten.scatter.src else None
+    if is_shard(px) and px == dim and pi == REPLICATE and (src is None or ctx.placement(src, axis) == REPLICATE):
+        # Each rank writes the ids that fall in its block (the cross-entropy gradient's one-hot).
+        required = {x: dim, ids: REPLICATE, **({src: REPLICATE} if src is not None else {})}
+        return Choice(dim, required, local="vocab_parallel")
     split = pi if is_shard(pi) and pi != dim else (px if is_shard(px) and px != dim else REPLICATE)
     required = {x: split, ids: split}
     if node.target is aten.scatter.src:

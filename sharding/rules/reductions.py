@@ -1,9 +1,10 @@
-"""Reductions: summing a sharded dim gives a Partial; max/min over a sharded dim needs the whole dim."""
+"""Reductions: summing a split dim gives a Partial sum, a max (min) over it a Partial max (min);
+an arg-max or a product over a split dim needs the whole dim."""
 from __future__ import annotations
 
 import torch
 
-from ..layout import Strided, split_dim
+from ..layout import PARTIAL_MAX, PARTIAL_MIN, Strided, split_dim
 from . import Choice, handles_strided, rule
 from .choose import PARTIAL, REPLICATE, is_shard
 
@@ -42,6 +43,9 @@ def sum_(ctx, node, axis):
     return Choice(REPLICATE)
 
 
+_CANDIDATES = {aten.amax.default: PARTIAL_MAX, aten.amin.default: PARTIAL_MIN}
+
+
 @rule(aten.amax, aten.amin, aten.any.dim, aten.any.dims, aten.any.default, aten.all.default, aten.all.dim,
       aten.argmax, aten.argmin, aten.prod.dim_int, aten.prod.default)
 def order_reduction(ctx, node, axis):
@@ -52,6 +56,9 @@ def order_reduction(ctx, node, axis):
         reduced, keepdim = list(range(ctx.ndim(x))), False
     else:
         reduced, keepdim = _reduced_dims(ctx, node)
+    if is_shard(placement) and placement in reduced and node.target in _CANDIDATES:
+        # Each rank's max over its block is a candidate; the max over ranks is the max.
+        return Choice(_CANDIDATES[node.target])
     if placement == PARTIAL or (is_shard(placement) and placement in reduced):
         return Choice(REPLICATE, {x: REPLICATE})
     if is_shard(placement):

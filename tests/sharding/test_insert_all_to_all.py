@@ -7,13 +7,13 @@ import torch
 from functional_parallel.launch import spawn
 from sharding import Mesh, P, constrain, jit, shard, unshard
 from sharding.insert import plan_steps
-from sharding.layout import Layout
+from sharding.layout import REPLICATE, Layout
 
 
 def test_plan_is_one_exchange_when_no_other_axis_splits_either_dim():
-    assert plan_steps(Layout((0, "R")), Layout((1, "R"))) == [("all_to_all", 0, (0, 1))]
+    assert plan_steps(Layout((0, REPLICATE)), Layout((1, REPLICATE))) == [("all_to_all", 0, (0, 1))]
     # another axis already splits the target dim: gather, then slice (nested blocks)
-    assert [k for k, *_ in plan_steps(Layout((0, 1)), Layout((1, "R")))] != ["all_to_all"]
+    assert [k for k, *_ in plan_steps(Layout((0, 1)), Layout((1, REPLICATE)))] != ["all_to_all"]
 
 
 def _transpose_split(x):

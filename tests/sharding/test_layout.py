@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from sharding.insert import plan_steps
-from sharding.layout import PARTIAL, REPLICATE, Layout, layout_from_spec
+from sharding.layout import PARTIAL, PARTIAL_MAX, REPLICATE, Layout, layout_from_spec
 from sharding.rules.views import view_groups
 from sharding.spec import P
 
@@ -32,9 +32,18 @@ def test_view_groups_merge_and_split():
 
 def test_plan_steps_per_axis():
     assert plan_steps(Layout((0, REPLICATE)), Layout((REPLICATE, REPLICATE))) == [("all_gather", 0, 0)]
-    assert plan_steps(Layout((PARTIAL,)), Layout((REPLICATE,))) == [("all_reduce", 0, None)]
+    assert plan_steps(Layout((PARTIAL,)), Layout((REPLICATE,))) == [("all_reduce", (0,), "sum")]
     assert plan_steps(Layout((PARTIAL,)), Layout((1,))) == [("reduce_scatter", 0, 1)]
     assert plan_steps(Layout((REPLICATE,)), Layout((0,))) == [("local_slice", 0, 0)]
+
+
+def test_a_partial_over_several_axes_is_one_all_reduce_over_their_joint_group():
+    assert plan_steps(Layout((PARTIAL, PARTIAL)), Layout((REPLICATE, REPLICATE))) == [("all_reduce", (0, 1), "sum")]
+    # a max and a sum are two reductions; a reduce-scatter stays on its own axis
+    assert plan_steps(Layout((PARTIAL, PARTIAL_MAX)), Layout((REPLICATE, REPLICATE))) == [
+        ("all_reduce", (0,), "sum"), ("all_reduce", (1,), "max")]
+    assert plan_steps(Layout((PARTIAL, PARTIAL)), Layout((0, REPLICATE))) == [
+        ("reduce_scatter", 0, 0), ("all_reduce", (1,), "sum")]
 
 
 def test_plan_steps_gathers_inner_axis_first_and_slices_outer_first():

@@ -8,14 +8,14 @@ import torch
 from functional_parallel.launch import spawn
 from sharding import Mesh, P, chunked, jit, shard, unshard
 from sharding import collectives
-from sharding.layout import Strided, layout_from_spec
+from sharding.layout import REPLICATE, Strided, layout_from_spec
 
 from .equivalence import assert_equals_reference
 
 
 def test_chunked_spec_is_a_strided_layout_and_round_trips():
     layout = layout_from_spec(P(None, chunked("tp", 3)), (4, 12), ("dp", "tp"), (2, 2))
-    assert layout.placements == ("R", Strided(1, 3))
+    assert layout.placements == (REPLICATE, Strided(1, 3))
     assert layout.local_shape((4, 12), (2, 2)) == [4, 6]
     assert layout.to_spec(2, ("dp", "tp")) == P(None, "tp") and layout.to_spec(2, ("dp", "tp"))[1].chunks == 3
 
