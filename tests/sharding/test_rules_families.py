@@ -1,0 +1,131 @@
+"""Each rule family alone, on graphs of a few nodes lowered on an abstract mesh (no processes): the
+output layout a rule picks and the collectives it asks for (README "Propagation rules", rule 4)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sharding import Mesh, P, Partial, PropagationError, Replicate, Shard, jit, shard
+
+MESH = Mesh.abstract({"tp": 2})
+
+
+def _lower(fn, args, in_specs, out_specs):
+    step = jit(fn, mesh=MESH, in_specs=in_specs, out_specs=out_specs, bucket_bytes=0)
+    return step.lower(*(shard(a, s, MESH) for a, s in zip(args, in_specs)))
+
+
+def _layout_of(lowered, target):
+    """The propagated layout (tp placement) of the first node calling `target` in the global graph."""
+    node = next(n for n in lowered.global_graph.graph.nodes if n.target is target)
+    layout = node.meta["fp_layout"]
+    return layout[0].placements[0] if isinstance(layout, tuple) else layout.placements[0]  # first output
+
+
+def _kinds(lowered):
+    return [(c["kind"], c.get("op", "sum")) for c in lowered.collectives]
+
+
+def _x(*shape):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+
+aten = torch.ops.aten
+
+
+# -- contractions ------------------------------------------------------------------------------
+def test_matmul_split_on_a_kept_index_carries_to_the_output():
+    lowered = _lower(lambda x, w: x @ w, (_x(4, 8), _x(8, 6)), (P(), P(None, "tp")), P(None, "tp"))
+    assert _layout_of(lowered, aten.mm.default) == Shard(1) and lowered.collectives == []
+
+
+def test_matmul_split_on_the_contracted_index_is_partial_then_one_all_reduce():
+    lowered = _lower(lambda x, w: x @ w, (_x(4, 8), _x(8, 6)), (P(None, "tp"), P("tp")), P())
+    assert _layout_of(lowered, aten.mm.default) == Partial("sum")
+    assert _kinds(lowered) == [("all_reduce", "sum")]
+
+
+def test_bmm_batch_split_on_both_operands_needs_nothing():
+    lowered = _lower(torch.bmm, (_x(4, 3, 5), _x(4, 5, 2)), (P("tp"), P("tp")), P("tp"))
+    assert _layout_of(lowered, aten.bmm.default) == Shard(0) and lowered.collectives == []
+
+
+# -- reductions --------------------------------------------------------------------------------
+def test_sum_over_a_split_dim_is_partial_sum():
+    lowered = _lower(lambda x: x.sum(1), (_x(4, 8),), (P(None, "tp"),), P())
+    assert _layout_of(lowered, aten.sum.dim_IntList) == Partial("sum")
+    assert _kinds(lowered) == [("all_reduce", "sum")]
+
+
+def test_max_over_a_split_dim_is_partial_max():
+    lowered = _lower(lambda x: x.amax(1), (_x(4, 8),), (P(None, "tp"),), P())
+    assert _layout_of(lowered, aten.amax.default) == Partial("max")
+    assert _kinds(lowered) == [("all_reduce", "max")]
+
+
+def test_sum_over_another_dim_keeps_the_split():
+    lowered = _lower(lambda x: x.sum(0), (_x(4, 8),), (P(None, "tp"),), P("tp"))
+    assert _layout_of(lowered, aten.sum.dim_IntList) == Shard(0) and lowered.collectives == []
+
+
+# -- pointwise ---------------------------------------------------------------------------------
+def test_pointwise_broadcast_keeps_the_split_of_the_larger_operand():
+    lowered = _lower(lambda x, b: torch.tanh(x + b), (_x(4, 8), _x(8)), (P(None, "tp"), P("tp")), P(None, "tp"))
+    assert _layout_of(lowered, aten.tanh.default) == Shard(1) and lowered.collectives == []
+
+
+def test_a_partial_stays_partial_through_a_linear_op_and_is_reduced_by_a_nonlinear_one():
+    fn = lambda x, w: torch.tanh((x @ w) * 2.0)  # noqa: E731
+    lowered = _lower(fn, (_x(4, 8), _x(8, 6)), (P(None, "tp"), P("tp")), P())
+    assert _layout_of(lowered, aten.mul.Tensor) == Partial("sum")
+    assert _layout_of(lowered, aten.tanh.default) == Replicate()
+    assert _kinds(lowered) == [("all_reduce", "sum")]
+
+
+# -- views -------------------------------------------------------------------------------------
+def test_a_split_leading_its_group_survives_a_reshape():
+    # [4, 8] split on dim 1 -> [4, 2, 4]: the split dim 1 leads its group (8 -> 2 x 4)
+    lowered = _lower(lambda x: x.reshape(4, 2, 4) * 1.5, (_x(4, 8),), (P(None, "tp"),), P(None, "tp"))
+    assert _layout_of(lowered, aten.view.default) == Shard(1) and lowered.collectives == []
+
+
+def test_transpose_moves_the_split_with_its_dim():
+    lowered = _lower(lambda x: x.t() * 1.5, (_x(4, 8),), (P(None, "tp"),), P("tp"))
+    assert _layout_of(lowered, aten.t.default) == Shard(0) and lowered.collectives == []
+
+
+# -- along dims, normalizations ------------------------------------------------------------------
+def test_cumsum_keeps_a_split_on_another_dim():
+    lowered = _lower(lambda x: x.cumsum(1), (_x(4, 8),), (P("tp"),), P("tp"))
+    assert _layout_of(lowered, aten.cumsum.default) == Shard(0) and lowered.collectives == []
+
+
+def test_softmax_keeps_a_split_on_a_batch_dim():
+    lowered = _lower(lambda x: torch.softmax(x, -1), (_x(4, 8),), (P("tp"),), P("tp"))
+    assert _layout_of(lowered, aten._softmax.default) == Shard(0) and lowered.collectives == []
+
+
+def test_layer_norm_keeps_a_split_on_a_leading_dim():
+    lowered = _lower(lambda x: F.layer_norm(x, (8,)), (_x(4, 8),), (P("tp"),), P("tp"))
+    assert _layout_of(lowered, aten.native_layer_norm.default) == Shard(0) and lowered.collectives == []
+
+
+# -- creation, replicated inputs (rule 0) -----------------------------------------------------------
+def test_ops_on_replicated_inputs_need_no_rule_and_no_collective():
+    fn = lambda x: x.masked_fill(torch.triu(torch.ones(8, 8, dtype=torch.bool), 1), 0.0)  # noqa: E731
+    lowered = _lower(fn, (_x(8, 8),), (P(),), P())
+    assert _layout_of(lowered, aten.triu.default) == Replicate() and lowered.collectives == []
+
+
+def test_like_ops_follow_their_input_split():
+    lowered = _lower(lambda x: torch.ones_like(x) + x, (_x(4, 8),), (P("tp"),), P("tp"))
+    assert _layout_of(lowered, aten.ones_like.default) == Shard(0) and lowered.collectives == []
+
+
+# -- conflicts (rule 5) ----------------------------------------------------------------------------
+def test_two_activations_split_differently_name_the_constrain_that_settles_it():
+    data = Mesh.abstract({"tp": 2})
+    step = jit(lambda x, y: x + y.t(), mesh=data, in_specs=(P("tp"), P("tp")), out_specs=P())
+    with pytest.raises(PropagationError, match=r"constrain\("):
+        step.lower(shard(_x(4, 4), P("tp"), data), shard(_x(4, 4), P("tp"), data))
