@@ -58,7 +58,8 @@ class Lowered:
         lines = [f"{len(self.collectives)} collectives, {self.cost['bytes_moved']:,} bytes moved per rank, "
                  f"peak {self.cost['peak_bytes']:,} bytes"]
         for record in self.collectives:
-            lines.append(f"  {record['kind']:<15} {'/'.join(record['axes']):<6} {record['bytes']:>12,} B  "
+            kind = record["kind"] + (f"({record['op']})" if record.get("op") else "")  # a max or min
+            lines.append(f"  {kind:<15} {'+'.join(record['axes']):<6} {record['bytes']:>12,} B  "
                          f"{record['source']}")
         if self.transfers:
             moved = self.cost["transfer_bytes"]

@@ -30,7 +30,7 @@ def collective_counts(records: list[dict]) -> list[dict]:
     """The lowered step's collectives grouped by (kind, mesh axes): count and bytes per rank."""
     groups: dict[tuple, dict] = {}
     for record in records:
-        key = (record["kind"], "/".join(record["axes"]))
+        key = (record["kind"], "+".join(record["axes"]))  # a joint group: "dp+tp"
         group = groups.setdefault(key, {"kind": key[0], "axes": key[1], "count": 0, "bytes": 0})
         group["count"] += 1
         group["bytes"] += record["bytes"]

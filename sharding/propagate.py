@@ -11,8 +11,7 @@ The numbered rules README's "Propagation rules" lists, in the order they apply:
    anything else is an error naming the `constrain` (`rules.choose.anchor`).
 6. A `Partial` that must be reduced is reduce-scattered if the value's *hint* is a shard (its
    elementwise component holds sharded state or a sharded constraint), all-reduced otherwise. One
-   that a consumer needs reduced and another could keep is reduced before its first use, for all
-   (the pass repeats with those values marked until no consumer disagrees).
+   that forks (read by several ops) is reduced once, before its first use, not once per branch.
 7. Each layout change is one collective per axis (`sharding.insert`; Shard(i) -> Shard(j) one
    all-to-all; a Partial over several axes one all-reduce over their joint group).
 8. A layout that does not divide a tensor (output or required input) is an error.
@@ -48,7 +47,6 @@ class Context:
         self.effective: dict[torch.fx.Node, Layout] = {}
         self.available: dict[torch.fx.Node, list[Layout]] = {}
         self.data_dependent: set[torch.fx.Node] = set()
-        self.reduce_first: set[torch.fx.Node] = set()  # rule 6: Partials reduced before their first use
 
     # -- what rules ask -------------------------------------------------------------------
     def layout(self, node) -> Layout:
@@ -112,16 +110,10 @@ def propagate(graph: torch.fx.Graph, in_layouts: Sequence[Layout], out_layouts: 
                      if any(is_shard(layout.placements[axis])
                             for node, layout in zip(placeholders, in_layouts) if node in data_nodes)]
     hints = Hints(graph, in_layouts, out_layouts, axis_names, axis_sizes)
-    reduce_first: set = set()
-    while True:  # rule 6: until no Partial is reduced for one consumer and kept by another
-        ctx = Context(axis_names, axis_sizes, data_axes, hints)
-        ctx.reduce_first = reduce_first
-        ctx.data_dependent.update(data_nodes)
-        _propagate_pass(ctx, graph, placeholders, in_layouts, out_layouts)
-        disagreeing = _reduced_for_some_consumers(ctx, graph) - reduce_first
-        if not disagreeing:
-            return ctx
-        reduce_first = reduce_first | disagreeing
+    ctx = Context(axis_names, axis_sizes, data_axes, hints)
+    ctx.data_dependent.update(data_nodes)
+    _propagate_pass(ctx, graph, placeholders, in_layouts, out_layouts)
+    return ctx
 
 
 def _propagate_pass(ctx: Context, graph, placeholders, in_layouts, out_layouts) -> None:
@@ -139,23 +131,6 @@ def _propagate_pass(ctx: Context, graph, placeholders, in_layouts, out_layouts) 
             outputs = node.args[0]
             node.meta["fp_requires"] = {out: layout for out, layout in zip(outputs, out_layouts)
                                         if isinstance(out, torch.fx.Node)}
-
-
-def _reduced_for_some_consumers(ctx: Context, graph) -> set:
-    """Values with a Partial that one consumer takes reduced and another keeps (each would then
-    be reduced on its own: the value's reduction and its partial consumer's later one)."""
-    found = set()
-    for node in graph.nodes:
-        layout = ctx.layouts.get(node)
-        if not isinstance(layout, Layout) or not layout.has_partial():
-            continue
-        taken = [user.meta.get("fp_requires", {}).get(node, layout) for user in node.users
-                 if not facts(user.target).metadata_only]
-        for axis, placement in enumerate(layout.placements):
-            kinds = {is_partial(t.placements[axis]) for t in taken if isinstance(t, Layout)}
-            if kinds == {True, False}:
-                found.add(node)
-    return found
 
 
 def _propagate_node(ctx: Context, node: torch.fx.Node) -> None:
@@ -243,12 +218,17 @@ def _apply_compute_layouts(ctx: Context, node, inputs) -> None:
         if layout.has_partial() and reduced is not None:
             # Already reduced for an earlier consumer: reuse that copy rather than reduce again.
             ctx.effective[inp] = layout = reduced
-        elif layout.has_partial() and inp in ctx.reduce_first:
-            # Rule 6: reduced once, before its first use, for every consumer (Megatron's one
-            # all-reduce per norm backward; one reduction of a gradient that AdamW reads three
-            # times), into its hinted layout: a reduce-scatter for ZeRO, an all-reduce for DP.
-            hinted = _reduced(ctx, inp, layout, consumers=True)
-            ctx.effective[inp] = layout = hinted if _reduces_as_hinted(ctx, inp, layout) else _reduced(ctx, inp, layout)
+        elif layout.has_partial() and _reads_values(inp) > 1:
+            # Rule 6: a Partial that forks (read by several ops) is reduced once, before its first
+            # use, for all of them, instead of once per branch (Megatron's one all-reduce per norm
+            # backward; one reduction of a gradient that AdamW reads as g and g²), into its hinted
+            # layout: a reduce-scatter for ZeRO, an all-reduce for DP.
+            # A sum over the batch whose hinted shard one reduce-scatter cannot reach (its dim is
+            # split by another axis already) stays Partial until a consumer needs it.
+            if _reduces_as_hinted(ctx, inp, layout):
+                ctx.effective[inp] = layout = _reduced(ctx, inp, layout, consumers=True)
+            elif not any(layout.placements[a] == PARTIAL for a in ctx.data_axes):
+                ctx.effective[inp] = layout = _reduced(ctx, inp, layout)
         if not ctx.param_like(inp):
             continue
         if ctx.hints.same_component(inp, node):
@@ -259,6 +239,11 @@ def _apply_compute_layouts(ctx: Context, node, inputs) -> None:
                 placements[axis] = REPLICATE
         if tuple(placements) != layout.placements:
             ctx.effective[inp] = Layout(tuple(placements))
+
+
+def _reads_values(node) -> int:
+    """How many ops read `node`'s values (not only its dtype or device)."""
+    return sum(1 for user in node.users if not facts(user.target).metadata_only)
 
 
 def _hint(ctx: Context, node, axis: int, consumers: bool):

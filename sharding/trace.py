@@ -99,7 +99,8 @@ def _out_of_place(target):
 
 def remove_inplace(graph_module: torch.fx.GraphModule) -> None:
     """Rewrite in-place ops on temporaries (autograd formulas such as silu's backward write
-    `empty_like(x).fill_(1).sub_(s)`) to their out-of-place forms, so every node is a value."""
+    `empty_like(x).fill_(1).sub_(s)`) to their out-of-place forms, so every node is a value.
+    The caller recompiles."""
     order = {node: i for i, node in enumerate(graph_module.graph.nodes)}
     for node in graph_module.graph.nodes:
         if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
@@ -112,7 +113,6 @@ def remove_inplace(graph_module: torch.fx.GraphModule) -> None:
             raise PropagationError(f"in-place {node.target} on a tensor that is used again later "
                                    f"(at {source_line(node)}); write it out of place")
         node.target = functional
-    graph_module.recompile()
 
 
 def trace(fn: Callable, args: tuple, in_specs: Sequence, mesh: Mesh, logical_rules=None,

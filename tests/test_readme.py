@@ -39,3 +39,26 @@ def test_readme_any_model_example_lowers_hugging_face_gpt2():
     exec(compile(source.replace("print(lowered.summary())", ""), "README.md", "exec"), namespace)
     tp = [c for c in namespace["lowered"].collectives if c["axes"] == ("tp",)]
     assert [c["kind"] for c in tp] == ["all_reduce"] * 4, [(c["kind"], c["shape"]) for c in tp]
+
+
+def test_readme_rules_at_work_print_what_readme_shows():
+    """README's one-function-per-rule block prints exactly the listing under it."""
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("#### The rules at work"):]
+    source = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    listing = re.search(r"```text\n(.*?)```", section, re.S).group(1)
+    assert run_rules_at_work(source) == listing
+
+
+def run_rules_at_work(source: str) -> str:
+    """What the block prints, its lines named `rules_at_work.py:N` (N counted in the block)."""
+    import contextlib
+    import io
+    import linecache
+
+    name = "rules_at_work.py"
+    linecache.cache[name] = (len(source), None, source.splitlines(True), name)  # no file: kept as is
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(source, name, "exec"), {"__name__": "rules_at_work"})
+    return printed.getvalue()

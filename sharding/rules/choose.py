@@ -8,7 +8,7 @@ the error names the `constrain` that does.
 """
 from __future__ import annotations
 
-from ..layout import PARTIAL, REPLICATE, is_shard
+from ..layout import PARTIAL, REPLICATE, is_shard, split_dim
 
 
 def anchor(ctx, axis: int, node, nodes, placement_of=None):
@@ -23,7 +23,7 @@ def anchor(ctx, axis: int, node, nodes, placement_of=None):
         axis_name = ctx.axis_names[axis]
         kind = "data" if ctx.is_data_axis(axis) else "model"
         who = "data" if candidates and not ctx.param_like(candidates[0]) else "parameters"
-        splits = ", ".join(f"{n.name} split along dim {ctx.placement(n, axis)}" for n in candidates)
+        splits = ", ".join(f"{n.name} split along dim {split_dim(ctx.placement(n, axis))}" for n in candidates)
         first = candidates[0]
         spec = ctx.layout(first).to_spec(ctx.ndim(first), ctx.axis_names)
         raise ctx.error(node, f"operands disagree on {kind} axis {axis_name!r} ({splits}), and all of them are "

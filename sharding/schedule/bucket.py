@@ -36,6 +36,7 @@ def _groups(stream: list[Chain], order: dict, bucket_bytes: int, dtype_of) -> li
         fits = current is not None and (
             sum(c.record["bytes"] for c in current) + chain.record["bytes"] <= bucket_bytes
             and dtype_of(chain) == dtype_of(current[0])
+            and chain.issue.args[1:] == current[0].issue.args[1:]  # one reduce op (a max never joins sums)
             and max(_ready(c, order) for c in current + [chain]) < min(_need(c, order) for c in current + [chain])
             and not (gathers and chain.source in {c.source for c in current}))
         if fits:
@@ -50,7 +51,7 @@ def _record(members: list[Chain]) -> dict:
     return {"kind": first["kind"], "axes": first["axes"], "bytes": sum(c.record["bytes"] for c in members),
             "source": f"bucket of {len(members)}: {first['source']}", "shape": None, "dtype": first["dtype"],
             "value": "bucket", "regather": all(c.record.get("regather") for c in members),
-            "members": [c.record for c in members]}
+            "members": [c.record for c in members], **({"op": first["op"]} if "op" in first else {})}
 
 
 def _result_shape(chain: Chain, axis_sizes) -> list[int]:
@@ -102,6 +103,8 @@ def bucket(graph_module: fx.GraphModule, axis_sizes, bucket_bytes: int = DEFAULT
     groups = [group for stream in streams.values()
               for group in _groups(stream, order, bucket_bytes, lambda c: c.result.meta["val"].dtype)
               if len(group) > 1]
+    if not groups:
+        return graph_module
     for group in groups:
         _merge(graph, group, axis_sizes, positions(graph))
     graph.lint()

@@ -99,5 +99,6 @@ def regather(graph_module: fx.GraphModule, params: bool = True, activations: boo
     for view in reversed(sorted(set(touched_views), key=order.__getitem__)):  # views left without users
         if not view.users:
             graph.erase_node(view)
-    graph_module.recompile()
+    if any(len(groups) > 1 for groups in windows.values()):  # unchanged: no new code to generate
+        graph_module.recompile()
     return graph_module

@@ -1,5 +1,5 @@
 """Compiler stages tested alone on graphs of a few nodes: mincut, liveness, localize and rule 6 of
-propagate (a Partial one consumer needs reduced and another could keep is reduced once, first)."""
+propagate (a Partial that forks is reduced once, before its first use)."""
 from __future__ import annotations
 
 import torch
