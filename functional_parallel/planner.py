@@ -2,7 +2,7 @@
 
 Nothing is allocated and no process starts: parameters, optimizer state and the batch are
 `FakeTensor`s of global shape, the mesh is abstract, and every number below is read from the
-lowered per-rank graph (`Lowered.graph`: each node's global `val` and its `fp_layout`; each
+lowered per-rank graph (`Lowered.graph`: each node's global `val` and its layout, `layout_of`; each
 inserted collective's `fp_collective` record) — not from a formula.
 
 Memory per rank is split by role, with bytes per element set by a `Precision` (ZeRO's mixed
@@ -34,7 +34,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from sharding import Mesh, shard
 from sharding.cost import VIEW_OPS
-from sharding.layout import Layout, layout_from_spec
+from sharding.layout import Layout, layout_from_spec, layout_of
 from sharding.tree import leaf_paths
 
 from . import optim
@@ -99,14 +99,14 @@ def _numel(shape) -> int:
 
 
 def _local_numel(node: fx.Node, axis_sizes) -> int:
-    layout = node.meta.get("fp_layout")
+    layout = layout_of(node)
     shape = node.meta["val"].shape
     return _numel(layout.local_shape(shape, axis_sizes) if isinstance(layout, Layout) else shape)
 
 
 def _local_bytes(node: fx.Node, axis_sizes) -> int:
     """Bytes this rank holds for a node's value (every tensor output, at its local shape)."""
-    vals, layouts = node.meta.get("val"), node.meta.get("fp_layout")
+    vals, layouts = node.meta.get("val"), layout_of(node)
     vals = vals if isinstance(vals, (list, tuple)) else [vals]
     layouts = layouts if isinstance(layouts, tuple) else [layouts] * len(vals)
     total = 0
@@ -184,13 +184,13 @@ def account(lowered, params, opt_state, strategy: Strategy, mesh: Mesh, precisio
             out["optimizer"] += _local_bytes(node, axis_sizes)
             continue
         out["optimizer"] += _local_numel(node, axis_sizes) * precision.state_bytes
-        mirror_layout.setdefault(mirrored, node.meta["fp_layout"])
+        mirror_layout.setdefault(mirrored, layout_of(node))
     buffer_specs = grad_specs(strategy, params)
     for path, leaf, node, spec in zip(param_paths, param_leaves, param_nodes, buffer_specs):
         shape = tuple(leaf.shape)
         out["parameters"] += _numel(shape)
         out["params"] += _local_numel(node, axis_sizes) * precision.param_bytes
-        state_layout = mirror_layout.get(path, node.meta["fp_layout"])
+        state_layout = mirror_layout.get(path, layout_of(node))
         out["optimizer"] += _numel(state_layout.local_shape(shape, axis_sizes)) * precision.master_bytes
         grad_layout = state_layout if spec is None else layout_from_spec(spec, shape, mesh.axis_names, axis_sizes,
                                                                           where=f"grads {path!r}")

@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 
 from . import collectives
-from .layout import PARTIAL, REPLICATE, Layout, Strided, is_partial, split_dim
+from .layout import PARTIAL, REPLICATE, Layout, Strided, annotate, annotation, is_partial, split_dim
 from .ops import facts
 from .source import source_line
 
@@ -88,7 +88,8 @@ class Inserter:
 
     def run(self) -> fx.GraphModule:
         for node in self.old.graph.nodes:
-            requires = node.meta.get("fp_requires", {})
+            found = annotation(node)
+            requires = found.requires if found is not None else {}
             if node.op == "output":
                 outputs = [self.get(out, requires.get(out), node) if isinstance(out, fx.Node) else out
                            for out in node.args[0]]
@@ -96,7 +97,7 @@ class Inserter:
                 continue
             new = self.graph.node_copy(node, lambda arg: self.get(arg, requires.get(arg), node))
             new.meta.update(node.meta)
-            if "vocab_parallel" in node.meta.get("fp_local", {}).values():
+            if found is not None and "vocab_parallel" in found.local.values():
                 self._vocab_parallel(node, new, requires)
             self.env[node] = new
         return fx.GraphModule(self.old, self.graph)
@@ -147,7 +148,7 @@ class Inserter:
         view = self.graph.call_function(old.target, (self.get(source, source_target, consumer), *old.args[1:]),
                                         dict(old.kwargs))
         view.meta.update(old.meta)
-        view.meta["fp_layout"] = target
+        annotate(view, target)
         return view
 
     def redistribute(self, old: fx.Node, src: Layout, dst: Layout, consumer: fx.Node) -> fx.Node:
@@ -190,9 +191,11 @@ class Inserter:
                     value = self._emit_collective(kind, axes, placement, value, record, label, op)
             else:
                 value = self._emit_local(kind, axis, placement, value)
-            value.meta.update(val=global_val, fp_layout=current)
+            value.meta["val"] = global_val
+            annotate(value, current)
             if value.target is collectives.interleave:  # the collective's own result, before the reorder
-                value.args[0].meta.update(val=global_val, fp_layout=current)
+                value.args[0].meta["val"] = global_val
+                annotate(value.args[0], current)
         return value
 
     def _group(self, axes: tuple) -> str:

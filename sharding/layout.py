@@ -9,7 +9,7 @@ Several axes may shard one dim; each splits the block the axes before it in mesh
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 from .errors import SpecError
@@ -197,3 +197,33 @@ def layout_from_spec(spec: P, shape: Sequence[int], axis_names: Sequence[str], a
                             f"{tuple(axis_sizes[axis_names.index(a)] for a in axes)}); spec {spec}, "
                             f"shape {tuple(shape)}")
     return Layout(tuple(placements))
+
+
+ANNOTATION = "fp"  # the node.meta key of a node's `Annotation`
+
+
+@dataclass
+class Annotation:
+    """What propagation decided for one graph node, the one typed record later stages read:
+    `layout` (a `Layout`, or one per output of a multi-output op), `requires` (input node -> the
+    layout it is redistributed to before this node reads it) and `local` (mesh axis -> a local
+    computation that differs from the global op there: "vocab_parallel")."""
+
+    layout: object
+    requires: dict = field(default_factory=dict)
+    local: dict = field(default_factory=dict)
+
+
+def annotate(node, layout, requires=None, local=None) -> Annotation:
+    node.meta[ANNOTATION] = Annotation(layout, dict(requires or {}), dict(local or {}))
+    return node.meta[ANNOTATION]
+
+
+def annotation(node) -> Annotation | None:
+    return node.meta.get(ANNOTATION)
+
+
+def layout_of(node):
+    """The node's layout (None for a node propagation did not place)."""
+    found = node.meta.get(ANNOTATION)
+    return found.layout if found is not None else None

@@ -11,7 +11,7 @@ import torch
 import torch.fx as fx
 
 from .errors import PropagationError
-from .layout import Layout, split_dim
+from .layout import Layout, layout_of, split_dim
 from .ops import facts
 from .source import source_line
 
@@ -49,7 +49,7 @@ def localize(graph_module: fx.GraphModule, axis_sizes) -> fx.GraphModule:
     for node in graph_module.graph.nodes:
         if node.op != "call_function":
             continue
-        layout = node.meta.get("fp_layout")
+        layout = layout_of(node)
         entry = facts(node.target)
         if entry.split_sizes and isinstance(layout, tuple):
             _localize_split(node, layout, axis_sizes)

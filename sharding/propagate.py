@@ -15,7 +15,7 @@ The numbered rules README's "Propagation rules" lists, in the order they apply:
 7. Each layout change is one collective per axis (`sharding.insert`; Shard(i) -> Shard(j) one
    all-to-all; a Partial over several axes one all-reduce over their joint group).
 8. A layout that does not divide a tensor (output or required input) is an error.
-The result is written to `node.meta["fp_layout"]` and `node.meta["fp_requires"]`.
+The result is each node's `layout.Annotation` (`node.meta["fp"]`: layout, required input layouts, local computations).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import torch
 from .constrain import decode_spec
 from .errors import PropagationError
 from .hints import Hints
-from .layout import PARTIAL, REPLICATE, Layout, Strided, is_partial, is_shard, layout_from_spec
+from .layout import PARTIAL, REPLICATE, Layout, Strided, annotate, is_partial, is_shard, layout_from_spec
 from .ops import facts
 from .rules import RULES, STRIDED_AWARE, Choice, load_all, tensor_inputs
 from .source import source_line
@@ -112,25 +112,20 @@ def propagate(graph: torch.fx.Graph, in_layouts: Sequence[Layout], out_layouts: 
     hints = Hints(graph, in_layouts, out_layouts, axis_names, axis_sizes)
     ctx = Context(axis_names, axis_sizes, data_axes, hints)
     ctx.data_dependent.update(data_nodes)
-    _propagate_pass(ctx, graph, placeholders, in_layouts, out_layouts)
-    return ctx
-
-
-def _propagate_pass(ctx: Context, graph, placeholders, in_layouts, out_layouts) -> None:
-    axis_names = ctx.axis_names
     for node, layout in zip(placeholders, in_layouts):
         ctx.layouts[node] = layout
-        node.meta["fp_layout"] = layout
+        annotate(node, layout)
     for node in graph.nodes:
         if node.op == "call_function":
             _propagate_node(ctx, node)
         elif node.op == "get_attr":
             ctx.layouts[node] = Layout.replicated(len(axis_names))
-            node.meta["fp_layout"] = ctx.layouts[node]
+            annotate(node, ctx.layouts[node])
         elif node.op == "output":
             outputs = node.args[0]
-            node.meta["fp_requires"] = {out: layout for out, layout in zip(outputs, out_layouts)
-                                        if isinstance(out, torch.fx.Node)}
+            annotate(node, None, {out: layout for out, layout in zip(outputs, out_layouts)
+                                  if isinstance(out, torch.fx.Node)})
+    return ctx
 
 
 def _propagate_node(ctx: Context, node: torch.fx.Node) -> None:
@@ -141,8 +136,7 @@ def _propagate_node(ctx: Context, node: torch.fx.Node) -> None:
     if node.target is operator.getitem:
         parent, index = node.args
         ctx.layouts[node] = ctx.layouts[parent][index]
-        node.meta["fp_layout"] = ctx.layouts[node]
-        node.meta["fp_requires"] = {}
+        annotate(node, ctx.layouts[node])
         return
     if node.target is torch.ops.fp.constrain.default:
         source, encoded = node.args
@@ -179,9 +173,7 @@ def _propagate_node(ctx: Context, node: torch.fx.Node) -> None:
         out_layout = tuple(Layout(tuple(o[i] for o in outputs)) for i in range(len(outputs[0])))
     else:
         out_layout = Layout(tuple(outputs))
-    _record(ctx, node, required_layouts, out_layout)
-    if local:
-        node.meta["fp_local"] = local
+    _record(ctx, node, required_layouts, out_layout, local)
 
 
 def _gather_strided(ctx: Context, inputs) -> None:
@@ -276,7 +268,7 @@ def _reduced(ctx: Context, node, layout: Layout, consumers: bool = False) -> Lay
     return Layout(tuple(placements))
 
 
-def _record(ctx: Context, node, requires: dict, out_layout) -> None:
+def _record(ctx: Context, node, requires: dict, out_layout, local=None) -> None:
     for inp in list(requires):
         if requires[inp] == ctx.layouts[inp]:
             del requires[inp]
@@ -285,8 +277,7 @@ def _record(ctx: Context, node, requires: dict, out_layout) -> None:
         if isinstance(layout, Layout):
             _check_divisible(ctx, inp, layout, consumer=node)
     ctx.layouts[node] = out_layout
-    node.meta["fp_layout"] = out_layout
-    node.meta["fp_requires"] = requires
+    annotate(node, out_layout, requires, local)
     if isinstance(out_layout, Layout):
         _check_divisible(ctx, node, out_layout)
 

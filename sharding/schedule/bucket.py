@@ -14,6 +14,7 @@ import operator
 import torch.fx as fx
 
 from .. import collectives
+from ..layout import layout_of
 from .chain import Chain, chains, positions
 
 DEFAULT_BUCKET_BYTES = 25 * 2**20  # as DDP's default bucket
@@ -56,7 +57,7 @@ def _record(members: list[Chain]) -> dict:
 
 def _result_shape(chain: Chain, axis_sizes) -> list[int]:
     """This rank's shape of the collective's result with its dim first (what `unpack` rebuilds)."""
-    shape = chain.result.meta["fp_layout"].local_shape(chain.result.meta["val"].shape, axis_sizes)
+    shape = layout_of(chain.result).local_shape(chain.result.meta["val"].shape, axis_sizes)
     if not shape:  # a 0-dim value (a loss or norm summand)
         return []
     return [shape[chain.dim]] + shape[:chain.dim] + shape[chain.dim + 1:]

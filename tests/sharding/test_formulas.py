@@ -34,7 +34,8 @@ def _lower(strategy, **options):
 
 def _records(lowered, kind=None, axis=None):
     flat = [m for r in lowered.collectives for m in r.get("members", [r])]
-    return [r for r in flat if (kind is None or r["kind"] == kind) and (axis is None or r["axes"] == (axis,))]
+    axes = axis if isinstance(axis, tuple) else (axis,)  # a tuple: a joint group ("dp", "tp")
+    return [r for r in flat if (kind is None or r["kind"] == kind) and (axis is None or r["axes"] == axes)]
 
 
 def _bytes(lowered, kind, axis):
@@ -141,7 +142,8 @@ def test_tp_sp_moves_the_same_volume_as_gather_plus_reduce_scatter():
     """Megatron SP: each of TP's 4 all-reduces per layer becomes an all-gather + reduce-scatter of
     b·s·h. Beyond the formula: one all-gather of the final norm's output for the head (the head's
     weight is replicated), and the gradients of replicated parameters computed from
-    sequence-split activations (layer norms, b_out, wte, wpe) are all-reduced over tp."""
+    sequence-split activations (layer norms, b_out, wte, wpe), sums over the batch and the
+    sequence, are all-reduced once over dp and tp jointly."""
     layers, bsh = _activation_bytes("tp_sp")
     model, params, lowered = _lower("tp_sp")
     gathers = [r for r in _records(lowered, "all_gather", "tp") if _is_activation(r)]
@@ -150,5 +152,6 @@ def test_tp_sp_moves_the_same_volume_as_gather_plus_reduce_scatter():
     assert sum(r["bytes"] for r in gathers) == 4 * layers * bsh + bsh  # + the head's input
     sequence_split_grads = _numel(params, lambda path: path.split("/")[-2:-1] in (["ln1"], ["ln2"], ["ln_f"])
                                   or path.split("/")[-1] in ("b_out", "wte", "wpe"))
-    assert _bytes(lowered, "all_reduce", "tp") == 4 * sequence_split_grads + GRAD_NORM_SCALARS
+    assert _bytes(lowered, "all_reduce", ("dp", "tp")) == 4 * sequence_split_grads
+    assert _bytes(lowered, "all_reduce", "tp") == GRAD_NORM_SCALARS
     assert not [r for r in _records(lowered, axis="tp") if r["kind"] == "all_reduce" and _is_activation(r)]

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from sharding import Mesh, P, Partial, PropagationError, Replicate, Shard, jit, shard
+from sharding.layout import layout_of
 
 MESH = Mesh.abstract({"tp": 2})
 
@@ -19,7 +20,7 @@ def _lower(fn, args, in_specs, out_specs):
 def _layout_of(lowered, target):
     """The propagated layout (tp placement) of the first node calling `target` in the global graph."""
     node = next(n for n in lowered.global_graph.graph.nodes if n.target is target)
-    layout = node.meta["fp_layout"]
+    layout = layout_of(node)
     return layout[0].placements[0] if isinstance(layout, tuple) else layout.placements[0]  # first output
 
 

@@ -6,7 +6,7 @@ import torch
 import torch.fx as fx
 
 from sharding import Mesh, P, jit, shard
-from sharding.layout import Layout
+from sharding.layout import Layout, annotate
 from sharding.liveness import peak_bytes
 from sharding.localize import localize
 from sharding.mincut import FlowGraph
@@ -35,7 +35,8 @@ def test_localize_rewrites_a_view_shape_to_local_sizes():
     x = graph.placeholder("x")
     x.meta["val"] = torch.empty(8, 6)
     view = graph.call_function(torch.ops.aten.view.default, (x, [8, 2, 3]))
-    view.meta.update(val=torch.empty(8, 2, 3), fp_layout=Layout((0,)))
+    view.meta["val"] = torch.empty(8, 2, 3)
+    annotate(view, Layout((0,)))
     graph.output((view,))
     localized = localize(fx.GraphModule(torch.nn.Module(), graph), (4,))
     node = next(n for n in localized.graph.nodes if n.target is torch.ops.aten.view.default)
