@@ -20,8 +20,6 @@ from .source import source_line
 aten = torch.ops.aten
 
 
-
-
 def _exchanges(current, target, a) -> bool:
     """Axis `a` moves a plain split from one dim to another that no other axis splits."""
     if not (isinstance(current[a], int) and isinstance(target[a], int) and current[a] != target[a]):
@@ -31,9 +29,10 @@ def _exchanges(current, target, a) -> bool:
 
 
 def plan_steps(src: Layout, dst: Layout) -> list[tuple[str, object, object]]:
-    """The steps (kind, axis index, placement or None) that turn `src` into `dst`, one per axis,
-    except that the all-reduces of one op over several axes are one step over their joint group
-    (its axis index a tuple): one collective, not one per axis."""
+    """The steps (kind, axis index, argument) that turn `src` into `dst`, one per axis, except that
+    the all-reduces of one op over several axes are one step over their joint group: its axis
+    index is a tuple and its argument the reduce op. A gather's argument is the placement it
+    undoes, a slice's or reduce-scatter's the one it makes, an all-to-all's the (from, to) dims."""
     current, target = list(src.placements), dst.placements
     n = len(current)
     changing = [a for a in range(n) if current[a] != target[a]]
@@ -157,13 +156,14 @@ class Inserter:
         source = source_line(consumer) if consumer.op != "output" else source_line(old)
         global_val = old.meta["val"]
         for kind, axis, placement in plan_steps(src, dst):
-            axes = tuple(a for a in (axis if isinstance(axis, tuple) else (axis,)) if self.mesh.axis_sizes[a] > 1)
-            if not axes:  # one rank: every placement holds the same value
-                for a in (axis if isinstance(axis, tuple) else (axis,)):
+            every = axis if isinstance(axis, tuple) else (axis,)
+            axes = tuple(a for a in every if self.mesh.axis_sizes[a] > 1)  # one rank: nothing to move
+            if not axes:
+                for a in every:
                     current = current.with_axis(a, dst.placements[a])
                 continue
             before = current
-            for a in axes:
+            for a in every:
                 current = current.with_axis(a, REPLICATE if kind in ("all_gather", "all_reduce") else
                                             PARTIAL if kind == "mask_partial" else
                                             placement[1] if kind == "all_to_all" else placement)
