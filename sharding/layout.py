@@ -15,6 +15,7 @@ from typing import Sequence
 from .errors import SpecError
 from .spec import P, chunked
 
+
 class Shard(int):
     """Equal contiguous blocks along tensor dim `dim`. An `int` too, so dims compare and index as
     numbers (`Shard(1) == 1`); every placement in a `Layout` is typed."""

@@ -31,6 +31,7 @@ class Mesh:
         self.size = math.prod(self.axis_sizes)
         self.abstract_only = _abstract
         self._device_mesh = None
+        self._joint_groups: dict[tuple, str] = {}  # axis indices -> group name, made on first use
         if _abstract:
             self.rank = 0
         else:
@@ -95,7 +96,6 @@ class Mesh:
             return self.device_mesh().get_group(self.axis_names[axis_index]).group_name
         if self.abstract_only:
             raise MeshError("an abstract mesh has no process groups: lower on it, run on a real Mesh")
-        self._joint_groups = getattr(self, "_joint_groups", {})
         if axis_index not in self._joint_groups:
             mine = None
             others = [a for a in range(len(self.axis_sizes)) if a not in axis_index]
