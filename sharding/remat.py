@@ -73,8 +73,9 @@ def remat(graph_module: fx.GraphModule, policy: str) -> fx.GraphModule:
         forward = _ancestors([seed.args[0] for seed in seeds])
         stop = _kept_values(forward, named) if policy == "full" else _kept_outside_core(forward)
         _recompute(graph, seeds, forward, stop)
-    graph.lint()
-    graph_module.recompile()
+    if named or policy != "none":  # unchanged: no new code to generate
+        graph.lint()
+        graph_module.recompile()
     return graph_module
 
 
