@@ -116,19 +116,25 @@ def deinterleave(x: torch.Tensor, dim: int, chunks: int, count: int) -> torch.Te
     return x.unflatten(dim, (chunks, count, -1)).transpose(dim, dim + 1).flatten(dim, dim + 2).contiguous()
 
 
+def _in_block(ids: torch.Tensor, start: int, size: int, outside: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids as positions in this rank's block [start, start + size), with `outside` for the ids
+    that fall elsewhere; which ids fall inside)."""
+    local = ids - start
+    inside = (local >= 0) & (local < size)
+    return torch.where(inside, local, torch.full_like(local, outside)), inside
+
+
 def vocab_parallel_index(table: torch.Tensor, ids: torch.Tensor, start: int) -> torch.Tensor:
     """`table[ids]` where this rank holds rows [start, start + len(table)): other ids give zeros."""
-    local = ids - start
-    inside = (local >= 0) & (local < table.shape[0])
-    rows = table[torch.where(inside, local, torch.zeros_like(local))]
+    local, inside = _in_block(ids, start, table.shape[0])
+    rows = table[local]
     return torch.where(inside.view(*ids.shape, *([1] * (table.dim() - 1))), rows, torch.zeros_like(rows))
 
 
 def vocab_parallel_gather(x: torch.Tensor, dim: int, ids: torch.Tensor, start: int) -> torch.Tensor:
     """`x.gather(dim, ids)` where this rank holds [start, start + x.shape[dim]) of `dim`: other ids give zeros."""
-    local = ids - start
-    inside = (local >= 0) & (local < x.shape[dim])
-    picked = x.gather(dim, torch.where(inside, local, torch.zeros_like(local)))
+    local, inside = _in_block(ids, start, x.shape[dim])
+    picked = x.gather(dim, local)
     return torch.where(inside, picked, torch.zeros_like(picked))
 
 
@@ -136,11 +142,9 @@ def vocab_parallel_scatter(x: torch.Tensor, dim: int, ids: torch.Tensor, src, st
     """`x.scatter(dim, ids, src)` where this rank holds [start, start + x.shape[dim]) of `dim`: other
     ids write nowhere (they land in one spare slot past the end, dropped after)."""
     size = x.shape[dim]
-    local = ids - start
-    inside = (local >= 0) & (local < size)
+    local, _ = _in_block(ids, start, size, outside=size)
     spare = torch.cat([x, x.narrow(dim, 0, 1)], dim)
-    written = spare.scatter(dim, torch.where(inside, local, torch.full_like(local, size)), src)
-    return written.narrow(dim, 0, size)
+    return spare.scatter(dim, local, src).narrow(dim, 0, size)
 
 
 def mask_partial(x: torch.Tensor, keep: bool) -> torch.Tensor:

@@ -76,10 +76,6 @@ def facts(target) -> OpFacts:
     return REGISTRY.get(target, NO_FACTS)
 
 
-def is_view(target) -> bool:
-    return facts(target).view
-
-
 def creates_zeros(node: torch.fx.Node) -> bool:
     """A node whose value is all zeros by construction (`new_zeros`, `full(..., 0)`)."""
     entry = facts(node.target)

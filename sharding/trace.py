@@ -5,7 +5,8 @@ ops are decomposed with torch's own tables into the small core set the rules cov
 `mm` + `add`, `embedding` is `index`, a mean is sum / count so a sharded mean is a Partial sum
 over the global count). Tensors `fn` closes over (module buffers such as rotary `inv_freq`)
 become replicated constants; a matmul over several batch dims stays one op
-(`sharding.batched_matmul`), so a head split is not merged behind the batch; values nothing uses (an unused KV cache) are removed. Libraries
+(`sharding.batched_matmul`), so a head split is not merged behind the batch; values nothing uses
+(an unused KV cache) are removed. Libraries
 that ask whether they are being compiled are told "yes", so they skip data-dependent checks.
 """
 from __future__ import annotations

@@ -18,7 +18,7 @@ UNARY_LINEAR = [aten.neg, aten.clone, aten._to_copy, aten.alias, aten.detach, at
                 aten.mul.Scalar, aten.div.Scalar,
                 CHECKPOINT_NAME]  # an identity (`sharding.remat` removes it before propagation anyway)
 SELECT = [aten.where.self]
-_TARGETS: set = ELEMENTWISE | overloads(SUMS + PRODUCTS + UNARY_LINEAR + SELECT)
+_TARGETS = ELEMENTWISE  # the linear ops above are elementwise too
 _SUMS, _PRODUCTS, _SELECT = set(SUMS), set(PRODUCTS), set(SELECT)
 _UNARY_LINEAR = overloads(UNARY_LINEAR)
 

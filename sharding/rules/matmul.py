@@ -1,5 +1,6 @@
-"""Contractions (mm, bmm, batched_matmul over any batch dims) as einsum letters: shards on a kept letter carry to the output,
-shards on the contracted letter on both sides give a Partial, conflicts move the non-anchor."""
+"""Contractions (mm, bmm, `fp::batched_matmul` over any batch dims) as einsum letters: shards on a
+kept letter carry to the output, shards on the contracted letter on both sides give a Partial,
+conflicts move the non-anchor."""
 from __future__ import annotations
 
 import torch
