@@ -1,6 +1,7 @@
 """sharding: a mesh, PartitionSpecs, and one compiler pass that inserts the collectives.
 
-trace -> remat -> propagate -> insert -> localize -> schedule -> place (host/device memory kinds) -> run; `jit`
+trace -> remat -> propagate -> insert -> localize -> schedule -> place (host/device memory kinds) -> bind
+(the concrete mesh, last; `sharding.pipeline.STAGES`) -> run; `jit`
 drives the pipeline, `Lowered` shows it.
 """
 from .api import Lowered, jit

@@ -9,21 +9,18 @@ from typing import Any, Callable, Mapping, Sequence
 import optree
 import torch
 import torch.fx as fx
-from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .cost import collective_log, estimate
 from .errors import SpecError
-from .insert import insert
-from .layout import layout_from_spec
-from .localize import localize
+from .memory_kinds import DEVICE, HOST, check_kind, flat_kinds
 from .mesh import Mesh
-from .placement import DEVICE, HOST, check_kind, place, transfer_log
-from .propagate import is_integer, propagate
-from .remat import check_policy, remat
-from .schedule import DEFAULT_BUCKET_BYTES, schedule
+from .pipeline import Options, Program, run_stages
+from .placement import transfer_log
+from .propagate import is_integer
+from .remat import check_policy
+from .schedule import DEFAULT_BUCKET_BYTES
 from .spec import P
-from .trace import trace
-from .tree import NAMESPACE, flat_specs, leaf_paths
+from .tree import NAMESPACE, leaf_paths
 
 
 @dataclass
@@ -138,48 +135,27 @@ class jit:
     def __call__(self, *args):
         return self.lower(*args).run(*args)
 
-    def _lower(self, args) -> Lowered:
-        mesh = self.mesh
-        start = time.perf_counter()
+    def program(self, *args) -> Program:
+        """The step before any stage has run: what `sharding.pipeline.run_stages` takes."""
         given = optree.tree_leaves(self.in_memory_kinds, none_is_leaf=True, namespace=NAMESPACE)
         in_kinds = (flat_kinds(self.in_memory_kinds, tuple(args), "in_memory_kinds") if HOST in given else
                     [DEVICE] * len(optree.tree_leaves(tuple(args), namespace=NAMESPACE, none_is_leaf=False)))
         compute_device = _compute_device(args, in_kinds)
-        traced = trace(self.fn, tuple(args), self.in_specs, mesh, self.logical_rules,
-                       fake_device=compute_device if HOST in in_kinds else None)
-        traced_at = time.perf_counter()
-        out_layouts = self._out_layouts(traced)
-        data_axes = self.data_axes
-        unknown = [a for a in data_axes or () if a not in mesh.axis_names]
-        if unknown:
-            raise SpecError(f"data_axes {tuple(unknown)} are not mesh axes {mesh.axis_names}")
-        graph_module = remat(traced.graph_module, self.remat)
-        ctx = propagate(graph_module.graph, traced.in_layouts, out_layouts, mesh.axis_names, mesh.axis_sizes,
-                        data_axes, data_leaves(args, self.data_argnums))
-        local = schedule(localize(insert(graph_module, ctx, mesh), mesh.axis_sizes), mesh.axis_sizes,
-                         **self.schedule_options)
-        fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-        example_inputs = [fake_mode.from_tensor(x) if isinstance(x, torch.Tensor) else x
-                          for x in optree.tree_leaves(tuple(args), namespace=NAMESPACE, none_is_leaf=False)]
-        out_tree = optree.tree_unflatten(traced.out_treedef, list(range(len(traced.out_paths))))
-        out_kinds = flat_kinds(self.out_memory_kinds, out_tree, "out_memory_kinds")
-        local = place(local, in_kinds, out_kinds, example_inputs, compute_device)
-        done = time.perf_counter()
-        return Lowered(graph=local, collectives=collective_log(local), out_treedef=traced.out_treedef,
-                       global_graph=graph_module, transfers=transfer_log(local), example_inputs=example_inputs,
-                       timings={"trace_s": traced_at - start, "partition_s": done - traced_at})
+        options = Options(
+            in_specs=self.in_specs, out_specs=self.out_specs, logical_rules=self.logical_rules,
+            data_axes=self.data_axes, data_leaves=data_leaves(args, self.data_argnums), remat=self.remat,
+            schedule=self.schedule_options, in_kinds=in_kinds, out_memory_kinds=self.out_memory_kinds,
+            compute_device=compute_device, fake_device=compute_device if HOST in in_kinds else None)
+        return Program(fn=self.fn, args=tuple(args), mesh=self.mesh, options=options)
 
-    def _out_layouts(self, traced) -> list:
-        output = next(n for n in traced.graph_module.graph.nodes if n.op == "output")
-        vals = [n.meta["val"] if isinstance(n, fx.Node) else n for n in output.args[0]]
-        out_tree = optree.tree_unflatten(traced.out_treedef, vals)
-        out_specs = self.out_specs
-        if isinstance(out_tree, tuple) and isinstance(out_specs, list):
-            out_specs = tuple(out_specs)
-        specs = flat_specs(out_specs, out_tree, "out_specs")
-        return [layout_from_spec(spec, tuple(val.shape), self.mesh.axis_names, self.mesh.axis_sizes,
-                                 where=f"output {path!r}")
-                for spec, val, path in zip(specs, vals, traced.out_paths)]
+    def _lower(self, args) -> Lowered:
+        program = run_stages(self.program(*args))
+        timings = program.timings
+        timings["partition_s"] = sum(seconds for key, seconds in timings.items() if key != "trace_s")
+        return Lowered(graph=program.graph, collectives=collective_log(program.graph),
+                       out_treedef=program.traced.out_treedef, global_graph=program.global_graph,
+                       transfers=transfer_log(program.graph), example_inputs=program.example_inputs,
+                       timings=dict(timings))
 
 
 def data_leaves(args, data_argnums) -> list[bool]:
@@ -189,20 +165,6 @@ def data_leaves(args, data_argnums) -> list[bool]:
     if data_argnums is None:
         data_argnums = [i for i, leaves in enumerate(per_argument) if any(is_integer(x) for x in leaves)]
     return [i in data_argnums for i, leaves in enumerate(per_argument) for _ in leaves]
-
-
-def flat_kinds(kinds, tree, what: str) -> list[str]:
-    """One memory kind per leaf of `tree`: `kinds` is a kind for every leaf, or a tree prefix of kinds."""
-    count = len(optree.tree_leaves(tree, namespace=NAMESPACE, none_is_leaf=False))
-    if kinds is None or isinstance(kinds, str):
-        return [check_kind(kinds, what)] * count
-    is_kind = lambda x: x is None or isinstance(x, str)
-    try:
-        broadcast = optree.tree_broadcast_prefix(kinds, tree, is_leaf=is_kind, namespace=NAMESPACE)
-    except ValueError as error:
-        raise SpecError(f"{what}: the tree of memory kinds does not match the value tree; {error}") from None
-    leaves = optree.tree_leaves(broadcast, is_leaf=is_kind, none_is_leaf=True, namespace=NAMESPACE)
-    return [check_kind(kind, what) for kind in leaves]
 
 
 def _compute_device(args, in_kinds: list[str]) -> torch.device:

@@ -147,9 +147,10 @@ def vocab_parallel_scatter(x: torch.Tensor, dim: int, ids: torch.Tensor, src, st
     return spare.scatter(dim, local, src).narrow(dim, 0, size)
 
 
-def mask_partial(x: torch.Tensor, keep: bool) -> torch.Tensor:
-    """Replicate -> Partial: one rank keeps the value, the others contribute zeros (no communication)."""
-    return x.clone() if keep else torch.zeros_like(x)
+def mask_partial(x: torch.Tensor, index: int) -> torch.Tensor:
+    """Replicate -> Partial: the rank at `index` 0 of the axis keeps the value, the others
+    contribute zeros (no communication)."""
+    return x.clone() if index == 0 else torch.zeros_like(x)
 
 
 def pack(xs: list[torch.Tensor], dims: list[int], group_size: int, kind: str) -> torch.Tensor:

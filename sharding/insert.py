@@ -1,6 +1,8 @@
 """Stage 3, insert: copy the global graph, adding one collective (or local slice) per layout change.
 
 Each (value, target layout) is redistributed once and shared by every consumer that needs it.
+Only the mesh's axis names and sizes are read: this rank's position and the process groups are
+placeholders that the last stage binds (`sharding.bind`).
 Per axis: Shard->Replicate all-gather, Partial->Replicate all-reduce, Partial->Shard
 reduce-scatter, Replicate->Shard local slice, Replicate->Partial local mask. Gathers run inner
 axis first and slices outer axis first, so blocks split by several axes nest in mesh order.
@@ -13,6 +15,7 @@ import torch
 import torch.fx as fx
 
 from . import collectives
+from .bind import AxisGroup, RankIndex
 from .layout import PARTIAL, REPLICATE, Layout, Strided, annotate, annotation, is_partial, split_dim
 from .ops import facts
 from .source import source_line
@@ -116,12 +119,9 @@ class Inserter:
         source = node.args[0]
         dim = 0 if node.target is aten.index.Tensor else node.args[1] % source.meta["val"].dim()
         layout = requires.get(source, self.ctx.layouts[source])
-        index, count = 0, 1
-        for axis, placement in enumerate(layout.placements):
-            if split_dim(placement) == dim:
-                size = self.mesh.axis_sizes[axis]
-                index, count = index * size + self.mesh.coordinate[axis], count * size
-        start = index * (source.meta["val"].shape[dim] // count)
+        axes = tuple(axis for axis, placement in enumerate(layout.placements) if split_dim(placement) == dim)
+        count = math.prod(self.mesh.axis_sizes[axis] for axis in axes)
+        start = RankIndex(axes, source.meta["val"].shape[dim] // count)  # this rank's first row
         if node.target is aten.index.Tensor:
             new.target, new.args = collectives.vocab_parallel_index, (new.args[0], new.args[1][0], start)
         elif node.target is aten.gather.default:
@@ -198,16 +198,11 @@ class Inserter:
                 annotate(value.args[0], current)
         return value
 
-    def _group(self, axes: tuple) -> str:
-        if self.mesh.abstract_only:
-            return "<" + "+".join(self.mesh.axis_names[a] for a in axes) + ">"
-        return self.mesh.group_name(axes)
-
     def _emit_collective(self, kind, axes, placement, value, record, label, op="sum"):
         """[deinterleave] -> to_front -> issue (carries the log record) -> wait -> from_front (dim > 0)
         -> [interleave]; the bracketed reorders only for a strided placement."""
         size = math.prod(self.mesh.axis_sizes[a] for a in axes)
-        group = self._group(axes)
+        group = AxisGroup(tuple(axes))
         dim = split_dim(placement) or 0
         strided = isinstance(placement, Strided)
         if strided and kind == "reduce_scatter":
@@ -226,7 +221,7 @@ class Inserter:
     def _emit_all_to_all(self, axis, dims, value, local: list[int], record, label):
         """pack (block i of the new dim for rank i) -> all_to_all_single -> wait -> join along the old dim."""
         size = self.mesh.axis_sizes[axis]
-        group = self._group((axis,))
+        group = AxisGroup((axis,))
         from_dim, to_dim = (int(d) for d in dims)
         block = list(local)
         block[to_dim] //= size
@@ -239,13 +234,13 @@ class Inserter:
 
     def _emit_local(self, kind, axis, placement, value):
         size = self.mesh.axis_sizes[axis]
-        coordinate = self.mesh.coordinate[axis]
+        coordinate = RankIndex((axis,))
         if kind == "local_slice" and isinstance(placement, Strided):
             return self.graph.call_function(collectives.strided_slice,
                                             (value, placement.dim, placement.chunks, coordinate, size))
         if kind == "local_slice":
             return self.graph.call_function(collectives.local_slice, (value, int(placement), coordinate, size))
-        return self.graph.call_function(collectives.mask_partial, (value, coordinate == 0))
+        return self.graph.call_function(collectives.mask_partial, (value, coordinate))
 
 
 def insert(graph_module: fx.GraphModule, ctx, mesh) -> fx.GraphModule:

@@ -23,6 +23,7 @@ import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
+from .bind import as_rank_zero
 from .collectives import WAIT
 from .memory_kinds import DEVICE, HOST, KIND_META
 
@@ -45,7 +46,8 @@ def _tensors(value) -> list[torch.Tensor]:
 
 
 def fake_values(graph_module: fx.GraphModule, inputs) -> dict[fx.Node, object]:
-    """Every node's value on fake tensors shaped like `inputs` (this rank's local tensors, real or fake)."""
+    """Every node's value on fake tensors shaped like `inputs` (this rank's local tensors, real or fake).
+    A program not yet bound to a rank (`sharding.bind`) runs as if it were rank 0: shapes are the same."""
     given = [x for x in inputs if isinstance(x, FakeTensor)]
     mode = given[0].fake_mode if given else FakeTensorMode(allow_non_fake_inputs=True)
     fakes = [mode.from_tensor(x) if isinstance(x, torch.Tensor) and not isinstance(x, FakeTensor) else x
@@ -55,7 +57,12 @@ def fake_values(graph_module: fx.GraphModule, inputs) -> dict[fx.Node, object]:
     class Recorder(fx.Interpreter):
         def run_node(self, node):
             # The real wait_tensor returns its argument; its fake kernel returns a copy.
-            out = self.env[node.args[0]] if node.target is WAIT else super().run_node(node)
+            if node.target is WAIT:
+                out = self.env[node.args[0]]
+            else:
+                with self._set_current_node(node):
+                    args, kwargs = as_rank_zero(self.fetch_args_kwargs_from_env(node))
+                    out = getattr(self, node.op)(node.target, args, kwargs)
             values[node] = out
             return out
 

@@ -7,7 +7,10 @@ from __future__ import annotations
 import contextlib
 import contextvars
 
+import optree
+
 from .errors import SpecError
+from .tree import NAMESPACE
 
 DEVICE, HOST = "device", "host"
 MEMORY_KINDS = (DEVICE, HOST)
@@ -24,6 +27,20 @@ def check_kind(kind, where: str) -> str:
     if kind not in MEMORY_KINDS:
         raise SpecError(f"{where}: memory kind {kind!r} is not one of {MEMORY_KINDS}")
     return kind
+
+
+def flat_kinds(kinds, tree, what: str) -> list[str]:
+    """One memory kind per leaf of `tree`: `kinds` is a kind for every leaf, or a tree prefix of kinds."""
+    count = len(optree.tree_leaves(tree, namespace=NAMESPACE, none_is_leaf=False))
+    if kinds is None or isinstance(kinds, str):
+        return [check_kind(kinds, what)] * count
+    is_kind = lambda x: x is None or isinstance(x, str)
+    try:
+        broadcast = optree.tree_broadcast_prefix(kinds, tree, is_leaf=is_kind, namespace=NAMESPACE)
+    except ValueError as error:
+        raise SpecError(f"{what}: the tree of memory kinds does not match the value tree; {error}") from None
+    leaves = optree.tree_leaves(broadcast, is_leaf=is_kind, none_is_leaf=True, namespace=NAMESPACE)
+    return [check_kind(kind, what) for kind in leaves]
 
 
 def current_kind() -> str:

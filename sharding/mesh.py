@@ -14,11 +14,11 @@ class Mesh:
     """Axis names and sizes, this rank's coordinate on each axis, and one process group per axis.
 
     `Mesh({"dp": 2, "tp": 2})` needs torch.distributed initialised with world size 4.
-    `Mesh.abstract(...)` has names and sizes only (rank 0's view): enough to trace and plan
-    at any size without processes; running on it is an error.
+    `Mesh.abstract(...)` has names and sizes only (rank 0's view, or `rank`'s): enough to trace
+    and plan at any size without processes; running on it is an error.
     """
 
-    def __init__(self, axes: Mapping[str, int], *, _abstract: bool = False):
+    def __init__(self, axes: Mapping[str, int], *, _abstract: bool = False, _rank: int = 0):
         if not axes:
             raise MeshError("a Mesh needs at least one axis, e.g. Mesh({'dp': 2})")
         for name, size in axes.items():
@@ -33,7 +33,9 @@ class Mesh:
         self._device_mesh = None
         self._joint_groups: dict[tuple, str] = {}  # axis indices -> group name, made on first use
         if _abstract:
-            self.rank = 0
+            if not 0 <= _rank < self.size:
+                raise MeshError(f"rank {_rank} is not on Mesh({dict(axes)}), which has ranks 0..{self.size - 1}")
+            self.rank = _rank
         else:
             if not dist.is_available() or not dist.is_initialized():
                 raise MeshError(f"Mesh({dict(axes)}) needs torch.distributed initialised with world size "
@@ -47,8 +49,12 @@ class Mesh:
         self.coordinate = self._coordinate_of(self.rank)
 
     @classmethod
-    def abstract(cls, axes: Mapping[str, int]) -> "Mesh":
-        return cls(axes, _abstract=True)
+    def abstract(cls, axes: Mapping[str, int], rank: int = 0) -> "Mesh":
+        return cls(axes, _abstract=True, _rank=rank)
+
+    def shape_only(self) -> "Mesh":
+        """The abstract mesh of the same axes: what every compiler stage but the last sees."""
+        return self if self.abstract_only and self.rank == 0 else Mesh.abstract(self.shape())
 
     def _coordinate_of(self, rank: int) -> tuple[int, ...]:
         coordinate = []

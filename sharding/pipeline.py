@@ -1,0 +1,149 @@
+"""The compiler as a value: `STAGES`, in order, each a `Program -> Program`.
+
+trace -> remat -> propagate -> insert -> localize -> schedule -> place -> bind. Every stage but
+`bind` reads only the mesh's axis names and sizes (`Program.shape`, an abstract mesh), so a step
+lowered for any rank, or on `Mesh.abstract`, is one program; `bind` writes in this rank's
+position and process groups (`Program.mesh`). Each stage's module can be used and tested alone;
+the functions here only say what each takes from the program and what it adds.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import optree
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from .bind import bind
+from .errors import SpecError
+from .insert import insert
+from .layout import layout_from_spec
+from .localize import localize
+from .memory_kinds import flat_kinds
+from .mesh import Mesh
+from .placement import place
+from .propagate import propagate
+from .remat import remat
+from .schedule import schedule
+from .trace import Traced, trace
+from .tree import NAMESPACE, flat_specs
+
+
+@dataclass(frozen=True)
+class Options:
+    """What `jit` was asked for: everything a stage may read besides the program itself."""
+
+    in_specs: tuple
+    out_specs: Any
+    logical_rules: dict
+    data_axes: tuple | None
+    data_leaves: list[bool]
+    remat: str
+    schedule: dict
+    in_kinds: list[str]
+    out_memory_kinds: Any
+    compute_device: torch.device
+    fake_device: torch.device | None
+
+
+@dataclass(frozen=True)
+class Program:
+    """The step as it goes through the stages. `graph` is the current graph (global shapes until
+    insert, this rank's after); the other fields are filled in by the stage that knows them."""
+
+    fn: Callable
+    args: tuple
+    mesh: Mesh
+    options: Options
+    graph: fx.GraphModule | None = None
+    traced: Traced | None = None
+    global_graph: fx.GraphModule | None = None
+    context: Any = None
+    out_layouts: list | None = None
+    out_kinds: list[str] | None = None
+    example_inputs: list = field(default_factory=list)
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def shape(self) -> Mesh:
+        """The mesh as the stages before `bind` see it: axis names and sizes only."""
+        return self.mesh.shape_only()
+
+
+def trace_stage(p: Program) -> Program:
+    traced = trace(p.fn, p.args, p.options.in_specs, p.shape, p.options.logical_rules,
+                   fake_device=p.options.fake_device)
+    return dataclasses.replace(p, graph=traced.graph_module, traced=traced,
+                               out_layouts=_out_layouts(traced, p.options.out_specs, p.shape))
+
+
+def remat_stage(p: Program) -> Program:
+    graph = remat(p.graph, p.options.remat)
+    return dataclasses.replace(p, graph=graph, global_graph=graph)
+
+
+def propagate_stage(p: Program) -> Program:
+    unknown = [a for a in p.options.data_axes or () if a not in p.shape.axis_names]
+    if unknown:
+        raise SpecError(f"data_axes {tuple(unknown)} are not mesh axes {p.shape.axis_names}")
+    context = propagate(p.graph.graph, p.traced.in_layouts, p.out_layouts, p.shape.axis_names,
+                        p.shape.axis_sizes, p.options.data_axes, p.options.data_leaves)
+    return dataclasses.replace(p, context=context)
+
+
+def insert_stage(p: Program) -> Program:
+    return dataclasses.replace(p, graph=insert(p.graph, p.context, p.shape))
+
+
+def localize_stage(p: Program) -> Program:
+    return dataclasses.replace(p, graph=localize(p.graph, p.shape.axis_sizes))
+
+
+def schedule_stage(p: Program) -> Program:
+    return dataclasses.replace(p, graph=schedule(p.graph, p.shape.axis_sizes, **p.options.schedule))
+
+
+def place_stage(p: Program) -> Program:
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    example_inputs = [fake_mode.from_tensor(x) if isinstance(x, torch.Tensor) else x
+                      for x in optree.tree_leaves(p.args, namespace=NAMESPACE, none_is_leaf=False)]
+    out_tree = optree.tree_unflatten(p.traced.out_treedef, list(range(len(p.traced.out_paths))))
+    out_kinds = flat_kinds(p.options.out_memory_kinds, out_tree, "out_memory_kinds")
+    graph = place(p.graph, p.options.in_kinds, out_kinds, example_inputs, p.options.compute_device)
+    return dataclasses.replace(p, graph=graph, out_kinds=out_kinds, example_inputs=example_inputs)
+
+
+def bind_stage(p: Program) -> Program:
+    return dataclasses.replace(p, graph=bind(p.graph, p.mesh))
+
+
+STAGES: tuple[tuple[str, Callable[[Program], Program]], ...] = (
+    ("trace", trace_stage), ("remat", remat_stage), ("propagate", propagate_stage),
+    ("insert", insert_stage), ("localize", localize_stage), ("schedule", schedule_stage),
+    ("place", place_stage), ("bind", bind_stage),
+)
+
+
+def run_stages(program: Program, stages=STAGES) -> Program:
+    """`program` through `stages` in order; `timings` gets each stage's seconds (`<name>_s`)."""
+    timings = dict(program.timings)
+    for name, stage in stages:
+        started = time.perf_counter()
+        program = stage(program)
+        timings[f"{name}_s"] = time.perf_counter() - started
+    return dataclasses.replace(program, timings=timings)
+
+
+def _out_layouts(traced: Traced, out_specs, mesh: Mesh) -> list:
+    output = next(n for n in traced.graph_module.graph.nodes if n.op == "output")
+    vals = [n.meta["val"] if isinstance(n, fx.Node) else n for n in output.args[0]]
+    out_tree = optree.tree_unflatten(traced.out_treedef, vals)
+    if isinstance(out_tree, tuple) and isinstance(out_specs, list):
+        out_specs = tuple(out_specs)
+    specs = flat_specs(out_specs, out_tree, "out_specs")
+    return [layout_from_spec(spec, tuple(val.shape), mesh.axis_names, mesh.axis_sizes, where=f"output {path!r}")
+            for spec, val, path in zip(specs, vals, traced.out_paths)]
