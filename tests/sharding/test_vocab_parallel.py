@@ -3,6 +3,7 @@ gathered. The max logit is a `Partial("max")` (one all-reduce max), the sum of e
 `Partial("sum")`, the target logit a masked local gather and its gradient a masked local scatter."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -71,6 +72,7 @@ def _run(rank, world):
     return loss, unshard(grads, SPECS[0], mesh)
 
 
+@pytest.mark.slow  # four processes
 def test_vocab_parallel_cross_entropy_equals_one_process():
     params, batch = _problem()
     ref_grads, ref_loss = torch.func.grad_and_value(_loss)(params, batch)
