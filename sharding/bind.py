@@ -75,12 +75,11 @@ def bind(graph_module: fx.GraphModule, mesh) -> fx.GraphModule:
     """A copy of `graph_module` for this rank of `mesh` (an abstract mesh binds as its rank)."""
     if not placeholders(graph_module):
         return graph_module
-    bound = fx.GraphModule(graph_module, fx.Graph())
+    graph = fx.Graph()
     env: dict = {}
     for node in graph_module.graph.nodes:
-        new = bound.graph.node_copy(node, lambda n: env[n])
+        new = graph.node_copy(node, lambda n: env[n])
         new.args = _map(new.args, lambda a: _bound(a, mesh))
         new.kwargs = _map(new.kwargs, lambda a: _bound(a, mesh))
         env[node] = new
-    bound.recompile()
-    return bound
+    return fx.GraphModule(graph_module, graph)  # built from the finished graph: it copies the constants it uses

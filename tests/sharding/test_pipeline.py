@@ -49,3 +49,12 @@ def test_jit_binds_the_mesh_it_was_given():
     assert [n.args[2] for n in lowered.graph.graph.nodes if getattr(n.target, "__name__", "") == "local_slice"] == [1]
     assert set(lowered.timings) >= {f"{name}_s" for name, _ in STAGES}
 
+
+
+def test_a_bound_program_keeps_the_constants_it_closes_over_and_runs_as_its_rank():
+    """No collective is needed to split a replicated value, so the bound program of rank 1 of an
+    abstract mesh runs: it returns rank 1's rows, including the captured constant's."""
+    offset = torch.arange(8, dtype=torch.float64).view(8, 1)  # a module buffer, say
+    compiled = jit(lambda x: x + offset, mesh=Mesh.abstract({"dp": 2}, rank=1), in_specs=(P(),), out_specs=P("dp"))
+    x = torch.zeros(8, 3, dtype=torch.float64)
+    assert torch.equal(compiled(x), (x + offset)[4:])
