@@ -145,17 +145,17 @@ class jit:
             in_specs=self.in_specs, out_specs=self.out_specs, logical_rules=self.logical_rules,
             data_axes=self.data_axes, data_leaves=data_leaves(args, self.data_argnums), remat=self.remat,
             schedule=self.schedule_options, in_kinds=in_kinds, out_memory_kinds=self.out_memory_kinds,
-            compute_device=compute_device, fake_device=compute_device if HOST in in_kinds else None)
+            compute_device=compute_device)
         return Program(fn=self.fn, args=tuple(args), mesh=self.mesh, options=options)
 
     def _lower(self, args) -> Lowered:
         program = run_stages(self.program(*args))
-        timings = program.timings
+        timings = dict(program.timings)
         timings["partition_s"] = sum(seconds for key, seconds in timings.items() if key != "trace_s")
         return Lowered(graph=program.graph, collectives=collective_log(program.graph),
                        out_treedef=program.traced.out_treedef, global_graph=program.global_graph,
                        transfers=transfer_log(program.graph), example_inputs=program.example_inputs,
-                       timings=dict(timings))
+                       timings=timings)
 
 
 def data_leaves(args, data_argnums) -> list[bool]:

@@ -23,7 +23,7 @@ from .errors import SpecError
 from .insert import insert
 from .layout import layout_from_spec
 from .localize import localize
-from .memory_kinds import flat_kinds
+from .memory_kinds import HOST, flat_kinds
 from .mesh import Mesh
 from .placement import place
 from .propagate import propagate
@@ -47,7 +47,12 @@ class Options:
     in_kinds: list[str]
     out_memory_kinds: Any
     compute_device: torch.device
-    fake_device: torch.device | None
+
+    @property
+    def fake_device(self) -> torch.device | None:
+        """Where to trace every input: the compute device when some inputs live on host (placement
+        decides later what runs there), else each input's own device."""
+        return self.compute_device if HOST in self.in_kinds else None
 
 
 @dataclass(frozen=True)
@@ -64,7 +69,6 @@ class Program:
     global_graph: fx.GraphModule | None = None
     context: Any = None
     out_layouts: list | None = None
-    out_kinds: list[str] | None = None
     example_inputs: list = field(default_factory=list)
     timings: dict = field(default_factory=dict)
 
@@ -114,7 +118,7 @@ def place_stage(p: Program) -> Program:
     out_tree = optree.tree_unflatten(p.traced.out_treedef, list(range(len(p.traced.out_paths))))
     out_kinds = flat_kinds(p.options.out_memory_kinds, out_tree, "out_memory_kinds")
     graph = place(p.graph, p.options.in_kinds, out_kinds, example_inputs, p.options.compute_device)
-    return dataclasses.replace(p, graph=graph, out_kinds=out_kinds, example_inputs=example_inputs)
+    return dataclasses.replace(p, graph=graph, example_inputs=example_inputs)
 
 
 def bind_stage(p: Program) -> Program:
