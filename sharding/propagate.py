@@ -27,7 +27,8 @@ import torch
 from .constrain import decode_spec
 from .errors import PropagationError
 from .hints import Hints
-from .layout import PARTIAL, REPLICATE, Layout, Strided, annotate, is_partial, is_shard, layout_from_spec
+from .layout import (PARTIAL, REPLICATE, Layout, Strided, annotate, describe, is_partial, is_shard, layout_from_spec,
+                     split_dim)
 from .ops import facts
 from .rules import RULES, STRIDED_AWARE, Choice, load_all, tensor_inputs
 from .source import source_line
@@ -47,6 +48,7 @@ class Context:
         self.effective: dict[torch.fx.Node, Layout] = {}
         self.available: dict[torch.fx.Node, list[Layout]] = {}
         self.data_dependent: set[torch.fx.Node] = set()
+        self.stated_gathers: set[tuple] = set()  # (node, axis): a stated rule moves an operand there
 
     # -- what rules ask -------------------------------------------------------------------
     def layout(self, node) -> Layout:
@@ -85,6 +87,11 @@ class Context:
     def divisible(self, shape, dim: int, axis: int) -> bool:
         size = self.axis_sizes[axis]
         return dim < len(shape) and shape[dim] % size == 0 and shape[dim] >= size
+
+    def gathers_by_rule(self, node, axis: int) -> None:
+        """A rule moves an operand of `node` on `axis` by a stated rule (5, or 4's reshape
+        clause): a gather there is not rule 9's error."""
+        self.stated_gathers.add((node, axis))
 
     def error(self, node, message: str) -> PropagationError:
         where = source_line(node)
@@ -169,11 +176,36 @@ def _propagate_node(ctx: Context, node: torch.fx.Node) -> None:
         if choice.local is not None:
             local[axis] = choice.local
     required_layouts = {inp: Layout(tuple(pl)) for inp, pl in requires.items()}
+    _check_no_model_gather(ctx, node, required_layouts)
     if outputs and isinstance(outputs[0], tuple):
         out_layout = tuple(Layout(tuple(o[i] for o in outputs)) for i in range(len(outputs[0])))
     else:
         out_layout = Layout(tuple(outputs))
     _record(ctx, node, required_layouts, out_layout, local)
+
+
+def _check_no_model_gather(ctx: Context, node, required: dict) -> None:
+    """Rule 9: a split on a model axis is gathered only where a stated rule moves an operand (5:
+    the activation follows the parameter's split; 4: a reshape merges the split dim behind a
+    leading one) or a `constrain` asks for it; any other gather is an error naming the constrain
+    that makes it explicit."""
+    for inp, layout in required.items():
+        stored = ctx.layouts.get(inp)
+        if not isinstance(stored, Layout):
+            continue
+        for axis, placement in enumerate(layout.placements):
+            if (axis in ctx.data_axes or placement != REPLICATE or split_dim(stored.placements[axis]) is None
+                    or (node, axis) in ctx.stated_gathers):
+                continue
+            name = ctx.axis_names[axis]
+            held = describe(stored.placements[axis])
+            current = stored.to_spec(ctx.ndim(inp), ctx.axis_names)
+            whole = stored.with_axis(axis, REPLICATE).to_spec(ctx.ndim(inp), ctx.axis_names)
+            raise ctx.error(node, f"this op needs its input {inp.name} whole on model axis {name!r}, where it "
+                                  f"is {held} (layout {current}), and no rule computes it split; rule 9 "
+                                  f"gathers on a model axis only where you ask: write "
+                                  f"constrain(<{inp.name}>, {whole}) before this op to all-gather it over "
+                                  f"{name!r}, or split a different dim of it")
 
 
 def _gather_strided(ctx: Context, inputs) -> None:

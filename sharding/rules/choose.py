@@ -17,6 +17,7 @@ def anchor(ctx, axis: int, node, nodes, placement_of=None):
     `placement_of(operand)` gives the split each operand stands for (its dim in the output for
     pointwise ops); operands standing for the same split do not conflict."""
     placement_of = placement_of or (lambda n: ctx.placement(n, axis))
+    ctx.gathers_by_rule(node, axis)
     keeps = [n for n in nodes if (not ctx.param_like(n)) == ctx.is_data_axis(axis)]
     candidates = keeps or list(nodes)
     if len({placement_of(n) for n in candidates}) > 1:

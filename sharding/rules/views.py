@@ -93,6 +93,7 @@ def reshape(ctx, node, axis):
                 break
             running *= out_local[out_dim]
         break
+    ctx.gathers_by_rule(node, axis)  # rule 4's reshape clause (SP's gather before a column matmul)
     return Choice(REPLICATE, {x: REPLICATE})
 
 
