@@ -15,6 +15,10 @@ The numbered rules README's "Propagation rules" lists, in the order they apply:
 7. Each layout change is one collective per axis (`sharding.insert`; Shard(i) -> Shard(j) one
    all-to-all; a Partial over several axes one all-reduce over their joint group).
 8. A layout that does not divide a tensor (output or required input) is an error.
+9. No silent gather on a model axis: a split there is gathered only where rule 5 moves an
+   operand, a reshape merges it behind a leading dim (rule 4), or a `constrain` asks; an op that
+   needs the dim whole otherwise (softmax, layer norm, cumsum, sort over it) is an error naming
+   the constrain (`_check_no_model_gather`).
 The result is each node's `layout.Annotation` (`node.meta["fp"]`: layout, required input layouts, local computations).
 """
 from __future__ import annotations

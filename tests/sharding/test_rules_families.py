@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sharding import Mesh, P, Partial, PropagationError, Replicate, Shard, jit, shard
+from sharding import Mesh, P, Partial, PropagationError, Replicate, Shard, chunked, constrain, jit, shard
 from sharding.layout import layout_of
 
 MESH = Mesh.abstract({"tp": 2})
@@ -130,3 +130,46 @@ def test_two_activations_split_differently_name_the_constrain_that_settles_it():
     step = jit(lambda x, y: x + y.t(), mesh=data, in_specs=(P("tp"), P("tp")), out_specs=P())
     with pytest.raises(PropagationError, match=r"constrain\("):
         step.lower(shard(_x(4, 4), P("tp"), data), shard(_x(4, 4), P("tp"), data))
+
+
+# -- no silent gather on a model axis (rule 9) -----------------------------------------------------
+@pytest.mark.parametrize("fn, name", [
+    (lambda x: torch.softmax(x, -1), "softmax"),
+    (lambda x: F.layer_norm(x, (8,)), "layer_norm"),
+    (lambda x: x.cumsum(-1), "cumsum"),
+    (lambda x: x.argmax(-1).to(x.dtype), "argmax"),
+    (lambda x: x.sort(-1).values, "sort"),
+])
+def test_an_op_that_needs_a_model_axis_split_dim_whole_names_the_constrain(fn, name):
+    with pytest.raises(PropagationError, match=r"whole on model axis 'tp'.*rule 9.*constrain\(<\w+>, P\(\)\)"
+                                               r".*test_rules_families\.py"):
+        _lower(fn, (_x(4, 8),), (P(None, "tp"),), P())
+
+
+def test_the_constrain_the_error_names_makes_the_gather_explicit():
+    def fn(x):
+        return torch.softmax(constrain(x, P()), -1)
+    lowered = _lower(fn, (_x(4, 8),), (P(None, "tp"),), P())
+    assert _kinds(lowered) == [("all_gather", "sum")]
+
+
+def test_on_a_data_axis_a_worked_dim_is_gathered_by_the_op():
+    data = Mesh.abstract({"dp": 2})
+    step = jit(lambda x: x.cumsum(-1), mesh=data, in_specs=(P(None, "dp"),), out_specs=P(), data_argnums=0)
+    lowered = step.lower(shard(_x(4, 8), P(None, "dp"), data))
+    assert [c["kind"] for c in lowered.collectives] == ["all_gather"]
+
+
+def test_rule_5_and_the_reshape_clause_still_move_an_activation_on_a_model_axis():
+    mesh = Mesh.abstract({"dp": 2, "tp": 2})  # x is data split on its rows over tp (SP), w a column-parallel weight
+    step = jit(lambda x, w: x @ w, mesh=mesh, in_specs=(P("tp"), P(None, "tp")), out_specs=P(None, "tp"),
+               data_argnums=0, data_axes=("dp",))
+    sequence_parallel = step.lower(shard(_x(4, 8), P("tp"), mesh), shard(_x(8, 6), P(None, "tp"), mesh))
+    assert [(c["kind"], c["axes"]) for c in sequence_parallel.collectives] == [("all_gather", ("tp",))]
+    merged_behind = _lower(lambda x: x.reshape(8, 4), (_x(2, 4, 4),), (P(None, "tp"),), P())
+    assert _kinds(merged_behind) == [("all_gather", "sum")]
+
+
+def test_a_chunked_split_an_op_cannot_place_is_not_gathered_silently():
+    with pytest.raises(PropagationError, match=r"whole on model axis 'tp', where it is Shard\(1, chunks=2\).*rule 9"):
+        _lower(lambda x: torch.softmax(x, 0), (_x(4, 8),), (P(None, chunked("tp", 2)),), P())
