@@ -14,7 +14,7 @@ import torch
 
 from .constrain import decode_spec
 from .errors import ShardingError
-from .layout import REPLICATE, Layout, is_shard, layout_from_spec
+from .layout import REPLICATE, Layout, layout_from_spec, split_dim
 from .ops import creates_zeros, joins_component
 
 aten = torch.ops.aten
@@ -72,7 +72,7 @@ class Hints:
         root = self._find(node)
         current = list(self.component_hint.get(root, (None,) * self.num_axes))
         for axis, placement in enumerate(layout.placements):
-            if is_shard(placement) and not is_shard(current[axis]):
+            if split_dim(placement) is not None and split_dim(current[axis]) is None:
                 current[axis] = placement
             elif current[axis] is None and placement == REPLICATE:
                 current[axis] = REPLICATE

@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from . import collectives
 from .bind import AxisGroup, RankIndex
-from .layout import PARTIAL, REPLICATE, Layout, Strided, annotate, annotation, is_partial, split_dim
+from .layout import PARTIAL, REPLICATE, Layout, Strided, annotate, annotation, is_partial, nested_as_plain, split_dim
 from .ops import facts
 from .source import source_line
 
@@ -31,16 +31,27 @@ def _exchanges(current, target, a) -> bool:
     return not any(split_dim(p) in (current[a], target[a]) for p in others)
 
 
-def plan_steps(src: Layout, dst: Layout) -> list[tuple[str, object, object]]:
+def plan_steps(src: Layout, dst: Layout, axis_sizes=None) -> list[tuple[str, object, object]]:
     """The steps (kind, axis index, argument) that turn `src` into `dst`, one per axis, except that
     the all-reduces of one op over several axes are one step over their joint group: its axis
     index is a tuple and its argument the reduce op. A gather's argument is the placement it
-    undoes, a slice's or reduce-scatter's the one it makes, an all-to-all's the (from, to) dims."""
-    current, target = list(src.placements), dst.placements
+    undoes, a slice's or reduce-scatter's the one it makes, an all-to-all's the (from, to) dims.
+    With `axis_sizes`, an out-of-mesh-order nesting (`P(("tp", "dp"))`) whose inner axes stay is
+    moved as the plain innermost split it is on every rank (`layout.nested_as_plain`)."""
+    current, target = list(src.placements), list(dst.placements)
     n = len(current)
+    as_plain = set()
+    if axis_sizes is not None:
+        for a in range(n):
+            for layout in (current, target):
+                plain = nested_as_plain(layout, a, axis_sizes)
+                inner = [b for b in range(a + 1, n) if plain is not None and split_dim(layout[b]) == plain]
+                if plain is not None and all(current[b] == target[b] for b in inner):
+                    layout[a] = plain
+                    as_plain.add(a)
     changing = [a for a in range(n) if current[a] != target[a]]
     unshard = {a for a in changing if split_dim(current[a]) is not None}
-    for a in changing:  # an inner axis nested in a dim an outer axis changes must step aside first
+    for a in set(changing) - as_plain:  # an inner axis nested in a dim an outer axis changes steps aside first
         dims = {split_dim(current[a]), split_dim(target[a])} - {None}
         for b in range(a + 1, n):
             if split_dim(current[b]) in dims:
@@ -155,7 +166,7 @@ class Inserter:
         current = src
         source = source_line(consumer) if consumer.op != "output" else source_line(old)
         global_val = old.meta["val"]
-        for kind, axis, placement in plan_steps(src, dst):
+        for kind, axis, placement in plan_steps(src, dst, self.mesh.axis_sizes):
             every = axis if isinstance(axis, tuple) else (axis,)
             axes = tuple(a for a in every if self.mesh.axis_sizes[a] > 1)  # one rank: nothing to move
             if not axes:
@@ -163,10 +174,10 @@ class Inserter:
                     current = current.with_axis(a, dst.placements[a])
                 continue
             before = current
-            for a in every:
+            for a in every:  # a slice or reduce-scatter makes dst's placement (a nesting moved as plain too)
                 current = current.with_axis(a, REPLICATE if kind in ("all_gather", "all_reduce") else
                                             PARTIAL if kind == "mask_partial" else
-                                            placement[1] if kind == "all_to_all" else placement)
+                                            placement[1] if kind == "all_to_all" else dst.placements[a])
             if kind in collectives.ISSUE_OPS:
                 # Bytes per rank: what this rank sends (a gather's result is `size` times its input).
                 local = (current if kind == "all_gather" else before).local_shape(global_val.shape,

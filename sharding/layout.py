@@ -144,11 +144,16 @@ class Layout:
     def has_partial(self) -> bool:
         return any(isinstance(p, Partial) for p in self.placements)
 
-    def to_spec(self, ndim: int, axis_names: Sequence[str]) -> P:
+    def to_spec(self, ndim: int, axis_names: Sequence[str], axis_sizes: Sequence[int] | None = None) -> P:
         entries = []
         for dim in range(ndim):
             axes = tuple(chunked(name, pl.chunks) if isinstance(pl, Strided) else name
                          for name, pl in zip(axis_names, self.placements) if split_dim(pl) == dim)
+            nested = [a for a, pl in enumerate(self.placements) if split_dim(pl) == dim
+                      and axis_sizes is not None and nested_as_plain(self.placements, a, axis_sizes) is not None]
+            if nested:  # an out-of-mesh-order nesting: the nested axis is listed last
+                inner = axis_names[nested[0]]
+                axes = tuple(a for a in axes if getattr(a, "name", a) != inner) + (inner,)
             entries.append(axes if axes else None)
         while entries and entries[-1] is None:
             entries.pop()
@@ -187,8 +192,11 @@ def layout_from_spec(spec: P, shape: Sequence[int], axis_names: Sequence[str], a
             if axis_sizes[axis_names.index(axis)] > 1:  # a size-1 axis splits nothing
                 placements[axis_names.index(axis)] = Strided(dim, chunks) if chunks > 1 else dim
         if positions != sorted(positions):
-            raise SpecError(f"{where}: spec {spec} lists axes {axes} for dim {dim} out of mesh order "
-                            f"{tuple(axis_names)}; list them outer axis first")
+            if any(getattr(axis, "chunks", 1) > 1 for axis in axes):
+                raise SpecError(f"{where}: spec {spec} lists axes {axes} for dim {dim} out of mesh order "
+                                f"{tuple(axis_names)} and chunks one of them; a chunked axis is listed "
+                                f"in mesh order")
+            _nest_out_of_mesh_order(placements, dim, axes, axis_names, axis_sizes)
         count = 1
         for axis in axes:
             count *= axis_sizes[axis_names.index(axis)] * getattr(axis, "chunks", 1)
@@ -198,6 +206,38 @@ def layout_from_spec(spec: P, shape: Sequence[int], axis_names: Sequence[str], a
                             f"{tuple(axis_sizes[axis_names.index(a)] for a in axes)}); spec {spec}, "
                             f"shape {tuple(shape)}")
     return Layout(tuple(placements))
+
+
+def _nest_out_of_mesh_order(placements: list, dim: int, axes, axis_names, axis_sizes) -> None:
+    """Axes listed for one dim outer first but not in mesh order (`P(("tp", "dp"))` on a
+    `("dp", "tp")` mesh: tp's block, split over dp, as FSDP over TP keeps a bias). Placements
+    apply in mesh order, so an axis listed after an axis that comes later in the mesh splits each
+    of that axis's blocks: `Strided(dim, chunks)`, chunks the product of their sizes."""
+    for position, axis in enumerate(axes):
+        index = axis_names.index(axis)
+        outer = [a for a in axes[:position] if axis_names.index(a) > index]
+        chunks = 1
+        for a in outer:
+            chunks *= axis_sizes[axis_names.index(a)]
+        if axis_sizes[index] > 1 and chunks > 1:
+            placements[index] = Strided(dim, chunks)
+
+
+def nested_as_plain(placements: Sequence, axis: int, axis_sizes: Sequence[int]):
+    """`Shard(dim)` when axis `axis`'s `Strided(dim, chunks)` is an out-of-mesh-order nesting
+    (no earlier axis splits the dim, the later ones split it plainly into `chunks` blocks): on
+    every rank's local tensor it is then a plain innermost split, gathered, sliced and
+    reduce-scattered as one. None otherwise."""
+    placement = placements[axis]
+    if not isinstance(placement, Strided) or any(split_dim(p) == placement.dim for p in placements[:axis]):
+        return None
+    inner = [b for b in range(axis + 1, len(placements)) if split_dim(placements[b]) == placement.dim]
+    count = 1
+    for b in inner:
+        count *= axis_sizes[b]
+    if not inner or any(not is_shard(placements[b]) for b in inner) or count != placement.chunks:
+        return None
+    return Shard(placement.dim)
 
 
 ANNOTATION = "fp"  # the node.meta key of a node's `Annotation`

@@ -32,7 +32,7 @@ from .constrain import decode_spec
 from .errors import PropagationError
 from .hints import Hints
 from .layout import (PARTIAL, REPLICATE, Layout, Strided, annotate, describe, is_partial, is_shard, layout_from_spec,
-                     split_dim)
+                     nested_as_plain, split_dim)
 from .ops import facts
 from .rules import RULES, STRIDED_AWARE, Choice, load_all, tensor_inputs
 from .source import source_line
@@ -263,7 +263,7 @@ def _apply_compute_layouts(ctx: Context, node, inputs) -> None:
             continue
         placements = list(layout.placements)
         for axis in ctx.data_axes:
-            if is_shard(placements[axis]):
+            if split_dim(placements[axis]) is not None:
                 placements[axis] = REPLICATE
         if tuple(placements) != layout.placements:
             ctx.effective[inp] = Layout(tuple(placements))
@@ -279,9 +279,9 @@ def _hint(ctx: Context, node, axis: int, consumers: bool):
     hinted by a same-shape consumer: a gradient that comes out of a view is not in the optimizer's
     component, its consumers are."""
     hint = ctx.hint(node, axis)
-    if consumers and not is_shard(hint):
+    if consumers and split_dim(hint) is None:
         hint = next((h for h in (ctx.hint(user, axis) for user in node.users
-                                 if ctx.shape(user) == ctx.shape(node)) if is_shard(h)), hint)
+                                 if ctx.shape(user) == ctx.shape(node)) if split_dim(h) is not None), hint)
     return hint
 
 
@@ -299,7 +299,11 @@ def _reduced(ctx: Context, node, layout: Layout, consumers: bool = False) -> Lay
     for axis, placement in enumerate(placements):
         if placement == PARTIAL:
             hint = _hint(ctx, node, axis, consumers)
-            shardable = is_shard(hint) and hint not in placements and ctx.divisible(ctx.shape(node), hint, axis)
+            nested = list(placements)
+            nested[axis] = hint
+            shardable = ((is_shard(hint) and hint not in placements)
+                         or nested_as_plain(nested, axis, ctx.axis_sizes) is not None) \
+                and ctx.divisible(ctx.shape(node), split_dim(hint), axis)
             placements[axis] = hint if shardable else REPLICATE
     return Layout(tuple(placements))
 

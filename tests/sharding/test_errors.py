@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from functional_parallel.launch import RankError, spawn
-from sharding import Mesh, MeshError, P, PropagationError, SpecError, TraceError, jit, match, shard
+from sharding import Mesh, MeshError, P, PropagationError, SpecError, TraceError, chunked, jit, match, shard
 
 MESH = Mesh.abstract({"dp": 2, "tp": 2})
 
@@ -56,9 +56,9 @@ def test_in_specs_arity():
         _lower(None, in_specs=(P(),))
 
 
-def test_axes_out_of_mesh_order():
-    with pytest.raises(SpecError, match=r"out of mesh order"):
-        _lower(P(("tp", "dp"), None))
+def test_a_chunked_axis_out_of_mesh_order():
+    with pytest.raises(SpecError, match=r"out of mesh order .* a chunked axis is listed in mesh order"):
+        _lower(P((chunked("tp", 2), "dp"), None))
 
 
 def test_op_without_rule_names_op_and_source_line():
