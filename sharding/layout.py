@@ -5,7 +5,10 @@ A placement is one of the typed values below: `Replicate()`, `Partial("sum" | "m
 equal contiguous blocks along that dim) or `Strided(dim, chunks)` (the dim is `chunks` equal
 pieces and each is split: a fused q/k/v weight whose every rank holds its q, k and v columns).
 Several axes may shard one dim; each splits the block the axes before it in mesh order left
-(outer axis first), as `P(("dp", "tp"))` does.
+(outer axis first), as `P(("dp", "tp"))` does. A spec may list them in the other order
+(`P(("tp", "dp"))`: tp's block split over dp); the mesh-earlier axis is then `Strided` over the
+later one's blocks (`_nest_out_of_mesh_order`), which every rank's local tensor sees as a plain
+innermost split (`nested_as_plain`).
 """
 from __future__ import annotations
 

@@ -203,8 +203,8 @@ def _check_no_model_gather(ctx: Context, node, required: dict) -> None:
                 continue
             name = ctx.axis_names[axis]
             held = describe(stored.placements[axis])
-            current = stored.to_spec(ctx.ndim(inp), ctx.axis_names)
-            whole = stored.with_axis(axis, REPLICATE).to_spec(ctx.ndim(inp), ctx.axis_names)
+            current = stored.to_spec(ctx.ndim(inp), ctx.axis_names, ctx.axis_sizes)
+            whole = stored.with_axis(axis, REPLICATE).to_spec(ctx.ndim(inp), ctx.axis_names, ctx.axis_sizes)
             raise ctx.error(node, f"this op needs its input {inp.name} whole on model axis {name!r}, where it "
                                   f"is {held} (layout {current}), and no rule computes it split; rule 9 "
                                   f"gathers on a model axis only where you ask: write "

@@ -26,7 +26,7 @@ def anchor(ctx, axis: int, node, nodes, placement_of=None):
         who = "data" if candidates and not ctx.param_like(candidates[0]) else "parameters"
         splits = ", ".join(f"{n.name} split along dim {split_dim(ctx.placement(n, axis))}" for n in candidates)
         first = candidates[0]
-        spec = ctx.layout(first).to_spec(ctx.ndim(first), ctx.axis_names)
+        spec = ctx.layout(first).to_spec(ctx.ndim(first), ctx.axis_names, ctx.axis_sizes)
         raise ctx.error(node, f"operands disagree on {kind} axis {axis_name!r} ({splits}), and all of them are "
                               f"{who}, so rule 5 (on a data axis the data keeps its split, on a model axis the "
                               f"parameter does) leaves the choice open; settle it with a constrain on one "
