@@ -299,11 +299,11 @@ def _reduced(ctx: Context, node, layout: Layout, consumers: bool = False) -> Lay
     for axis, placement in enumerate(placements):
         if placement == PARTIAL:
             hint = _hint(ctx, node, axis, consumers)
-            nested = list(placements)
-            nested[axis] = hint
-            shardable = ((is_shard(hint) and hint not in placements)
-                         or nested_as_plain(nested, axis, ctx.axis_sizes) is not None) \
-                and ctx.divisible(ctx.shape(node), split_dim(hint), axis)
+            reduced = list(placements)
+            reduced[axis] = hint
+            reachable = (is_shard(hint) and hint not in placements  # no other axis splits the dim
+                         or nested_as_plain(reduced, axis, ctx.axis_sizes) is not None)  # or it nests in it
+            shardable = reachable and ctx.divisible(ctx.shape(node), split_dim(hint), axis)
             placements[axis] = hint if shardable else REPLICATE
     return Layout(tuple(placements))
 
