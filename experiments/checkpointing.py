@@ -47,6 +47,11 @@ def prepare(cfg: Any, run_dir: str | pathlib.Path, torchrun: bool = False):
         raise ValueError("under torchrun set checkpoint_dir to a directory every rank can reach (each rank has "
                          "its own run dir)")
     root = checkpoint_root(cfg, run_dir).resolve()
+    if cfg.resume and not cfg.checkpoint_dir and not (root.is_dir() and checkpoint.latest(root) is not None):
+        raise CheckpointError(f"resume=true without checkpoint_dir looks in this run's own new run dir ({root}), "
+                              f"which holds no checkpoint: set checkpoint_dir to the directory the earlier run "
+                              f"saved into (its checkpoint_dir, or <its run dir>/{CHECKPOINT_SUBDIR}), or rerun in "
+                              f"that run dir (hydra.run.dir=<its run dir>)")
     if cfg.resume:
         check_resumable(cfg, root)
     elif root.is_dir() and checkpoint.latest(root) is not None:

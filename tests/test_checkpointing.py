@@ -8,7 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from experiments.checkpointing import Checkpointer, NonFiniteGuard, check_resumable
+from experiments.checkpointing import Checkpointer, NonFiniteGuard, check_resumable, prepare
 from functional_parallel.checkpoint import CheckpointError
 from functional_parallel.nonfinite import NonFiniteLossError
 from functional_parallel.tree import tree_leaves
@@ -58,3 +58,12 @@ def test_guard_skips_then_stops_and_finite_steps_reset_the_count():
     assert not guard.keep(3, 3.0, math.inf)
     with pytest.raises(NonFiniteLossError, match=r"step 4: .*after 1 skipped steps in a row.*ck/step_00000005"):
         guard.keep(4, math.inf, 1.0)
+
+
+def test_resume_without_checkpoint_dir_says_to_set_it_unless_the_run_dir_holds_checkpoints(tmp_path):
+    cfg = _cfg(checkpoint_dir=None, resume=True)
+    with pytest.raises(CheckpointError, match=r"looks in this run's own new run dir \(.*new_run/checkpoints\).*"
+                                              r"set checkpoint_dir"):
+        prepare(cfg, tmp_path / "new_run")
+    Checkpointer(_cfg(), tmp_path / "same_run" / "checkpoints", (None, None), None).save(5, *checkpoint_loop.reference(0))
+    assert prepare(cfg, tmp_path / "same_run").checkpoint_dir == str((tmp_path / "same_run" / "checkpoints").resolve())

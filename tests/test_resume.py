@@ -55,7 +55,8 @@ def test_diverging_run_stops_with_a_clear_message_and_keeps_the_last_good_checkp
 
 
 @pytest.mark.parametrize("overrides, error, message", [
-    (["resume=true"], "CheckpointError", r"checkpoint directory .*checkpoints does not exist"),
+    (["resume=true"], "CheckpointError", r"resume=true without checkpoint_dir looks in this run's own new run dir "
+                                         r"\(.*checkpoints\), which holds no checkpoint: set checkpoint_dir"),
     (["nonfinite=ignore"], "ValueError", r"non-finite policy must be one of \('stop', 'skip'\), got 'ignore'"),
     (["checkpoint_every=-1"], "ValueError", r"checkpoint_every=-1 must be >= 0"),
 ])
