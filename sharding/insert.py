@@ -45,8 +45,8 @@ def plan_steps(src: Layout, dst: Layout, axis_sizes=None) -> list[tuple[str, obj
         for a in range(n):
             for layout in (current, target):
                 plain = nested_as_plain(layout, a, axis_sizes)
-                inner = [b for b in range(a + 1, n) if plain is not None and split_dim(layout[b]) == plain]
-                if plain is not None and all(current[b] == target[b] for b in inner):
+                if plain is not None and all(current[b] == target[b] for b in range(a + 1, n)
+                                             if split_dim(layout[b]) == plain):
                     layout[a] = plain
                     as_plain.add(a)
     changing = [a for a in range(n) if current[a] != target[a]]

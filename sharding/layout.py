@@ -12,6 +12,7 @@ innermost split (`nested_as_plain`).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -152,11 +153,11 @@ class Layout:
         for dim in range(ndim):
             axes = tuple(chunked(name, pl.chunks) if isinstance(pl, Strided) else name
                          for name, pl in zip(axis_names, self.placements) if split_dim(pl) == dim)
-            nested = [a for a, pl in enumerate(self.placements) if split_dim(pl) == dim
-                      and axis_sizes is not None and nested_as_plain(self.placements, a, axis_sizes) is not None]
-            if nested:  # an out-of-mesh-order nesting: the nested axis is listed last
-                inner = axis_names[nested[0]]
-                axes = tuple(a for a in axes if getattr(a, "name", a) != inner) + (inner,)
+            nested = next((a for a, pl in enumerate(self.placements) if split_dim(pl) == dim and axis_sizes
+                           and nested_as_plain(self.placements, a, axis_sizes) is not None), None)
+            if nested is not None:  # an out-of-mesh-order nesting: the nested axis is listed last
+                inner = axis_names[nested]
+                axes = tuple(a for a in axes if a != inner) + (inner,)
             entries.append(axes if axes else None)
         while entries and entries[-1] is None:
             entries.pop()
@@ -218,10 +219,7 @@ def _nest_out_of_mesh_order(placements: list, dim: int, axes, axis_names, axis_s
     of that axis's blocks: `Strided(dim, chunks)`, chunks the product of their sizes."""
     for position, axis in enumerate(axes):
         index = axis_names.index(axis)
-        outer = [a for a in axes[:position] if axis_names.index(a) > index]
-        chunks = 1
-        for a in outer:
-            chunks *= axis_sizes[axis_names.index(a)]
+        chunks = math.prod(axis_sizes[axis_names.index(a)] for a in axes[:position] if axis_names.index(a) > index)
         if axis_sizes[index] > 1 and chunks > 1:
             placements[index] = Strided(dim, chunks)
 
@@ -235,10 +233,8 @@ def nested_as_plain(placements: Sequence, axis: int, axis_sizes: Sequence[int]):
     if not isinstance(placement, Strided) or any(split_dim(p) == placement.dim for p in placements[:axis]):
         return None
     inner = [b for b in range(axis + 1, len(placements)) if split_dim(placements[b]) == placement.dim]
-    count = 1
-    for b in inner:
-        count *= axis_sizes[b]
-    if not inner or any(not is_shard(placements[b]) for b in inner) or count != placement.chunks:
+    if not inner or any(not is_shard(placements[b]) for b in inner) or \
+            math.prod(axis_sizes[b] for b in inner) != placement.chunks:
         return None
     return Shard(placement.dim)
 
