@@ -16,7 +16,7 @@ import torch.distributed as dist
 from functional_parallel import optim
 from functional_parallel.tree import tree_map
 from functional_parallel.models import build
-from functional_parallel.parallel import EXAMPLE_MESHES, Strategy, compile_step
+from functional_parallel.parallel import Strategy, compile_step, example_mesh
 from sharding import Mesh, shard
 
 from .torch_model import GPTModule
@@ -33,6 +33,7 @@ class Problem:
     loss_fn: object
     lr: float
     device: torch.device
+    axes: object = None  # the model's logical parameter axes (read by the strategies' param_axes)
 
     @classmethod
     def make(cls, d_model, n_layers, n_heads, seq_len, vocab_size, global_batch, lr, device, num_batches=4, seed=0):
@@ -45,7 +46,8 @@ class Problem:
             tokens = torch.randint(0, vocab_size, (global_batch, seq_len + 1), generator=generator).to(device)
             batches.append({"inputs": tokens[:, :-1].contiguous(), "targets": tokens[:, 1:].contiguous()})
         # AdamW as torch.optim.AdamW's defaults (decay on every leaf), no clipping: the same math as the baselines
-        return cls(model.cfg, params, batches, optim.adamw(lr), model.loss, lr, torch.device(device))
+        return cls(model.cfg, params, batches, optim.adamw(lr), model.loss, lr, torch.device(device),
+                   model.axes(params))
 
     def step_fn(self):
         """`step(params, opt_state, batch) -> (params, opt_state, {"loss"})`: what our compiler shards."""
@@ -68,11 +70,12 @@ class OursRunner:
     def __init__(self, name: str, problem: Problem, compile_graph: bool = False):
         started = time.perf_counter()
         self.name = name
-        self.mesh_shape = {a: s for a, s in EXAMPLE_MESHES[name].items() if s > 1}
-        mesh = Mesh(EXAMPLE_MESHES[name])
+        full = example_mesh(name)
+        self.mesh_shape = {a: s for a, s in full.items() if s > 1}
+        mesh = Mesh(full)
         opt_state = problem.optimizer.init(problem.params)
         compiled, (pspecs, sspecs, bspec) = compile_step(problem.step_fn(), Strategy.load(name), mesh,
-                                                         problem.params, opt_state)
+                                                         problem.params, opt_state, axes=problem.axes)
         self.params, self.opt_state = shard(problem.params, pspecs, mesh), shard(opt_state, sspecs, mesh)
         self.batches = [shard(batch, bspec, mesh) for batch in problem.batches]
         self.lowered = compiled.lower(self.params, self.opt_state, self.batches[0])

@@ -11,6 +11,7 @@ and `.md`, and the table into README (`write_readme=false` to skip). On demand o
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import platform
 from dataclasses import asdict, dataclass, field
@@ -22,7 +23,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from functional_parallel.launch import spawn
-from functional_parallel.parallel import EXAMPLE_MESHES
+from functional_parallel.parallel import available_strategies, example_mesh
 
 from . import report
 from .measure import run_rank
@@ -55,13 +56,15 @@ ConfigStore.instance().store(name="benchmark_config", node=BenchmarkConfig)
 
 
 def run(cfg: BenchmarkConfig) -> dict:
-    known = sorted(EXAMPLE_MESHES) + ["ddp", "fsdp2"]
+    known = available_strategies() + ["ddp", "fsdp2"]
     unknown = [name for name in cfg.contenders if name not in known]
     if unknown:
         raise SystemExit(f"unknown contenders {unknown}; expected some of {known}")
-    if cfg.world_size != 4:
-        raise SystemExit("world_size must be 4: our strategies run on their 4-rank example meshes "
-                         "(functional_parallel.parallel.EXAMPLE_MESHES)")
+    sizes = {name: math.prod(example_mesh(name).values()) for name in cfg.contenders if name not in ("ddp", "fsdp2")}
+    wrong = {name: size for name, size in sizes.items() if size != cfg.world_size}
+    if wrong:
+        raise SystemExit(f"our strategies run on their example meshes (the strategy files' example_mesh); these do "
+                         f"not have world_size={cfg.world_size} ranks: {wrong}")
     if cfg.device == "cuda" and torch.cuda.device_count() < cfg.world_size:
         raise SystemExit(f"device=cuda needs {cfg.world_size} GPUs (one per rank); found {torch.cuda.device_count()}")
     backend = "nccl" if cfg.device == "cuda" else "gloo"

@@ -2,23 +2,34 @@
 that must fail before any process is spawned."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from omegaconf import OmegaConf
 
-from functional_parallel import data, models, optim
-from functional_parallel.parallel import Strategy, check_offload, param_specs, state_specs
+from functional_parallel import config_dirs, data, models, optim
+from functional_parallel.parallel import Strategy, check_offload, param_logical_axes, param_specs, state_specs
 from functional_parallel.precision import Precision
 from functional_parallel.train import check_local_batch
-from sharding import Mesh, P, shard
+from sharding import Mesh, shard
 from sharding.remat import check_policy
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
 
 def build_model(model_cfg: Any, vocab_size: int) -> models.Model:
-    """The configured architecture and size, with the tokenizer's vocabulary padded to `vocab_multiple`."""
+    """The configured architecture and size, with the tokenizer's vocabulary padded to `vocab_multiple`
+    (arch=hf: the Hugging Face causal LM of `model.hf`, from its config: no weights downloaded)."""
+    if model_cfg.arch == "hf":
+        from functional_parallel.models import hf
+
+        if not model_cfg.get("hf") or not model_cfg.get("seq_len"):
+            raise ValueError("model.arch=hf needs model.hf (a transformers config: model_type and its fields) and "
+                             "model.seq_len; see conf/model/hf_gpt2.yaml")
+        plan = OmegaConf.to_container(model_cfg.tp_plan) if model_cfg.get("tp_plan") else None
+        return hf.build(OmegaConf.to_container(model_cfg.hf), vocab_size=models.padded_vocab(
+            vocab_size, model_cfg.vocab_multiple), seq_len=model_cfg.seq_len, tp_plan=plan, name=model_cfg.size)
     overrides = {key: model_cfg.get(key) for key in ("d_model", "n_layers", "n_heads", "seq_len",
                                                       "fused_qkv", "n_kv_heads", "attention")}
     vocab_size = models.padded_vocab(vocab_size, model_cfg.vocab_multiple)
@@ -54,8 +65,26 @@ def build_strategy(strategy_cfg: Any) -> Strategy:
 
 
 def mesh_shape(mesh_cfg: Any) -> dict[str, int]:
-    """{"dp": .., "tp": ..} in mesh order (tp varies fastest, so tp peers are neighbouring ranks)."""
-    return {"dp": int(mesh_cfg.dp), "tp": int(mesh_cfg.tp)}
+    """The mesh as {axis: size} in order (the last axis varies fastest over ranks): a mapping, or the
+    name of a `conf/meshes/` file (Hydra's search path included). A ValueError for anything else."""
+    if isinstance(mesh_cfg, str):
+        mesh_cfg = config_dirs.load("meshes", mesh_cfg)
+    elif OmegaConf.is_config(mesh_cfg):
+        mesh_cfg = OmegaConf.to_container(mesh_cfg, resolve=True)
+    if not isinstance(mesh_cfg, dict) or not mesh_cfg:
+        raise ValueError(f"mesh={mesh_cfg!r}: expected a conf/meshes name or axis sizes in order, e.g. "
+                         "mesh='{dp: 2, tp: 2}'")
+    bad = {axis: size for axis, size in mesh_cfg.items()
+           if not isinstance(axis, str) or isinstance(size, bool) or not isinstance(size, int) or size < 1}
+    if bad:
+        raise ValueError(f"mesh {mesh_cfg}: every axis needs a positive int size; got "
+                         + ", ".join(f"mesh.{axis}={size!r}" for axis, size in bad.items()))
+    return dict(mesh_cfg)
+
+
+def describe_mesh(shape: dict[str, int]) -> str:
+    """`dp=2 x tp=2`."""
+    return " x ".join(f"{axis}={size}" for axis, size in shape.items())
 
 
 def check_layouts(cfg: Any, strategy: Strategy) -> None:
@@ -70,8 +99,9 @@ def check_layouts(cfg: Any, strategy: Strategy) -> None:
         params = model.init(cfg.seed, DTYPES[cfg.model.dtype])
         opt_state = build_optimizer(cfg.optim, build_schedule(cfg.optim, cfg.steps)).init(params)
     mesh = Mesh.abstract(mesh_shape(cfg.mesh))
-    shard(params, param_specs(strategy, params), mesh)
-    shard(opt_state, state_specs(strategy, opt_state, params), mesh)
+    axes = param_logical_axes(model, params)
+    shard(params, param_specs(strategy, params, axes), mesh)
+    shard(opt_state, state_specs(strategy, opt_state, params, axes), mesh)
 
 
 def build_precision(cfg: Any) -> Precision:
@@ -89,20 +119,14 @@ def validate(cfg: Any, world_size: int | None = None) -> Strategy:
     """
     strategy = build_strategy(cfg.strategy)
     shape = mesh_shape(cfg.mesh)
-    for axis, size in shape.items():
-        if size < 1:
-            raise ValueError(f"mesh.{axis}={size}: mesh axis sizes must be >= 1")
-    world = shape["dp"] * shape["tp"]
+    world = math.prod(shape.values())
     if world_size is not None and world != world_size:
-        raise ValueError(f"mesh dp={shape['dp']} x tp={shape['tp']} = {world} ranks, but the job has "
-                         f"{world_size}; set mesh.dp/mesh.tp so that their product is the world size")
+        raise ValueError(f"mesh {describe_mesh(shape)} = {world} ranks, but the job has {world_size}; "
+                         f"set the mesh so that the product of its sizes is the world size")
     batch_axes = strategy.batch.all_axes()
-    named = set(batch_axes) | set(P(*strategy.logical.values()).all_axes())
-    for _, spec in (*strategy.params, *(strategy.opt_state or ())):
-        named.update(spec.all_axes())
-    unknown = sorted(named - set(shape))
+    unknown = sorted(strategy.mesh_axes() - set(shape))
     if unknown:
-        raise ValueError(f"strategy {strategy.name!r} names mesh axes {unknown}, but the mesh has {sorted(shape)}")
+        raise ValueError(f"strategy {strategy.name!r} names mesh axes {unknown}, but the mesh has {list(shape)}")
     split = 1
     for axis in batch_axes:
         split *= shape[axis]

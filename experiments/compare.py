@@ -16,6 +16,7 @@ collective kind, step time) are written into the Hydra run dir (`experiments.rep
 from __future__ import annotations
 
 import dataclasses
+import math
 import pathlib
 from typing import Any, Dict, List, Optional
 
@@ -28,11 +29,13 @@ from omegaconf.errors import OmegaConfBaseException
 
 from experiments import config as _config
 from experiments import report, train, trainer
-from experiments.builders import DTYPES, build_model, build_optimizer, build_schedule, validate
+from experiments.builders import (DTYPES, build_model, build_optimizer, build_schedule, describe_mesh, mesh_shape,
+                                  validate)
 from experiments.metrics import read_metrics
 from experiments.strategies import write_into_readme
 from functional_parallel import data, launch
-from functional_parallel.parallel import EXAMPLE_MESHES, STRATEGY_DIR
+from functional_parallel import config_dirs
+from functional_parallel.parallel import available_strategies
 from functional_parallel.precision import Precision, init_state
 from functional_parallel.train import make_train_step
 
@@ -56,7 +59,8 @@ SHARED_KEYS = ("model", "optim", "data", "steps", "seed", "log_every", "eval_eve
 
 @dataclasses.dataclass
 class CompareConfig:
-    """What is compared (`runs`, each on `meshes[its strategy]`) and the one training setup they share.
+    """What is compared (`runs`, each on `meshes[its strategy]`, else the strategy's `example_mesh`)
+    and the one training setup they share.
 
     `runs` entries: a strategy name, or {name, strategy (default: name), <train-config key>: value, ...}.
     `strategies` (when set) replaces `runs` by one plain run per strategy.
@@ -65,9 +69,9 @@ class CompareConfig:
     model: _config.ModelConfig = dataclasses.field(default_factory=_config.ModelConfig)
     optim: _config.OptimConfig = dataclasses.field(default_factory=_config.OptimConfig)
     data: _config.DataConfig = dataclasses.field(default_factory=_config.DataConfig)
-    runs: List[Any] = dataclasses.field(default_factory=lambda: list(EXAMPLE_MESHES))
+    runs: List[Any] = dataclasses.field(default_factory=available_strategies)
     strategies: Optional[List[str]] = None
-    meshes: Dict[str, Dict[str, int]] = dataclasses.field(default_factory=lambda: dict(EXAMPLE_MESHES))
+    meshes: Dict[str, Any] = dataclasses.field(default_factory=dict)  # strategy -> mesh; default: its example_mesh
     steps: int = 20
     seed: int = 0
     rtol: Optional[float] = None  # null: TOLERANCES[compute dtype] per run
@@ -126,18 +130,21 @@ def parse_runs(cfg: DictConfig) -> list[Run]:
 def train_config(cfg: DictConfig, run: Run | str) -> DictConfig:
     """The `experiments.train` config of one run: the shared setup, its strategy and mesh, its overrides."""
     run = Run(run, run) if isinstance(run, str) else run
-    path = STRATEGY_DIR / f"{run.strategy}.yaml"
-    if not path.exists():
-        known = sorted(p.stem for p in STRATEGY_DIR.glob("*.yaml"))
-        raise ValueError(f"unknown strategy {run.strategy!r} in run {run.name!r}; expected some of {known}")
-    if run.strategy not in cfg.meshes and "mesh" not in run.overrides:
-        raise ValueError(f"no mesh for strategy {run.strategy!r}: add meshes.{run.strategy}={{dp: .., tp: ..}}")
+    if run.strategy not in available_strategies():
+        raise ValueError(f"unknown strategy {run.strategy!r} in run {run.name!r}; expected some of "
+                         f"{available_strategies()}")
+    strategy = config_dirs.load("strategy", run.strategy)
+    overrides = dict(run.overrides)
+    mesh = overrides.pop("mesh", None) or cfg.meshes.get(run.strategy) or strategy.get("example_mesh")
+    if not mesh:
+        raise ValueError(f"no mesh for strategy {run.strategy!r}: give it an example_mesh, or set "
+                         f"meshes.{run.strategy}={{dp: .., tp: ..}}")
     shared = OmegaConf.merge(OmegaConf.structured(_config.Config), {
-        "model": cfg.model, "optim": cfg.optim, "data": cfg.data, "strategy": OmegaConf.load(path),
-        "mesh": cfg.meshes.get(run.strategy, {}), "steps": cfg.steps, "seed": cfg.seed, "log_every": 1,
+        "model": cfg.model, "optim": cfg.optim, "data": cfg.data, "strategy": strategy,
+        "mesh": mesh_shape(mesh), "steps": cfg.steps, "seed": cfg.seed, "log_every": 1,
         "eval_every": cfg.steps, "eval_batches": cfg.eval_batches, "progress": False, "timeout_s": cfg.timeout_s})
     try:
-        return OmegaConf.merge(shared, run.overrides)
+        return OmegaConf.merge(shared, overrides)
     except OmegaConfBaseException as error:
         raise ValueError(f"run {run.name!r}: {run.overrides} is not a valid train-config override "
                          f"(experiments.config.Config): {error}") from None
@@ -205,7 +212,7 @@ def run_all(configs: dict[str, DictConfig], output_dir: pathlib.Path, timeout_s:
     by_world: dict[int, list] = {}
     for name, train_cfg in configs.items():
         train.write_config(train_cfg, output_dir / name)
-        by_world.setdefault(train_cfg.mesh.dp * train_cfg.mesh.tp, []).append(
+        by_world.setdefault(math.prod(mesh_shape(train_cfg.mesh).values()), []).append(
             (name, OmegaConf.to_container(train_cfg, resolve=True)))
     summaries = {}
     for world_size, runs in by_world.items():
@@ -232,7 +239,7 @@ def check_runs(cfg: DictConfig, summaries: dict[str, dict], references: dict[str
         except NotEquivalentError as error:
             summary["max_rel_diff"], summary["error"] = None, str(error)
             failures.append(str(error))
-        print(f"{name:12s} mesh {train_cfg.mesh.dp}x{train_cfg.mesh.tp}  final loss {summary['final_loss']:.6f}  "
+        print(f"{name:12s} mesh {describe_mesh(mesh_shape(train_cfg.mesh))}  final loss {summary['final_loss']:.6f}  "
               f"max rel diff {summary['max_rel_diff']} (rtol {summary['rtol']:g})  "
               f"step {1e3 * summary['step_time_s']:.1f} ms", flush=True)
     return failures

@@ -22,7 +22,7 @@ class ModelConfig:
     `vocab_size` always comes from the data's tokenizer.
     """
 
-    arch: str = "gpt"  # gpt | llama
+    arch: str = "gpt"  # gpt | llama | hf (a Hugging Face causal LM built from `hf`, no weights downloaded)
     size: str = "small"  # tiny | small | gpt2_124m | gpt3_175b | llama2_7b | llama2_70b
     d_model: Optional[int] = None
     n_layers: Optional[int] = None
@@ -35,6 +35,11 @@ class ModelConfig:
     # The tokenizer's vocabulary is padded up to a multiple of this (Megatron's
     # make-vocab-size-divisible-by) so embedding rows split evenly over dp and tp ranks.
     vocab_multiple: int = 64
+    # arch=hf: the transformers config (`model_type` and its fields; vocab and positions are set
+    # from the data and seq_len), and its tensor-parallel plan when the model ships none
+    # (module path with * -> colwise | rowwise | packed_colwise:<n> | embedding_rowwise).
+    hf: Optional[Dict[str, Any]] = None
+    tp_plan: Optional[Dict[str, str]] = None
 
 
 @dataclasses.dataclass
@@ -67,24 +72,21 @@ class DataConfig:
 class StrategyConfig:
     """A parallel strategy as data (`conf/strategy/*.yaml`); `functional_parallel.parallel.Strategy` reads it.
 
-    Rules are `[leaf-path regex, spec]`; a spec lists one entry per tensor dim: a mesh axis,
-    a list of axes, or null (replicated).
+    `params` rules are `[leaf-path regex, spec]`; a spec lists one entry per tensor dim: a mesh
+    axis, a list of axes, or null (replicated). `param_axes` maps the model's logical parameter
+    axes to mesh axes; `fsdp` splits what those leave whole. `example_mesh` is the mesh the
+    strategy is shown, compared and tested on.
     """
 
     name: str = "dp"
+    example_mesh: Dict[str, int] = dataclasses.field(default_factory=dict)
     batch: List[Any] = dataclasses.field(default_factory=lambda: ["dp"])
     logical: Dict[str, Any] = dataclasses.field(default_factory=lambda: {"batch": "dp"})
+    param_axes: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    fsdp: List[str] = dataclasses.field(default_factory=list)
     params: List[Any] = dataclasses.field(default_factory=list)
     opt_state: Optional[List[Any]] = None  # null: optimizer state follows the parameter rules
     grads: Optional[List[Any]] = None  # the gradient buffer's layout (read by the planner); null: as opt_state
-
-
-@dataclasses.dataclass
-class MeshConfig:
-    """The device mesh: dp x tp ranks (the world size is their product)."""
-
-    dp: int = 2
-    tp: int = 1
 
 
 @dataclasses.dataclass
@@ -95,7 +97,9 @@ class Config:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     strategy: StrategyConfig = dataclasses.field(default_factory=StrategyConfig)
-    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    # The device mesh: axis name -> size, in order (the last axis varies fastest over ranks); the
+    # world size is their product. A `conf/meshes/` file, or `mesh='{dp: 2, tp: 2}'` on the command line.
+    mesh: Any = "dp2"
     steps: int = 300
     seed: int = 0
     grad_accum: int = 1  # micro-batches per step: one update from their mean gradient, reduced once per step
@@ -143,8 +147,6 @@ def register() -> None:
     store.store(group="model", name="base_model", node=ModelConfig)
     store.store(group="optim", name="base_optim", node=OptimConfig)
     store.store(group="data", name="base_data", node=DataConfig)
-    store.store(group="strategy", name="base_strategy", node=StrategyConfig)
-    store.store(group="mesh", name="base_mesh", node=MeshConfig)
     OmegaConf.register_new_resolver("rank_zero_dir", rank_zero_dir, replace=True)
     OmegaConf.register_new_resolver("rank_zero_only", rank_zero_only, replace=True)
 

@@ -12,22 +12,24 @@ import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, List, Optional
 
 import hydra
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
+from experiments.builders import mesh_shape
 from experiments.config import ModelConfig
 from experiments.plan_report import markdown, print_tables
 from experiments.strategies import write_into_readme
 from functional_parallel import planner, published
 from functional_parallel.models import build, config as model_config
-from functional_parallel.parallel import Strategy, check_offload
+from functional_parallel.parallel import Strategy, available_strategies, check_offload
 from sharding.remat import check_policy
 
-ALL_STRATEGIES = ["dp", "zero1", "zero2", "zero3", "tp", "tp_sp", "fsdp_tp"]
+# The tables' default rows (any strategy file can be planned: strategies=[..]).
+DEFAULT_STRATEGIES = ["dp", "zero1", "zero2", "zero3", "tp", "tp_sp", "fsdp_tp"]
 
 
 @dataclasses.dataclass
@@ -35,8 +37,8 @@ class PlanConfig:
     """What to plan: a model, a mesh, strategies, a precision."""
 
     model: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig(arch="gpt", size="gpt3_175b"))
-    mesh: Dict[str, int] = dataclasses.field(default_factory=lambda: {"dp": 64, "tp": 8})
-    strategies: List[str] = dataclasses.field(default_factory=lambda: list(ALL_STRATEGIES))
+    mesh: Any = "dp64_tp8"  # a conf/meshes name or axis sizes in order: mesh='{dp: 32, tp: 8}'; never started
+    strategies: List[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_STRATEGIES))
     precision: str = "bf16"  # bf16: ZeRO's mixed precision (2 + 2 + 12 bytes/param) | fp32 (4 + 4 + 8)
     remat: str = "none"  # activation checkpointing: none | selective (attention core) | full (keep layer inputs)
     micro_batch: int = 1  # sequences per data-parallel rank (Korthikanti's b)
@@ -55,7 +57,8 @@ def _model_builder(cfg: PlanConfig):
     base = model_config(cfg.model.arch, cfg.model.size, d_model=cfg.model.d_model, n_heads=cfg.model.n_heads,
                         seq_len=cfg.model.seq_len, **arch_only)
     base = dataclasses.replace(base, n_layers=cfg.model.n_layers or base.n_layers,
-                               vocab_size=planner.mesh_padded_vocab(base.vocab_size, cfg.mesh, cfg.vocab_multiple))
+                               vocab_size=planner.mesh_padded_vocab(base.vocab_size, mesh_shape(cfg.mesh),
+                                                                    cfg.vocab_multiple))
     return base, lambda n_layers: build(cfg.model.arch, cfg=dataclasses.replace(base, n_layers=n_layers))
 
 
@@ -64,20 +67,21 @@ def plan(cfg: PlanConfig, progress=None) -> dict[str, Any]:
     if cfg.precision not in planner.PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(planner.PRECISIONS)}, got {cfg.precision!r}")
     check_policy(cfg.remat)
-    unknown = [name for name in cfg.strategies if name not in ALL_STRATEGIES]
+    known = available_strategies()
+    unknown = [name for name in cfg.strategies if name not in known]
     if unknown:
-        raise ValueError(f"unknown strategies {unknown}; expected some of {ALL_STRATEGIES}")
+        raise ValueError(f"unknown strategies {unknown}; expected some of {known}")
     check_offload(cfg.offload)
     precision = planner.PRECISIONS[cfg.precision]
     base, build_model = _model_builder(cfg)
-    mesh = dict(cfg.mesh)
-    dp = mesh.get("dp", 1)
+    mesh = mesh_shape(cfg.mesh)
     s, b, h, a = base.seq_len, cfg.micro_batch, base.d_model, base.n_heads
     act_bytes = precision.param_bytes
     k = precision.master_bytes + 2 * precision.state_bytes  # Adam: master copy, m, v
     rows = []
     for name in cfg.strategies:
         strategy = Strategy.load(name)
+        dp = math.prod(mesh[axis] for axis in strategy.batch.all_axes() if axis in mesh)  # data-parallel ranks
         result = planner.plan_strategy(build_model, base.n_layers, strategy, mesh, cfg.micro_batch * dp, precision,
                                        cfg.depth, cfg.remat)
         t, sp = planner.model_axes(strategy, mesh)

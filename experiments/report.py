@@ -169,9 +169,7 @@ def table(results: dict) -> list[str]:
 def what_is_split(strategy_name: str) -> str:
     """In words, what a strategy (conf/strategy/<name>.yaml) splits over which mesh axes."""
     strategy = Strategy.load(strategy_name)
-    param_axes = sorted({axis for _, spec in strategy.params for axis in spec.all_axes()})
-    state_rules = strategy.opt_state if strategy.opt_state is not None else strategy.params
-    state_axes = sorted({axis for _, spec in state_rules for axis in spec.all_axes()})
+    param_axes, state_axes = strategy.param_mesh_axes(), strategy.state_mesh_axes()
     parts = []
     if param_axes:
         parts.append(f"parameters and gradients over {'/'.join(param_axes)}")

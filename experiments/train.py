@@ -1,6 +1,6 @@
 """`python -m experiments.train`: train a model under a parallel strategy on a mesh of ranks.
 
-Locally it spawns `mesh.dp x mesh.tp` gloo ranks on this machine; under torchrun (RANK,
+Locally it spawns one gloo rank per mesh position (the product of the mesh's sizes) on this machine; under torchrun (RANK,
 WORLD_SIZE, MASTER_ADDR set) this process is one rank of the real job (NCCL and its GPU when
 CUDA is present). Hydra runs once, in the launching process: the ranks receive the resolved
 config, meet through a file in the run dir (parallel sweeps never share one), and only rank 0
@@ -10,6 +10,7 @@ writes the run dir: `config.yaml`, `metrics.jsonl`, TensorBoard events (`tb/`), 
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 import shutil
 from typing import Any
@@ -48,8 +49,7 @@ def run_spawned(cfg: DictConfig, output_dir: pathlib.Path) -> dict:
     """Spawn the mesh's ranks on this machine (gloo) and return rank 0's summary."""
     validate(cfg)  # bad strategy / mesh / batch: a clear error before any process starts
     write_config(cfg, output_dir)
-    shape = mesh_shape(cfg.mesh)
-    world_size = shape["dp"] * shape["tp"]
+    world_size = math.prod(mesh_shape(cfg.mesh).values())
     resolved = OmegaConf.to_container(cfg, resolve=True)
     results = launch.spawn(_spawned_rank, world_size, resolved, str(output_dir), timeout_s=cfg.timeout_s,
                            rendezvous_file=str(output_dir / RENDEZVOUS_FILE), backend="gloo")
@@ -71,6 +71,7 @@ def run_torchrun_rank(cfg: DictConfig, output_dir: pathlib.Path) -> dict:
 def run(cfg: DictConfig, output_dir: str | pathlib.Path) -> dict[str, Any]:
     """Train as configured (spawned ranks, or this torchrun rank); return rank 0's summary."""
     output_dir = pathlib.Path(output_dir)
+    cfg.mesh = mesh_shape(cfg.mesh)  # a conf/meshes name becomes its sizes here, where Hydra's search path is known
     cfg = checkpointing.prepare(cfg, output_dir, torchrun=launch.launched_by_torchrun())
     if launch.launched_by_torchrun():
         return run_torchrun_rank(cfg, output_dir)

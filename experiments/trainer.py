@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from functional_parallel import data
-from functional_parallel.parallel import compile_step, state_memory_kind
+from functional_parallel.parallel import compile_step, param_logical_axes, state_memory_kind
 from functional_parallel.precision import init_state
 from functional_parallel.train import make_train_step
 from functional_parallel.tree import tree_map
@@ -119,7 +119,8 @@ def setup(cfg: Any, rank: int, device: torch.device, output_dir: pathlib.Path | 
     params, opt_state = init_state(optimizer, params, precision)
     started = time.perf_counter()
     compiled, specs = compile_step(make_train_step(model.loss, optimizer, cfg.grad_accum, precision), strategy, mesh,
-                                   params, opt_state, offload=cfg.offload, remat=cfg.remat)
+                                   params, opt_state, offload=cfg.offload, axes=param_logical_axes(model, params),
+                                   remat=cfg.remat)
     compiled_eval = jit(model.loss, mesh=mesh, in_specs=(specs[0], specs[2]), out_specs=P(),
                         logical_rules=strategy.logical)
     state = initial_state(params, opt_state, specs, mesh, device, cfg.offload)

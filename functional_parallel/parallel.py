@@ -1,32 +1,45 @@
 """From a strategy (data: YAML rules) to specs and one compiled train step. No strategy is code.
 
-A strategy names a batch spec, logical-axis rules for `constrain`, parameter rules and
-(optionally) optimizer-state rules. State leaves that mirror a parameter (Adam's mu/nu, SGD
-momentum) take the state rules if given, else that parameter's rule; other state is replicated.
-Optional `grads` rules name the layout of the gradient buffer a strategy keeps between
-micro-batches; only the planner reads them (one compiled step reduces each gradient straight
-into the optimizer-state layout, so ZeRO-1 and ZeRO-2 lower to the same program).
+A strategy names its example mesh, a batch spec, logical-axis rules for `constrain`
+(activations), parameter rules and (optionally) optimizer-state rules. A parameter's spec comes
+from, in order: the first `params` rule whose leaf-path regex matches (the whole spec); else its
+model's logical axes (`Model.axes`: `("embed", "heads")` for a q projection) mapped through
+`param_axes` (logical name -> mesh axes; a mesh axis is used once per leaf, by its first dim);
+then `fsdp`: its axes split the first dim the rules above left whole (ZeRO-3), or, where every dim
+is split already, nest inside dim 0's split (FSDP over TP: the tp block split over dp).
+State leaves that mirror a parameter (Adam's mu/nu, SGD momentum) take the state rules if given,
+else that parameter's spec; other state is replicated. Optional `grads` rules name the layout of
+the gradient buffer a strategy keeps between micro-batches; only the planner reads them (one
+compiled step reduces each gradient straight into the optimizer-state layout, so ZeRO-1 and ZeRO-2
+lower to the same program). Strategies are discovered as `conf/strategy/*.yaml` (and the
+`strategy/` folder of every config dir on Hydra's search path).
 """
 from __future__ import annotations
 
 import math
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import yaml
+import optree
 
-from sharding import Mesh, P, jit
-from sharding.tree import leaf_paths
+from sharding import Mesh, P, chunked, jit
+from sharding.tree import NAMESPACE, leaf_paths
 
+from . import config_dirs
 from .tree import tree_unflatten
 
-STRATEGY_DIR = Path(__file__).resolve().parent.parent / "conf" / "strategy"
-# The 4-rank mesh each strategy is shown and tested on (dp-only strategies use all 4 ranks for dp).
-EXAMPLE_MESHES = {"dp": {"dp": 4, "tp": 1}, "zero1": {"dp": 4, "tp": 1}, "zero2": {"dp": 4, "tp": 1},
-                  "zero3": {"dp": 4, "tp": 1}, "tp": {"dp": 2, "tp": 2}, "tp_sp": {"dp": 2, "tp": 2},
-                  "fsdp_tp": {"dp": 2, "tp": 2}}
+STRATEGY_KEYS = ("name", "example_mesh", "batch", "logical", "param_axes", "fsdp", "params", "opt_state", "grads")
+
+
+def available_strategies() -> list[str]:
+    """Every strategy file's name (sorted): `conf/strategy/*.yaml` and those on Hydra's search path."""
+    return config_dirs.names("strategy")
+
+
+def example_mesh(name: str) -> dict[str, int]:
+    """The mesh strategy `name` is shown and tested on (its file's `example_mesh`)."""
+    return dict(Strategy.load(name).example_mesh)
 
 
 def _spec(entries) -> P:
@@ -39,6 +52,12 @@ def _rules(raw) -> list[tuple[str, P]]:
     return [(pattern, _spec(entries)) for pattern, entries in (raw or [])]
 
 
+def _axes_list(value) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+
+
 @dataclass(frozen=True)
 class Strategy:
     name: str
@@ -47,35 +66,135 @@ class Strategy:
     params: tuple = ()
     opt_state: tuple | None = None
     grads: tuple | None = None
+    param_axes: Mapping[str, tuple] = field(default_factory=dict)  # logical parameter axis -> mesh axes
+    fsdp: tuple = ()  # mesh axes that split what the rules leave whole (ZeRO-3)
+    example_mesh: Mapping[str, int] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "Strategy":
-        known = {"name", "batch", "logical", "params", "opt_state", "grads"}
-        unknown = set(d) - known
+        unknown = set(d) - set(STRATEGY_KEYS)
         if unknown:
-            raise ValueError(f"strategy {d.get('name')!r}: unknown keys {sorted(unknown)}; expected {sorted(known)}")
+            raise ValueError(f"strategy {d.get('name')!r}: unknown keys {sorted(unknown)}; expected {list(STRATEGY_KEYS)}")
         logical = {k: (tuple(v) if isinstance(v, list) else v) for k, v in dict(d.get("logical") or {}).items()}
+        mesh = dict(d.get("example_mesh") or {})
+        bad = {axis: size for axis, size in mesh.items() if not isinstance(size, int) or size < 1}
+        if bad:
+            raise ValueError(f"strategy {d.get('name')!r}: example_mesh sizes must be positive ints, got {bad}")
         return cls(name=d["name"], batch=_spec(d.get("batch")), logical=logical, params=tuple(_rules(d.get("params"))),
                    opt_state=None if d.get("opt_state") is None else tuple(_rules(d["opt_state"])),
-                   grads=None if d.get("grads") is None else tuple(_rules(d["grads"])))
+                   grads=None if d.get("grads") is None else tuple(_rules(d["grads"])),
+                   param_axes={k: _axes_list(v) for k, v in dict(d.get("param_axes") or {}).items()},
+                   fsdp=_axes_list(d.get("fsdp")), example_mesh=mesh)
 
     @classmethod
     def load(cls, name: str) -> "Strategy":
-        path = STRATEGY_DIR / f"{name}.yaml"
-        if not path.exists():
-            known = sorted(p.stem for p in STRATEGY_DIR.glob("*.yaml"))
-            raise ValueError(f"unknown strategy {name!r}; expected one of {known}")
-        return cls.from_dict(yaml.safe_load(path.read_text()))
+        return cls.from_dict(config_dirs.load("strategy", name))
+
+    def param_mesh_axes(self) -> list[str]:
+        """The mesh axes parameters may be split over (regex rules, logical axes, fsdp), sorted."""
+        axes = {axis for _, spec in self.params for axis in spec.all_axes()} | set(self.fsdp)
+        return sorted(axes.union(*self.param_axes.values()))
+
+    def state_mesh_axes(self) -> list[str]:
+        """The mesh axes optimizer state may be split over, sorted."""
+        if self.opt_state is None:
+            return self.param_mesh_axes()
+        return sorted({axis for _, spec in self.opt_state for axis in spec.all_axes()})
+
+    def mesh_axes(self) -> set[str]:
+        """Every mesh axis the strategy names (its batch, logical and parameter rules)."""
+        named = set(self.batch.all_axes()) | set(P(*self.logical.values()).all_axes()) | set(self.fsdp)
+        for axes in self.param_axes.values():
+            named.update(axes)
+        for _, spec in (*self.params, *(self.opt_state or ()), *(self.grads or ())):
+            named.update(spec.all_axes())
+        return named
 
 
 def _first_match(rules, path: str) -> P | None:
     return next((spec for pattern, spec in rules if re.search(pattern, path)), None)
 
 
-def param_specs(strategy: Strategy, params):
+def _from_logical(strategy: Strategy, names: tuple) -> list:
+    """Spec entries for one leaf's logical axes: each dim's mesh axes, a mesh axis used once (first dim wins)."""
+    used: set[str] = set()
+    entries: list = []
+    for name in names:
+        blocks = 1
+        if isinstance(name, (tuple, list)):
+            name, blocks = name
+        axes = strategy.param_axes.get(name, ()) if name is not None else ()
+        if not axes or used & set(axes):
+            entries.append(None)
+            continue
+        used.update(axes)
+        if blocks > 1:
+            if len(axes) > 1:
+                raise ValueError(f"strategy {strategy.name!r}: logical axis {name!r} of {blocks} packed blocks maps "
+                                 f"to {list(axes)}; a packed dim splits over one mesh axis")
+            entries.append(chunked(axes[0], blocks))
+        else:
+            entries.append(axes if len(axes) > 1 else axes[0])
+    return entries
+
+
+def _with_fsdp(strategy: Strategy, entries: list) -> list:
+    """`fsdp` axes on the first whole dim; where none is whole, nested inside dim 0's split."""
+    fsdp = tuple(a for a in strategy.fsdp if a not in P(*entries).all_axes())
+    if not fsdp or not entries:
+        return entries
+    free = next((dim for dim, entry in enumerate(entries) if entry is None), None)
+    if free is not None:
+        entries[free] = fsdp if len(fsdp) > 1 else fsdp[0]
+    elif not isinstance(entries[0], chunked):  # a packed split keeps its blocks whole: no nesting
+        entries[0] = (*P(entries[0]).axes_of(0), *fsdp)
+    return entries
+
+
+def leaf_spec(strategy: Strategy, path: str, ndim: int, names: tuple | None) -> P:
+    """One parameter's spec (the order of the module docstring)."""
+    matched = _first_match(strategy.params, path)
+    if matched is not None:
+        return matched
+    names = tuple(names) if names is not None else (None,) * ndim
+    if len(names) != ndim:
+        raise ValueError(f"parameter {path!r} has {ndim} dims but its model names {len(names)} logical axes {names}")
+    entries = _with_fsdp(strategy, _from_logical(strategy, names))
+    while entries and entries[-1] is None:  # P() for a replicated leaf, as a regex rule writes it
+        entries.pop()
+    return P(*entries)
+
+
+def param_specs(strategy: Strategy, params, axes=None):
+    """Every parameter's spec; `axes`: the model's logical axes (`Model.axes(params)`), needed when
+    the strategy has `param_axes`."""
     paths, leaves, treedef = leaf_paths(params)
-    specs = [_first_match(strategy.params, path) or P() for path in paths]
+    names = _axes_by_path(strategy, params, axes)
+    specs = [leaf_spec(strategy, path, leaf.dim(), names.get(path)) for path, leaf in zip(paths, leaves)]
     return tree_unflatten(treedef, specs)
+
+
+def _axes_by_path(strategy: Strategy, params, axes) -> dict:
+    if axes is None:
+        if strategy.param_axes:
+            raise ValueError(f"strategy {strategy.name!r} maps logical parameter axes ({sorted(strategy.param_axes)}) "
+                             f"but no axes were given: pass the model's `axes(params)` (Model.axes)")
+        return {}
+    paths, _, _ = leaf_paths(params)
+    axis_paths, named, _ = optree.tree_flatten_with_path(axes, is_leaf=lambda x: isinstance(x, tuple),
+                                                         namespace=NAMESPACE, none_is_leaf=False)
+    by_path = {"/".join(str(k) for k in path): names for path, names in zip(axis_paths, named)}
+    missing = [p for p in paths if p not in by_path]
+    if missing:
+        raise ValueError(f"the model's axes name no logical axes for parameters {missing[:4]}"
+                         f"{' ...' if len(missing) > 4 else ''}; axes(params) must mirror params")
+    return by_path
+
+
+def param_logical_axes(model, params):
+    """The model's logical parameter axes (`Model.axes(params)`), or None for a model that names none."""
+    axes = getattr(model, "axes", None)
+    return axes(params) if axes is not None else None
 
 
 def grad_specs(strategy: Strategy, params) -> list[P | None]:
@@ -87,17 +206,21 @@ def grad_specs(strategy: Strategy, params) -> list[P | None]:
     return [_first_match(strategy.grads, path) or P() for path in paths]
 
 
-def state_specs(strategy: Strategy, opt_state, params):
-    """Specs for the optimizer state: leaves that mirror a parameter follow the strategy's rules."""
-    param_paths = {path: leaf for path, leaf in zip(*leaf_paths(params)[:2])}
+def state_specs(strategy: Strategy, opt_state, params, axes=None):
+    """Specs for the optimizer state: a leaf that mirrors a parameter (its path ends with the
+    parameter's, same shape) takes the `opt_state` rules, or without them the parameter's spec."""
+    param_paths, param_leaves, _ = leaf_paths(params)
+    shapes = {path: tuple(leaf.shape) for path, leaf in zip(param_paths, param_leaves)}
+    if strategy.opt_state is None:
+        pspecs = dict(zip(param_paths, leaf_paths(param_specs(strategy, params, axes))[1]))
+        spec_of = pspecs.__getitem__
+    else:
+        spec_of = lambda path: _first_match(strategy.opt_state, path) or P()  # noqa: E731
     paths, leaves, treedef = leaf_paths(opt_state)
-    rules = strategy.opt_state if strategy.opt_state is not None else strategy.params
     specs = []
     for path, leaf in zip(paths, leaves):
-        mirrored = next((p for p in param_paths if path.endswith("/" + p) and
-                         tuple(param_paths[p].shape) == tuple(leaf.shape)), None)
-        spec = (_first_match(rules, mirrored) or P()) if mirrored is not None else P()
-        specs.append(spec)
+        mirrored = next((p for p in param_paths if path.endswith("/" + p) and shapes[p] == tuple(leaf.shape)), None)
+        specs.append(spec_of(mirrored) if mirrored is not None else P())
     return tree_unflatten(treedef, specs)
 
 
@@ -117,7 +240,7 @@ def state_memory_kind(offload: str) -> str:
 
 
 def compile_step(step: Callable, strategy: Strategy, mesh: Mesh, params, opt_state, offload: str = "none",
-                 **jit_options):
+                 axes=None, **jit_options):
     """`jit` of `step(params, opt_state, batch) -> (params, opt_state, metrics)` under `strategy`.
 
     `jit_options` go to `jit` (the schedule passes' settings, `remat`: the activation-checkpointing
@@ -126,10 +249,11 @@ def compile_step(step: Callable, strategy: Strategy, mesh: Mesh, params, opt_sta
     each rank's share of the batch splits into N micro-batches (at trace time, before any
     collective runs). `offload="optimizer"` gives every optimizer-state leaf, in and out, the
     memory kind "host": the state stays in CPU memory and its update runs there
-    (`sharding.placement`); pass the state as CPU tensors.
+    (`sharding.placement`); pass the state as CPU tensors. `axes`: the model's logical parameter
+    axes (`Model.axes(params)`), read by the strategy's `param_axes`.
     """
     state_kind = state_memory_kind(offload)
-    pspecs, sspecs = param_specs(strategy, params), state_specs(strategy, opt_state, params)
+    pspecs, sspecs = param_specs(strategy, params, axes), state_specs(strategy, opt_state, params, axes)
     step = _with_local_batch_check(step, strategy.batch, mesh)
     kinds = ("device", state_kind, "device")
     compiled = jit(step, mesh=mesh, in_specs=(pspecs, sspecs, strategy.batch), out_specs=(pspecs, sspecs, P()),
@@ -178,7 +302,7 @@ def lower_abstract(arch: str, size: str, strategy_name: str, mesh_shape: Mapping
     mesh = Mesh.abstract(dict(mesh_shape))
     compiled, (pspecs, sspecs, bspec) = compile_step(make_train_step(model.loss, optimizer, grad_accum),
                                                      Strategy.load(strategy_name), mesh, params, state,
-                                                     offload=offload, **jit_options)
+                                                     offload=offload, axes=param_logical_axes(model, params), **jit_options)
     tokens = torch.zeros(global_batch, model.cfg.seq_len, dtype=torch.long)
     batch = {"inputs": tokens, "targets": tokens}
     lowered = compiled.lower(shard(params, pspecs, mesh), shard(state, sspecs, mesh), shard(batch, bspec, mesh))

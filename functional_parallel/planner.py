@@ -39,7 +39,7 @@ from sharding.tree import leaf_paths
 
 from . import optim
 from .models import Model, padded_vocab
-from .parallel import Strategy, check_offload, compile_step, grad_specs
+from .parallel import Strategy, check_offload, compile_step, grad_specs, param_logical_axes
 from .train import make_train_step
 
 
@@ -88,7 +88,8 @@ def lower_fake(model: Model, strategy: Strategy, mesh_shape: Mapping[str, int], 
     # Unbucketed: a bucket's size is a byte budget, not a number of layers, so bucketed collective
     # counts would not extrapolate per layer (bytes are the same either way).
     compiled, (pspecs, sspecs, bspec) = compile_step(make_train_step(model.loss, optimizer), strategy, mesh,
-                                                     params, state, bucket_bytes=0, remat=remat)
+                                                     params, state, axes=param_logical_axes(model, params), bucket_bytes=0,
+                                                     remat=remat)
     with FakeTensorMode(allow_non_fake_inputs=True):
         local = (shard(params, pspecs, mesh), shard(state, sspecs, mesh), shard(batch, bspec, mesh))
     return compiled.lower(*local), params, state, mesh
@@ -238,7 +239,7 @@ def model_axes(strategy: Strategy, mesh_shape: Mapping[str, int]) -> tuple[int, 
     """(t, sp) in Korthikanti's terms, read from the strategy's data: t is the product of the mesh
     axes that split parameters but not the batch; sp is whether the sequence dim is split."""
     data_axes = set(strategy.batch.axes_of(0)) if len(strategy.batch) else set()
-    named = {axis for _, spec in strategy.params for dim in range(len(spec)) for axis in spec.axes_of(dim)}
+    named = set(strategy.param_mesh_axes())
     t = math.prod(mesh_shape[axis] for axis in sorted(named - data_axes) if axis in mesh_shape)
     return t, strategy.logical.get("seq") is not None
 

@@ -48,7 +48,8 @@ def train(rank: int, world: int, strategy_name: str, mesh_shape: dict, root: str
     """
     model, params, state, step_fn = problem()
     mesh = Mesh(mesh_shape)
-    compiled, (pspecs, sspecs, bspec) = compile_step(step_fn, Strategy.load(strategy_name), mesh, params, state)
+    compiled, (pspecs, sspecs, bspec) = compile_step(step_fn, Strategy.load(strategy_name), mesh, params, state,
+                                                     axes=model.axes(params))
     specs = {"params": pspecs, "opt_state": sspecs}
     trees = {"params": shard(params, pspecs, mesh), "opt_state": shard(state, sspecs, mesh)}
     start = 0

@@ -77,7 +77,7 @@ def test_divergence_names_the_run_and_the_step():
 def test_policy_runs_are_equivalent_and_reported(tmp_path):
     cfg = compose_compare(["runs=[dp,zero3,{name: zero3_bf16, strategy: zero3, precision: bf16},"
                            "{name: dp_accum2, strategy: dp, grad_accum: 2}]",
-                           "meshes.dp={dp: 2, tp: 1}", "meshes.zero3={dp: 2, tp: 1}", "steps=4"])
+                           "+meshes.dp={dp: 2}", "+meshes.zero3={dp: 2}", "steps=4"])
     outcome = compare.compare(cfg, tmp_path)
     results, references = outcome["results"], outcome["references"]
     assert list(results) == ["dp", "zero3", "zero3_bf16", "dp_accum2"]

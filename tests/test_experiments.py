@@ -12,8 +12,9 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
 from experiments import builders, train
-from functional_parallel.parallel import EXAMPLE_MESHES
 from sharding import SpecError
+
+from tests.sharding.equivalence import PROJECT_STRATEGIES
 
 CONF_DIR = str(pathlib.Path(__file__).resolve().parents[1] / "conf")
 
@@ -27,22 +28,33 @@ def test_default_config_composes():
     cfg = compose_config()
     assert cfg.model.arch == "gpt" and cfg.model.size == "small"
     assert cfg.optim.name == "adamw" and cfg.data.name == "pydoc"
-    assert cfg.strategy.name == "dp" and (cfg.mesh.dp, cfg.mesh.tp) == (2, 1)
+    assert cfg.strategy.name == "dp" and builders.mesh_shape(cfg.mesh) == {"dp": 2}
     assert cfg.steps == 300 and OmegaConf.is_missing(cfg, "seed") is False
-    assert cfg.data.global_batch % cfg.mesh.dp == 0
+    assert cfg.data.global_batch % builders.mesh_shape(cfg.mesh)["dp"] == 0
 
 
 def test_overrides_work():
     cfg = compose_config(["model=llama_tiny", "optim=sgd", "optim.lr=0.1", "steps=7", "model.n_layers=3"])
     assert (cfg.model.arch, cfg.model.size, cfg.model.n_layers) == ("llama", "tiny", 3)
     assert cfg.optim.name == "sgd" and cfg.optim.lr == 0.1 and cfg.steps == 7
-    cfg = compose_config(["strategy=zero3", "mesh.dp=4", "model=llama_tiny"])
-    assert (cfg.strategy.name, cfg.mesh.dp, cfg.mesh.tp, cfg.model.arch) == ("zero3", 4, 1, "llama")
-    assert builders.validate(cfg).params[0][0] == ".*"
+    cfg = compose_config(["strategy=zero3", "mesh=dp4", "model=llama_tiny"])
+    assert (cfg.strategy.name, builders.mesh_shape(cfg.mesh), cfg.model.arch) == ("zero3", {"dp": 4}, "llama")
+    assert builders.validate(cfg).fsdp == ("dp",)
+
+
+def test_mesh_is_a_file_name_or_axes_in_order():
+    """`mesh=dp2_tp2` names conf/meshes/dp2_tp2.yaml; `mesh='{..}'` gives the axes and sizes, in order."""
+    assert builders.mesh_shape(compose_config(["mesh=dp2_tp2"]).mesh) == {"dp": 2, "tp": 2}
+    shape = builders.mesh_shape(compose_config(["mesh={tp: 2, dp: 1, pp: 2}"]).mesh)
+    assert list(shape.items()) == [("tp", 2), ("dp", 1), ("pp", 2)]
+    with pytest.raises(ValueError, match=r"unknown meshes 'dp3'; expected one of \['dp2', 'dp2_tp2'"):
+        builders.mesh_shape("dp3")
+    with pytest.raises(ValueError, match=r"mesh.pp='two'"):
+        builders.mesh_shape(compose_config(["mesh={dp: 2, pp: two}"]).mesh)
 
 
 @pytest.mark.parametrize("override", ["optim.lr_rate=1", "model.n_layer=3", "stepz=3", "model=gpt_huge",
-                                      "steps=many", "strategy.parms=[]", "mesh.pp=2", "mesh.dp=two"])
+                                      "steps=many", "strategy.parms=[]", "mesh.pp=2"])
 def test_bad_override_fails(override):
     with pytest.raises(ConfigCompositionException):
         compose_config([override])
@@ -53,7 +65,7 @@ def test_unknown_strategy_lists_the_known_ones():
         compose_config(["strategy=zero4"])
 
 
-STRATEGIES = sorted(EXAMPLE_MESHES)
+STRATEGIES = sorted(PROJECT_STRATEGIES)
 MESHES = ("dp2", "dp4", "dp2_tp2")
 MODELS = ("gpt_tiny", "gpt_small", "llama_tiny", "llama_small")
 ALL_MODELS = tuple(sorted(p.stem for p in pathlib.Path(CONF_DIR, "model").glob("*.yaml")))  # + published sizes
@@ -73,16 +85,20 @@ def test_every_strategy_mesh_and_model_composes_and_validates():
 
     base = plain(compose_config())
     strategies = {name: plain(compose_config([f"strategy={name}"]).strategy) for name in STRATEGIES}
-    meshes = {name: plain(compose_config([f"mesh={name}"]).mesh) for name in MESHES}
+    meshes = {name: builders.mesh_shape(compose_config([f"mesh={name}"]).mesh) for name in MESHES}
     models = {name: plain(compose_config([f"model={name}"]).model) for name in ALL_MODELS}
     assert {s["name"] for s in strategies.values()} == set(STRATEGIES)
-    assert {(m["dp"], m["tp"]) for m in meshes.values()} == {(2, 1), (4, 1), (2, 2)}
+    assert {(m["dp"], m.get("tp")) for m in meshes.values()} == {(2, None), (4, None), (2, 2)}
     assert set(MODELS) < set(ALL_MODELS)
     combinations = [*itertools.product(STRATEGIES, MESHES, MODELS),
                     *[("fsdp_tp", "dp2_tp2", model) for model in ALL_MODELS if model not in MODELS]]
     for strategy, mesh, model in combinations:
         cfg = train.config_from_dict({**base, "strategy": strategies[strategy], "mesh": meshes[mesh],
                                       "model": models[model]})
+        if "tp" in strategies[strategy]["param_axes"].values() and "tp" not in meshes[mesh]:
+            with pytest.raises(ValueError, match=r"names mesh axes \['tp'\]"):  # no silent data parallelism
+                builders.validate(cfg)
+            continue
         assert builders.validate(cfg).name == strategy
 
 
@@ -97,11 +113,12 @@ def test_every_model_and_optimizer_builds():
 
 @pytest.mark.parametrize("overrides, error, message", [
     (["data.global_batch=7"], ValueError, r"global_batch=7 must be divisible by the dp = 2 ranks"),
-    (["mesh.dp=4", "data.global_batch=6"], ValueError, r"e\.g\. data\.global_batch=8"),
+    (["mesh=dp4", "data.global_batch=6"], ValueError, r"e\.g\. data\.global_batch=8"),
     (["strategy.batch=[pp]"], ValueError, r"names mesh axes \['pp'\]"),
-    (["strategy=tp", "mesh.dp=1", "mesh.tp=3"], SpecError, r"blocks/0/attn/wq: dim 1 .* not divisible by 3"),
+    (["strategy=tp", "mesh={dp: 1, tp: 3}"], SpecError, r"blocks/0/attn/wq: dim 1 .* not divisible by 3"),
     (["strategy=zero3", "model.vocab_multiple=1"], SpecError, r"wte: dim 0 has size 103, not divisible by 2"),
-    (["mesh.dp=0"], ValueError, r"mesh.dp=0"),
+    (["mesh={dp: 0}"], ValueError, r"mesh.dp=0"),
+    (["strategy=tp", "mesh=dp4"], ValueError, r"strategy 'tp' names mesh axes \['tp'\], but the mesh has \['dp'\]"),
     (["grad_accum=3", "data.global_batch=8"], ValueError, r"4 rows per rank, .* into 3 equal micro-batches"),
     (["precision=fp8"], ValueError, r"unknown precision 'fp8'"),
     (["remat=some"], ValueError, r"remat must be one of \['none', 'full', 'selective'\], got 'some'"),
@@ -119,7 +136,7 @@ def test_strategy_validation_rejects_unknown_keys():
 
 
 def test_mesh_must_match_the_torchrun_world():
-    with pytest.raises(ValueError, match="dp=2 x tp=1 = 2 ranks, but the job has 4"):
+    with pytest.raises(ValueError, match="mesh dp=2 = 2 ranks, but the job has 4"):
         builders.validate(compose_config(), world_size=4)
 
 

@@ -28,8 +28,8 @@ def plan_config(overrides: list[str]) -> plan_cli.PlanConfig:
 
 def test_config_composes_with_overrides():
     default = plan_config([])
-    assert (default.model.size, default.mesh, default.precision) == ("gpt3_175b", {"dp": 64, "tp": 8}, "bf16")
-    cfg = plan_config(["model=llama2_70b", "mesh.dp=32", "strategies=[zero3,tp_sp]", "precision=fp32", "depth=null"])
+    assert (default.model.size, default.mesh, default.precision) == ("gpt3_175b", "dp64_tp8", "bf16")
+    cfg = plan_config(["model=llama2_70b", "mesh={dp: 32, tp: 8}", "strategies=[zero3,tp_sp]", "precision=fp32", "depth=null"])
     assert (cfg.model.arch, cfg.model.size, cfg.mesh["dp"], cfg.strategies) == ("llama", "llama2_70b", 32,
                                                                                 ["zero3", "tp_sp"])
     assert cfg.precision == "fp32" and cfg.depth is None
@@ -134,7 +134,7 @@ def test_plans_175b_without_allocating():
 
 
 def test_tiny_model_every_strategy():
-    cfg = plan_config(["model=gpt_tiny", "mesh.dp=2", "mesh.tp=2", "precision=fp32",
+    cfg = plan_config(["model=gpt_tiny", "mesh=dp2_tp2", "precision=fp32",
                        "strategies=[zero1,tp,fsdp_tp]"])
     result = plan_cli.plan(cfg)
     assert [row["strategy"] for row in result["strategies"]] == ["zero1", "tp", "fsdp_tp"]

@@ -11,7 +11,7 @@ from .test_plan import plan_config
 
 
 def test_offload_moves_the_optimizer_role_to_host():
-    cfg = plan_config(["model=gpt_tiny", "mesh.dp=4", "mesh.tp=1", "precision=fp32", "strategies=[zero3]",
+    cfg = plan_config(["model=gpt_tiny", "mesh={dp: 4, tp: 1}", "precision=fp32", "strategies=[zero3]",
                        "offload=optimizer"])
     result = plan_cli.plan(cfg)
     row = result["strategies"][0]

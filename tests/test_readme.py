@@ -19,12 +19,12 @@ def test_readme_api_example_runs():
 @pytest.mark.slow
 def test_readme_strategy_table_is_what_the_compiler_prints():
     """README's strategy table is generated (`python -m experiments.strategies write_readme=true`), not typed."""
-    from experiments.strategies import MESHES, README_MARKERS, table
+    from experiments.strategies import README_MARKERS, StrategiesConfig, table
 
     readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
     begin, end = README_MARKERS
     written = readme.split(begin)[1].split(end)[0].strip()
-    assert written == table("gpt", "tiny", 8, list(MESHES)).strip()
+    assert written == table("gpt", "tiny", 8, StrategiesConfig().strategies).strip()
 
 
 def test_readme_any_model_example_lowers_hugging_face_gpt2():

@@ -24,6 +24,10 @@ class Model(NamedTuple):
     init: Callable[..., dict]  # init(seed, dtype=torch.float32) -> params
     apply: Callable[[dict, torch.Tensor], torch.Tensor]  # apply(params, tokens) -> logits [B, S, V]
     loss: Callable[[dict, dict], torch.Tensor]  # loss(params, batch) -> scalar
+    # axes(params) -> the same tree, each leaf a tuple naming the logical axis of every dim
+    # ("embed", "heads", "kv_heads", "mlp", "vocab", "positions"; None: a dim with no name; a
+    # ("heads", 3) pair: 3 blocks side by side, as a fused q|k|v). Strategies map them to mesh axes.
+    axes: Callable[[dict], dict] | None = None
 
 
 def padded_vocab(vocab_size: int, multiple: int) -> int:
@@ -49,6 +53,7 @@ def build(arch: str, size: str = "tiny", cfg: GPTConfig | LlamaConfig | None = N
         init=functools.partial(module.init, cfg),
         apply=functools.partial(module.apply, cfg=cfg),
         loss=functools.partial(module.loss, cfg=cfg),
+        axes=module.axes,
     )
 
 

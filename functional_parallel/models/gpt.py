@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from sharding import checkpoint_name, constrain
 from sharding.checkpoint_name import LAYER_INPUT
 
+from ._axes import by_leaf_name
 from ._init_utils import ParamFactory
 
 RESIDUAL_AXES = ("batch", "seq", "embed")
@@ -105,6 +106,18 @@ def init(cfg: GPTConfig, seed: int, dtype: torch.dtype = torch.float32) -> dict:
     params["ln_f"] = {"w": make.ones((d,)), "b": make.zeros((d,))}
     params["head"] = make.normal((d, cfg.vocab_size), std)
     return params
+
+
+# The logical axes of every parameter, by leaf name (strategies map them to mesh axes).
+PARAM_AXES = {"wte": ("vocab", "embed"), "wpe": ("positions", "embed"), "w": ("embed",), "b": ("embed",),
+              "wq": ("embed", "heads"), "wk": ("embed", "heads"), "wv": ("embed", "heads"),
+              "wqkv": ("embed", ("heads", 3)), "wo": ("heads", "embed"), "w_in": ("embed", "mlp"), "b_in": ("mlp",),
+              "w_out": ("mlp", "embed"), "b_out": ("embed",), "head": ("embed", "vocab")}
+
+
+def axes(params: dict) -> dict:
+    """The logical axes of every parameter (q/k/v columns are heads; a fused q|k|v is 3 head blocks)."""
+    return by_leaf_name(params, PARAM_AXES)
 
 
 def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

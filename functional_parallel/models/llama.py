@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from sharding import checkpoint_name, constrain
 from sharding.checkpoint_name import LAYER_INPUT
 
+from ._axes import by_leaf_name
 from ._init_utils import ParamFactory
 
 RESIDUAL_AXES = ("batch", "seq", "embed")
@@ -95,6 +96,17 @@ def init(cfg: LlamaConfig, seed: int, dtype: torch.dtype = torch.float32) -> dic
     params["norm"] = {"w": make.ones((d,))}
     params["head"] = make.normal((d, cfg.vocab_size), std)
     return params
+
+
+# The logical axes of every parameter, by leaf name (strategies map them to mesh axes).
+PARAM_AXES = {"tok": ("vocab", "embed"), "w": ("embed",), "wq": ("embed", "heads"), "wk": ("embed", "kv_heads"),
+              "wv": ("embed", "kv_heads"), "wo": ("heads", "embed"), "w_gate": ("embed", "mlp"),
+              "w_up": ("embed", "mlp"), "w_down": ("mlp", "embed"), "head": ("embed", "vocab")}
+
+
+def axes(params: dict) -> dict:
+    """The logical axes of every parameter (k/v columns are the grouped kv heads)."""
+    return by_leaf_name(params, PARAM_AXES)
 
 
 def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:

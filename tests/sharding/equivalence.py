@@ -7,10 +7,13 @@ import torch
 
 from functional_parallel import optim
 from functional_parallel.models import build
-from functional_parallel.parallel import EXAMPLE_MESHES as MESHES
-from functional_parallel.parallel import Strategy, param_specs, state_specs
+from functional_parallel.parallel import Strategy, example_mesh, param_logical_axes, param_specs, state_specs
 from sharding import Mesh, P, jit, shard, unshard
+
 GLOBAL_BATCH = 8
+# The project's strategy files, each tested on its example_mesh.
+PROJECT_STRATEGIES = ["dp", "zero1", "zero2", "zero3", "tp", "tp_sp", "fsdp_tp"]
+MESHES = {name: example_mesh(name) for name in PROJECT_STRATEGIES}
 
 
 def make_problem(arch: str, seed: int = 0, model_overrides: dict | None = None):
@@ -50,7 +53,9 @@ def compile_strategy(arch: str, strategy_name: str, model_overrides: dict | None
     step, params, opt_state, batch = make_problem(arch, model_overrides=model_overrides)
     strategy = Strategy.load(strategy_name)
     mesh = Mesh(MESHES[strategy_name])
-    pspecs, sspecs, bspec = param_specs(strategy, params), state_specs(strategy, opt_state, params), strategy.batch
+    axes = param_logical_axes(build(arch), params)
+    pspecs, sspecs, bspec = param_specs(strategy, params, axes), state_specs(strategy, opt_state, params, axes), \
+        strategy.batch
     # Grads come out in the parameter layout, so they unshard like the parameters.
     compiled = jit(step, mesh=mesh, in_specs=(pspecs, sspecs, bspec),
                    out_specs=(pspecs, sspecs, {"loss": P(), "grads": pspecs}), logical_rules=strategy.logical,

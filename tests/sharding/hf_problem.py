@@ -1,26 +1,26 @@
 """Hugging Face models the project did not write, as a user brings them: tiny configs, random init,
 float64, made pure with `torch.func.functional_call` and differentiated with `grad_and_value`.
 
-Specs are path rules over HF's own parameter names (colwise / rowwise as in HF's tensor-parallel
-plans); nothing in the models is changed.
+Specs come from the project's strategy files (`param_axes`, `fsdp`) over the logical axes read from
+each model's tensor-parallel plan (`functional_parallel.models.hf.tp_plan_axes`: colwise / rowwise);
+nothing in the models is changed and no rule names an HF parameter.
 """
 from __future__ import annotations
-
-import re
 
 import torch
 import torch.nn.functional as F
 
-from sharding import Mesh, P, chunked, jit, shard, unshard
+from functional_parallel import parallel
+from functional_parallel.models.hf import tp_plan_axes
+from functional_parallel.parallel import Strategy, example_mesh
+from sharding import Mesh, P, jit, shard, unshard
 
 VOCAB, SEQ, BATCH = 64, 16, 8
-STRATEGY_MESHES = {"dp": {"dp": 4, "tp": 1}, "zero3": {"dp": 4, "tp": 1}, "tp": {"dp": 2, "tp": 2},
-                   "tp_sp": {"dp": 2, "tp": 2}, "fsdp_tp": {"dp": 2, "tp": 2}}
-# Megatron's layout in HF's names: column-parallel weights split their output features over tp,
-# row-parallel ones their input features. GPT-2's Conv1D stores weights [in, out], Linear [out, in].
-COLWISE = {"gpt2": (r"attn\.c_attn\.weight$|mlp\.c_fc\.weight$", r"attn\.c_attn\.bias$|mlp\.c_fc\.bias$"),
-           "llama": (r"(q|k|v|gate|up)_proj\.weight$", None)}
-ROWWISE = {"gpt2": r"attn\.c_proj\.weight$|mlp\.c_proj\.weight$", "llama": r"(o|down)_proj\.weight$"}
+STRATEGY_MESHES = {name: example_mesh(name) for name in ("dp", "zero3", "tp", "tp_sp", "fsdp_tp")}
+# GPT-2 ships no tensor-parallel plan (Llama's is its own, read from the model): Megatron's layout in
+# HF's styles, its fused q|k|v `c_attn` as 3 packed blocks (each tp rank takes its part of every one).
+GPT2_PLAN = {"transformer.h.*.attn.c_attn": "packed_colwise:3", "transformer.h.*.attn.c_proj": "rowwise",
+             "transformer.h.*.mlp.c_fc": "colwise", "transformer.h.*.mlp.c_proj": "rowwise"}
 
 
 def build(arch: str, attention: str):
@@ -60,28 +60,10 @@ def make_problem(arch: str, attention: str):
     return model, params, batch, step
 
 
-def param_specs(arch: str, strategy: str, params) -> dict:
-    weight, bias = COLWISE[arch]
-    colwise_dim = 1 if arch == "gpt2" else 0
-    specs = {}
-    for name, p in params.items():
-        tp_dim = None
-        if strategy in ("tp", "tp_sp", "fsdp_tp"):
-            if re.search(weight, name):
-                tp_dim = colwise_dim
-            elif bias and re.search(bias, name):
-                tp_dim = 0
-            elif re.search(ROWWISE[arch], name):
-                tp_dim = 1 - colwise_dim
-        entries = [None] * p.dim()
-        if tp_dim is not None:
-            # GPT-2's c_attn is q, k and v side by side: each tp rank takes its part of every one.
-            entries[tp_dim] = chunked("tp", 3) if "c_attn" in name else "tp"
-        free = next((d for d in range(p.dim()) if entries[d] is None), None)
-        if strategy in ("zero3", "fsdp_tp") and free is not None:
-            entries[free] = "dp"  # ZeRO-3 over dp on a dim tp leaves whole (a tp-split bias stays on tp)
-        specs[name] = P(*entries)
-    return specs
+def param_specs(arch: str, strategy: str, params, model) -> dict:
+    """The project's strategy file applied to the model's TP plan read as logical axes: no rule names an HF leaf."""
+    axes = tp_plan_axes(model, GPT2_PLAN if arch == "gpt2" else None)(params)
+    return parallel.param_specs(Strategy.load(strategy), params, axes)
 
 
 def reference(arch: str, attention: str) -> dict:
@@ -92,9 +74,9 @@ def reference(arch: str, attention: str) -> dict:
 
 def run_strategy(arch: str, attention: str, strategy: str) -> dict:
     """On each rank: lower and run the step under `strategy`; the loss, global grads and collectives."""
-    _, params, batch, step = make_problem(arch, attention)
+    model, params, batch, step = make_problem(arch, attention)
     mesh = Mesh(STRATEGY_MESHES[strategy])
-    specs = param_specs(arch, strategy, params)
+    specs = param_specs(arch, strategy, params, model)
     compiled = jit(step, mesh=mesh, in_specs=(specs, P("dp")), out_specs=(P(), specs),
                    logical_rules={"batch": "dp", **({"seq": "tp"} if strategy == "tp_sp" else {})})
     local = (shard(params, specs, mesh), shard(batch, P("dp"), mesh))

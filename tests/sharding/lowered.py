@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import functools
 
-from functional_parallel.parallel import EXAMPLE_MESHES, lower_abstract
+from functional_parallel.parallel import example_mesh, lower_abstract
 
 
 @functools.lru_cache(maxsize=None)
 def _cached(arch, strategy, options):
-    return lower_abstract(arch, "tiny", strategy, EXAMPLE_MESHES[strategy], global_batch=8, **dict(options))
+    return lower_abstract(arch, "tiny", strategy, example_mesh(strategy), global_batch=8, **dict(options))
 
 
 def lower(strategy: str, arch: str = "gpt", **options):

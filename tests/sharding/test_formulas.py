@@ -13,7 +13,7 @@ import pytest
 
 from functional_parallel import optim
 from functional_parallel.models import build
-from functional_parallel.parallel import EXAMPLE_MESHES, Strategy, param_specs, state_specs
+from functional_parallel.parallel import example_mesh, Strategy, param_specs, state_specs
 from functional_parallel.tree import leaf_paths, tree_leaves
 from sharding import Mesh, shard
 
@@ -53,14 +53,14 @@ def _model_state(strategy):
     optimizer = optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(1e-2, weight_decay=0.1))
     state = optimizer.init(params)
     plan = Strategy.load(strategy)
-    mesh = Mesh.abstract(EXAMPLE_MESHES[strategy])
-    local_params = shard(params, param_specs(plan, params), mesh)
-    local_state = shard(state, state_specs(plan, state, params), mesh)
+    mesh = Mesh.abstract(example_mesh(strategy))
+    local_params = shard(params, param_specs(plan, params, model.axes(params)), mesh)
+    local_state = shard(state, state_specs(plan, state, params, model.axes(params)), mesh)
     moments = [x for path, x in zip(leaf_paths(local_state), tree_leaves(local_state)) if "/mu/" in f"/{path}/"
                or "/nu/" in f"/{path}/"]
     _, _, lowered = _lower(strategy)
     shapes = {tuple(x.shape) for x in tree_leaves(params)}
-    dp = EXAMPLE_MESHES[strategy]["dp"]
+    dp = example_mesh(strategy)["dp"]
     grads = [r["bytes"] if r["kind"] == "all_reduce" else r["bytes"] // dp
              for r in _records(lowered, axis="dp") if r["kind"] in ("all_reduce", "reduce_scatter")
              and r["shape"] in shapes]
@@ -119,7 +119,7 @@ def test_zero3_traffic_is_forward_and_backward_gathers_plus_reduce_scatter():
 
 def _activation_bytes(strategy):
     model = build("gpt", "tiny")
-    mesh = EXAMPLE_MESHES[strategy]
+    mesh = example_mesh(strategy)
     batch = 8 // mesh["dp"]
     return model.cfg.n_layers, batch * model.cfg.seq_len * model.cfg.d_model * F32  # b·s·h per rank
 

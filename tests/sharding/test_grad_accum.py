@@ -16,7 +16,7 @@ import torch
 from functional_parallel import optim
 from functional_parallel.launch import spawn
 from functional_parallel.models import build
-from functional_parallel.parallel import EXAMPLE_MESHES, Strategy, compile_step, lower_abstract
+from functional_parallel.parallel import example_mesh, Strategy, compile_step, lower_abstract
 from functional_parallel.train import make_train_step
 from functional_parallel.tree import tree_leaves
 from sharding import Mesh, shard, unshard
@@ -26,7 +26,7 @@ ACTIVATION_DIMS = 3  # [batch, seq, embed]
 
 
 def _collectives(strategy: str, grad_accum: int):
-    lowered = lower_abstract("gpt", "tiny", strategy, EXAMPLE_MESHES[strategy], GLOBAL_BATCH, grad_accum=grad_accum)
+    lowered = lower_abstract("gpt", "tiny", strategy, example_mesh(strategy), GLOBAL_BATCH, grad_accum=grad_accum)
     return lowered[2].collectives
 
 
@@ -42,7 +42,7 @@ def _gradient_reductions(collectives, axis):
 @pytest.mark.parametrize("strategy", ["dp", "zero3", "tp_sp"])
 def test_accumulation_reduces_each_gradient_once_per_step(strategy):
     once, accumulated = _collectives(strategy, 1), _collectives(strategy, 2)
-    for axis in EXAMPLE_MESHES[strategy]:
+    for axis in example_mesh(strategy):
         assert _gradient_reductions(accumulated, axis) == _gradient_reductions(once, axis), axis
     assert sum(key[3] for key in _gradient_reductions(accumulated, "dp")) > 0
     scalars = [c for c in accumulated if c["shape"] == ()]
@@ -55,7 +55,7 @@ def test_accumulation_reduces_each_gradient_once_per_step(strategy):
 def test_local_batch_that_does_not_split_is_a_clear_error():
     # 8 rows over dp=4 is 2 rows per rank: not 4 micro-batches, though 8 % 4 == 0 globally
     with pytest.raises(ValueError, match="2 rows per rank.*4 equal micro-batches"):
-        lower_abstract("gpt", "tiny", "dp", EXAMPLE_MESHES["dp"], 8, grad_accum=4)
+        lower_abstract("gpt", "tiny", "dp", example_mesh("dp"), 8, grad_accum=4)
     with pytest.raises(ValueError, match="grad_accum must be"):
         make_train_step(build("gpt", "tiny").loss, optim.sgd(0.1), grad_accum=0)
 
@@ -92,9 +92,10 @@ def _run(rank, world, names, steps):
     model, params, optimizer, batch = _problem()
     out = {}
     for name in names:
-        mesh, state = Mesh(EXAMPLE_MESHES[name]), optimizer.init(params)
+        mesh, state = Mesh(example_mesh(name)), optimizer.init(params)
         step, (pspecs, sspecs, bspec) = compile_step(make_train_step(model.loss, optimizer, grad_accum=2),
-                                                     Strategy.load(name), mesh, params, state)
+                                                     Strategy.load(name), mesh, params, state,
+                                                     axes=model.axes(params))
         p, s, losses = shard(params, pspecs, mesh), shard(state, sspecs, mesh), []
         for _ in range(steps):
             p, s, metrics = step(p, s, shard(batch, bspec, mesh))

@@ -12,7 +12,7 @@ import torch
 from functional_parallel import optim
 from functional_parallel.launch import spawn
 from functional_parallel.models import build
-from functional_parallel.parallel import EXAMPLE_MESHES, Strategy, compile_step, lower_abstract
+from functional_parallel.parallel import example_mesh, Strategy, compile_step, lower_abstract
 from functional_parallel.tree import tree_leaves
 from functional_parallel.train import make_train_step
 from sharding import Mesh, shard, unshard
@@ -33,7 +33,7 @@ def _param_bytes():
 
 @pytest.mark.parametrize("optimizer", [optim.adamw(1e-3), optim.sgd(0.1, momentum=0.9)], ids=["adamw", "sgd"])
 def test_dp_all_reduces_each_gradient_once(optimizer):
-    _, _, lowered = lower_abstract("gpt", "tiny", "dp", EXAMPLE_MESHES["dp"], 8, optimizer=optimizer, **UNSCHEDULED)
+    _, _, lowered = lower_abstract("gpt", "tiny", "dp", example_mesh("dp"), 8, optimizer=optimizer, **UNSCHEDULED)
     # the parameters' gradients, plus the loss and the grad-norm metric (4 B each)
     assert _bytes(lowered, "all_reduce", "dp") == _param_bytes() + 8
     assert len(lowered.collectives) == len(tree_leaves(build("gpt", "tiny").init(0))) + 2
@@ -41,15 +41,15 @@ def test_dp_all_reduces_each_gradient_once(optimizer):
 
 @pytest.mark.parametrize("strategy", ["zero1", "zero2", "zero3"])
 def test_zero_reduce_scatters_each_gradient_once(strategy):
-    _, _, lowered = lower_abstract("gpt", "tiny", strategy, EXAMPLE_MESHES[strategy], 8, optimizer=optim.adamw(1e-3),
+    _, _, lowered = lower_abstract("gpt", "tiny", strategy, example_mesh(strategy), 8, optimizer=optim.adamw(1e-3),
                                  **UNSCHEDULED)
     assert _bytes(lowered, "reduce_scatter", "dp") == _param_bytes()
     assert _bytes(lowered, "all_gather", "dp") == _param_bytes()
 
 
 def test_tp_reduces_gradients_over_dp_once():
-    with_clipping = lower_abstract("gpt", "tiny", "tp", EXAMPLE_MESHES["tp"], 8)[2]
-    plain = lower_abstract("gpt", "tiny", "tp", EXAMPLE_MESHES["tp"], 8, optimizer=optim.adamw(1e-3))[2]
+    with_clipping = lower_abstract("gpt", "tiny", "tp", example_mesh("tp"), 8)[2]
+    plain = lower_abstract("gpt", "tiny", "tp", example_mesh("tp"), 8, optimizer=optim.adamw(1e-3))[2]
     # clipping reads the whole gradient first, so it is reduced once either way: the same dp traffic
     assert _bytes(plain, "all_reduce", "dp") == _bytes(with_clipping, "all_reduce", "dp")
 
@@ -62,10 +62,10 @@ def _run(rank, world, names):
     batch = {"inputs": tokens[:, :-1].contiguous(), "targets": tokens[:, 1:].contiguous()}
     out = {}
     for name in names:
-        mesh = Mesh(EXAMPLE_MESHES[name])
+        mesh = Mesh(example_mesh(name))
         state = optimizer.init(params)
         step, (pspecs, sspecs, bspec) = compile_step(make_train_step(model.loss, optimizer), Strategy.load(name),
-                                                     mesh, params, state)
+                                                     mesh, params, state, axes=model.axes(params))
         p, s = shard(params, pspecs, mesh), shard(state, sspecs, mesh)
         for _ in range(2):
             p, s, _ = step(p, s, shard(batch, bspec, mesh))

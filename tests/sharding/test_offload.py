@@ -15,7 +15,7 @@ import torch
 
 from functional_parallel import checkpoint, optim
 from functional_parallel.launch import spawn
-from functional_parallel.parallel import EXAMPLE_MESHES, Strategy, compile_step, state_specs
+from functional_parallel.parallel import example_mesh, Strategy, compile_step, state_specs
 from functional_parallel.tree import tree_leaves, tree_unflatten
 from sharding import Mesh, P, SpecError, jit, shard, unshard
 from sharding.memory import MemoryTracker
@@ -32,10 +32,10 @@ RUNS = 3  # measured: the least of 3 runs (gloo's worker thread can free a finis
 
 def _local_state(strategy: str):
     """This rank's (rank 0 of the example mesh) optimizer-state shards, and its Adam moments."""
-    _, params, _ = lower(strategy)
+    model, params, _ = lower(strategy)
     state = optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(1e-2, weight_decay=0.1)).init(params)
-    plan, mesh = Strategy.load(strategy), Mesh.abstract(EXAMPLE_MESHES[strategy])
-    local = shard(state, state_specs(plan, state, params), mesh)
+    plan, mesh = Strategy.load(strategy), Mesh.abstract(example_mesh(strategy))
+    local = shard(state, state_specs(plan, state, params, model.axes(params)), mesh)
     moments = [x for path, x in zip(leaf_paths(local)[0], tree_leaves(local)) if "/mu/" in f"/{path}/"]
     return local, moments
 

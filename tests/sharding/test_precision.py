@@ -11,7 +11,7 @@ import torch
 from functional_parallel import optim
 from functional_parallel.launch import spawn
 from functional_parallel.models import build
-from functional_parallel.parallel import EXAMPLE_MESHES, Strategy, compile_step
+from functional_parallel.parallel import example_mesh, Strategy, compile_step
 from functional_parallel.precision import Precision, init_state
 from functional_parallel.train import make_train_step
 from functional_parallel.tree import tree_leaves
@@ -36,9 +36,10 @@ def _problem(adam: bool = True):
 def _gradient_collectives(strategy: str, policy: Precision, grad_accum: int = 1):
     model, params, optimizer, batch = _problem()
     numel = sum(p.numel() for p in tree_leaves(params))
-    (params, state), mesh = init_state(optimizer, params, policy), Mesh.abstract(EXAMPLE_MESHES[strategy])
+    (params, state), mesh = init_state(optimizer, params, policy), Mesh.abstract(example_mesh(strategy))
     step, (pspecs, sspecs, bspec) = compile_step(make_train_step(model.loss, optimizer, grad_accum, policy),
-                                                 Strategy.load(strategy), mesh, params, state)
+                                                 Strategy.load(strategy), mesh, params, state,
+                                                 axes=model.axes(params))
     lowered = step.lower(shard(params, pspecs, mesh), shard(state, sspecs, mesh), shard(batch, bspec, mesh))
     bytes_by = Counter()
     for c in lowered.collectives:
@@ -72,9 +73,9 @@ def test_zero2_keeps_bf16_params_and_a_sharded_fp32_master():
     bf16 all-gather (Rajbhandari et al. 2020, Figure 1)."""
     model, params, optimizer, batch = _problem()
     numel, ranks = sum(p.numel() for p in tree_leaves(params)), 4
-    (low, state), mesh = init_state(optimizer, params, Precision.named("bf16")), Mesh.abstract(EXAMPLE_MESHES["zero2"])
+    (low, state), mesh = init_state(optimizer, params, Precision.named("bf16")), Mesh.abstract(example_mesh("zero2"))
     step, (pspecs, sspecs, bspec) = compile_step(make_train_step(model.loss, optimizer, precision="bf16"),
-                                                 Strategy.load("zero2"), mesh, low, state)
+                                                 Strategy.load("zero2"), mesh, low, state, axes=model.axes(low))
     local_params, local_state = shard(low, pspecs, mesh), shard(state, sspecs, mesh)
     assert sum(p.numel() * p.element_size() for p in tree_leaves(local_params)) == 2 * numel
     for key in ("master",):
@@ -150,9 +151,9 @@ def _run(rank, world, cases, steps):
     model, params, optimizer, batch = _problem(adam=False)
     out = {}
     for name, policy in cases:
-        mesh, (low, state) = Mesh(EXAMPLE_MESHES[name]), init_state(optimizer, params, policy)
+        mesh, (low, state) = Mesh(example_mesh(name)), init_state(optimizer, params, policy)
         step, (pspecs, sspecs, bspec) = compile_step(make_train_step(model.loss, optimizer, precision=policy),
-                                                     Strategy.load(name), mesh, low, state)
+                                                     Strategy.load(name), mesh, low, state, axes=model.axes(low))
         p, s, losses = shard(low, pspecs, mesh), shard(state, sspecs, mesh), []
         for _ in range(steps):
             p, s, metrics = step(p, s, shard(batch, bspec, mesh))

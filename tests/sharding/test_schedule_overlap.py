@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from functional_parallel.parallel import EXAMPLE_MESHES
 from sharding.schedule.chain import chains, is_parameter_gather, positions
 
+from .equivalence import PROJECT_STRATEGIES
 from .lowered import lower
 
 COLLECTIVE_PARTS = ("to_front", "from_front", "wait", "pack", "unpack")
@@ -20,7 +20,7 @@ def _is_compute(node):
         getattr(node.target, "__name__", "") not in COLLECTIVE_PARTS
 
 
-@pytest.mark.parametrize("strategy", list(EXAMPLE_MESHES))
+@pytest.mark.parametrize("strategy", PROJECT_STRATEGIES)
 def test_one_collective_in_flight_per_stream_and_waits_before_use(strategy):
     graph = _lower(strategy).graph.graph
     order = positions(graph)

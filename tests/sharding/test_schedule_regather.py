@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from functional_parallel import optim
-from functional_parallel.parallel import EXAMPLE_MESHES, Strategy, compile_step
+from functional_parallel.parallel import example_mesh, Strategy, compile_step
 from functional_parallel.precision import Precision, init_state
 from functional_parallel.train import make_train_step
 from functional_parallel.tree import leaf_paths
@@ -66,9 +66,10 @@ def test_compute_dtype_copies_are_regathered_too():
     model, params, fp32 = _lower("zero3", bucket_bytes=0)
     optimizer, policy = optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(1e-2, weight_decay=0.1)), \
         Precision.named("bf16")
-    (params, state), mesh = init_state(optimizer, params, policy), Mesh.abstract(EXAMPLE_MESHES["zero3"])
+    (params, state), mesh = init_state(optimizer, params, policy), Mesh.abstract(example_mesh("zero3"))
     step, (pspecs, sspecs, bspec) = compile_step(make_train_step(model.loss, optimizer, precision=policy),
-                                                 Strategy.load("zero3"), mesh, params, state, bucket_bytes=0)
+                                                 Strategy.load("zero3"), mesh, params, state, bucket_bytes=0,
+                                                 axes=model.axes(params))
     tokens = torch.zeros(8, model.cfg.seq_len, dtype=torch.long)
     bf16 = step.lower(shard(params, pspecs, mesh), shard(state, sspecs, mesh),
                       shard({"inputs": tokens, "targets": tokens}, bspec, mesh))
