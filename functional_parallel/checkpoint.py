@@ -36,6 +36,7 @@ from sharding import Mesh, P
 from sharding.layout import REPLICATE, layout_from_spec
 from sharding.tree import flat_specs, leaf_paths
 
+from .checkpoint_strided import from_stored, strided_axis, stored_spec, to_stored
 from .tree import tree_unflatten
 
 LATEST = "latest"
@@ -102,6 +103,34 @@ def _global_shape(leaf: torch.Tensor, spec: P, mesh: Mesh | None) -> tuple[int, 
     return tuple(mesh.global_shape(leaf.shape, spec)) if mesh is not None else tuple(leaf.shape)
 
 
+def _stored(key: str, local: torch.Tensor, spec: P, mesh: Mesh | None):
+    """(tensor, spec) as DCP stores the leaf: a chunked split is first gathered over its axis
+    (`checkpoint_strided`); anything else as it is."""
+    if mesh is None:
+        return local, spec
+    shape = _global_shape(local, spec, mesh)
+    found = strided_axis(spec, shape, mesh, key)
+    if found is None:
+        return local, spec
+    return to_stored(local, spec, shape, mesh, *found), stored_spec(spec, *found)
+
+
+def _stored_like(key: str, like: torch.Tensor, spec: P, mesh: Mesh | None):
+    """An empty tensor of the stored block's shape (the load target), its spec, and how to turn
+    the loaded block back into this rank's layout."""
+    empty = torch.empty_like(like, memory_format=torch.contiguous_format)
+    if mesh is None:
+        return empty, spec, None
+    shape = _global_shape(like, spec, mesh)
+    found = strided_axis(spec, shape, mesh, key)
+    if found is None:
+        return empty, spec, None
+    kept = stored_spec(spec, *found)
+    layout = layout_from_spec(kept, shape, mesh.axis_names, mesh.axis_sizes, where=key)
+    block = torch.empty(layout.local_shape(shape, mesh.axis_sizes), dtype=like.dtype, device=like.device)
+    return block, kept, lambda stored: from_stored(stored, spec, shape, mesh, *found)
+
+
 def _as_global(key: str, local: torch.Tensor, spec: P, mesh: Mesh | None):
     """The local shard as a DTensor of its global shape (a plain tensor without a mesh)."""
     if mesh is None:
@@ -130,7 +159,7 @@ def save(root: str | os.PathLike, step: int, trees: Mapping[str, Any], specs: Ma
         raise CheckpointError(f"checkpoint {final} already exists; refusing to overwrite it (resume from it, "
                               f"or train into another checkpoint directory)")
     flat = _flat(trees, specs)
-    state = {key: _as_global(key, leaf, spec, mesh) for key, leaf, spec in flat}
+    state = {key: _as_global(key, *_stored(key, leaf, spec, mesh), mesh) for key, leaf, spec in flat}
     state[RNG_KEY] = torch.get_rng_state()
     leaves = {key: {"shape": list(_global_shape(leaf, spec, mesh)), "dtype": str(leaf.dtype).replace("torch.", "")}
               for key, leaf, spec in flat}
@@ -247,12 +276,15 @@ def load(path: str | os.PathLike, like: Mapping[str, Any], specs: Mapping[str, A
     record = read_record(path)
     flat = _flat(like, specs)
     check_compatible(record, flat, mesh, path)
-    state = {key: _as_global(key, torch.empty_like(leaf, memory_format=torch.contiguous_format), spec, mesh)
-             for key, leaf, spec in flat}
+    targets = {key: _stored_like(key, leaf, spec, mesh) for key, leaf, spec in flat}
+    state = {key: _as_global(key, block, kept, mesh) for key, (block, kept, _) in targets.items()}
     state[RNG_KEY] = torch.empty_like(torch.get_rng_state())
     with _quiet_single_process():
         dcp.load(state, checkpoint_id=str(path), no_dist=not _distributed())
     local = {key: value.to_local() if isinstance(value, DTensor) else value for key, value in state.items()}
+    for key, (_, _, unstore) in targets.items():
+        if unstore is not None:
+            local[key] = unstore(local[key])
     trees = {}
     for name, tree in like.items():
         paths, leaves, treedef = leaf_paths(tree)

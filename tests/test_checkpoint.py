@@ -87,7 +87,7 @@ def test_load_does_not_write_into_the_template(tmp_path):
 
 
 @pytest.mark.slow
-def test_zero3_dp4_to_tp_sp_dp2_tp2_to_single_process_is_exact(tmp_path):
+def test_zero3_dp4_to_tp_sp_to_fsdp_tp_to_single_process_is_exact(tmp_path):
     root = str(tmp_path / "ckpt")
     first = spawn(checkpoint_loop.train, 4, "zero3", {"dp": 4}, root, 2, timeout_s=60, deadline_s=240)
     assert first[0]["start"] == 0 and checkpoint.latest(root).name == "step_00000002"
@@ -95,11 +95,16 @@ def test_zero3_dp4_to_tp_sp_dp2_tp2_to_single_process_is_exact(tmp_path):
     for rank in range(4):  # every rank of the new mesh holds exactly the bytes the old mesh saved
         assert second[rank]["start"] == 2
         assert_identical(second[rank]["loaded"], first[0]["final"])
+    # fsdp_tp holds mlp/b_in as a chunked split (its tp block split again over dp): stored gathered over dp
+    third = spawn(checkpoint_loop.train, 4, "fsdp_tp", {"dp": 2, "tp": 2}, root, 4, timeout_s=60, deadline_s=240)
+    for rank in range(4):
+        assert third[rank]["start"] == 3
+        assert_identical(third[rank]["loaded"], second[0]["final"])
     restored = checkpoint.load(root, _trees(0), None, None)  # one process, global tensors
-    assert restored.step == 3 and restored.meta == {"data_step": 3}
-    assert_identical(restored.trees, second[0]["final"])
+    assert restored.step == 4 and restored.meta == {"data_step": 4}
+    assert_identical(restored.trees, third[0]["final"])
     # and the resumed strategies computed the same training as one process (float64, 1e-9)
-    reference = _trees(3)
+    reference = _trees(4)
     for got, want in zip(tree_leaves(restored.trees), tree_leaves(reference)):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
     assert not [p for p in os.listdir(root) if p.startswith(".tmp")]

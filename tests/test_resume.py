@@ -27,13 +27,19 @@ def losses(run_dir) -> dict:
     return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
 
 
+# A Hugging Face GPT-2 (its parameters named by transformers, its lm_head tied) under ZeRO-3 x TP on 4 ranks.
+HF_GPT2 = ["model=hf_gpt2", "model.hf.n_layer=1", "strategy=fsdp_tp", "mesh=dp2_tp2"]
+
+
 @pytest.mark.slow
-def test_five_steps_resume_five_steps_equals_ten_steps_bit_for_bit(tmp_path):
-    """zero3 on 2 ranks: params and optimizer state are sharded on disk and in memory."""
-    train.run(compose_config(TINY + [f"checkpoint_dir={tmp_path / 'ck_a'}"]), tmp_path / "a")
-    train.run(compose_config(TINY + [f"checkpoint_dir={tmp_path / 'ck_b'}", "stop_after=5"]), tmp_path / "b1")
+@pytest.mark.parametrize("model", [[], HF_GPT2], ids=["gpt_tiny-zero3", "hf_gpt2-fsdp_tp"])
+def test_five_steps_resume_five_steps_equals_ten_steps_bit_for_bit(tmp_path, model):
+    """Params and optimizer state are sharded on disk and in memory."""
+    tiny = TINY + model
+    train.run(compose_config(tiny + [f"checkpoint_dir={tmp_path / 'ck_a'}"]), tmp_path / "a")
+    train.run(compose_config(tiny + [f"checkpoint_dir={tmp_path / 'ck_b'}", "stop_after=5"]), tmp_path / "b1")
     assert checkpoint.latest(tmp_path / "ck_b").name == "step_00000005"
-    train.run(compose_config(TINY + [f"checkpoint_dir={tmp_path / 'ck_b'}", "resume=true"]), tmp_path / "b2")
+    train.run(compose_config(tiny + [f"checkpoint_dir={tmp_path / 'ck_b'}", "resume=true"]), tmp_path / "b2")
     record_a, uninterrupted = checkpoint.read_global(tmp_path / "ck_a")
     record_b, resumed = checkpoint.read_global(tmp_path / "ck_b")
     assert record_a["step"] == record_b["step"] == 10 and uninterrupted.keys() == resumed.keys()
