@@ -9,10 +9,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import tempfile
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
+
+from functional_parallel.parallel import StrategyConfig  # the one strategy schema (also read without Hydra)
 
 
 @dataclasses.dataclass
@@ -66,27 +68,6 @@ class DataConfig:
     name: str = "pydoc"  # pydoc | shakespeare
     val_fraction: float = 0.1
     global_batch: int = 32
-
-
-@dataclasses.dataclass
-class StrategyConfig:
-    """A parallel strategy as data (`conf/strategy/*.yaml`); `functional_parallel.parallel.Strategy` reads it.
-
-    `params` rules are `[leaf-path regex, spec]`; a spec lists one entry per tensor dim: a mesh
-    axis, a list of axes, or null (replicated). `param_axes` maps the model's logical parameter
-    axes to mesh axes; `fsdp` splits what those leave whole. `example_mesh` is the mesh the
-    strategy is shown, compared and tested on.
-    """
-
-    name: str = "dp"
-    example_mesh: Dict[str, int] = dataclasses.field(default_factory=dict)
-    batch: List[Any] = dataclasses.field(default_factory=lambda: ["dp"])
-    logical: Dict[str, Any] = dataclasses.field(default_factory=lambda: {"batch": "dp"})
-    param_axes: Dict[str, Any] = dataclasses.field(default_factory=dict)
-    fsdp: List[str] = dataclasses.field(default_factory=list)
-    params: List[Any] = dataclasses.field(default_factory=list)
-    opt_state: Optional[List[Any]] = None  # null: optimizer state follows the parameter rules
-    grads: Optional[List[Any]] = None  # the gradient buffer's layout (read by the planner); null: as opt_state
 
 
 @dataclasses.dataclass

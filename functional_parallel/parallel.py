@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import optree
 
@@ -29,7 +29,30 @@ from sharding.tree import NAMESPACE, leaf_paths
 from . import config_dirs
 from .tree import tree_unflatten
 
-STRATEGY_KEYS = ("name", "example_mesh", "batch", "logical", "param_axes", "fsdp", "params", "opt_state", "grads")
+
+@dataclass
+class StrategyConfig:
+    """The schema of a strategy file (`conf/strategy/*.yaml`): Hydra checks every file and override
+    against it, and `Strategy.from_dict` accepts its keys only.
+
+    `params` rules are `[leaf-path regex, spec]`; a spec lists one entry per tensor dim: a mesh
+    axis, a list of axes, or null (replicated). `param_axes` maps the model's logical parameter
+    axes to mesh axes; `fsdp` splits what those leave whole. `example_mesh` is the mesh the
+    strategy is shown, compared and tested on.
+    """
+
+    name: str = "dp"
+    example_mesh: Dict[str, int] = field(default_factory=dict)
+    batch: List[Any] = field(default_factory=lambda: ["dp"])
+    logical: Dict[str, Any] = field(default_factory=lambda: {"batch": "dp"})
+    param_axes: Dict[str, Any] = field(default_factory=dict)
+    fsdp: List[str] = field(default_factory=list)
+    params: List[Any] = field(default_factory=list)
+    opt_state: Optional[List[Any]] = None  # null: optimizer state follows the parameter rules
+    grads: Optional[List[Any]] = None  # the gradient buffer's layout (read by the planner); null: as opt_state
+
+
+STRATEGY_KEYS = tuple(f.name for f in fields(StrategyConfig))
 
 
 def available_strategies() -> list[str]:

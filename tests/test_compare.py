@@ -132,3 +132,16 @@ def test_readme_block_lists_the_default_runs():
     for run in runs:
         assert (f"**{run.name}** ({run.describe().replace(', ', ' + ', 1)}) against {run.strategy}" in block) \
             == bool(run.overrides)
+
+
+@pytest.mark.slow
+def test_compare_checks_a_hugging_face_llama_against_its_reference(tmp_path):
+    """`experiments.compare model=hf_llama`: an HF module, split by the project's own strategy files
+    through its TP plan, follows the single-process curve to 1e-9 (float64)."""
+    cfg = compose_compare(["model=hf_llama", "model.hf.num_hidden_layers=1", "strategies=[zero3,fsdp_tp]",
+                           "steps=3"])
+    results = compare.compare(cfg, tmp_path)["results"]
+    assert set(results) == {"zero3", "fsdp_tp"}
+    assert all(summary["max_rel_diff"] < 1e-9 for summary in results.values())
+    tp = {c["kind"] for c in results["fsdp_tp"]["collectives"] if c["axes"] == "tp"}
+    assert tp == {"all_reduce"}, tp  # Megatron's layout from the TP plan: no tp gather of weights
