@@ -69,7 +69,18 @@ def build(hf: dict, *, vocab_size: int, seq_len: int, tp_plan: dict | None = Non
     """`causal_lm(hf, ...)` as a `Model`, its axes read from `tp_plan` or, when None, the model's own plan."""
     module = causal_lm(hf, vocab_size=vocab_size, seq_len=seq_len)
     return make_functional(module, seq_len=seq_len, vocab_size=vocab_size, name=name or hf["model_type"],
-                           axes=tp_plan_axes(module, tp_plan))
+                           axes=tp_plan_axes(module, tp_plan), layers=decoder_layers(module))
+
+
+def decoder_layers(module: torch.nn.Module):
+    """The decoder blocks of a transformers causal LM: the `ModuleList` its base model keeps as
+    `layers` (Llama, Mistral, Qwen, GPT-NeoX) or `h` (GPT-2, GPT-J, Falcon, Bloom); None if neither."""
+    base = getattr(module, "base_model", module)
+    for name in ("layers", "h"):
+        found = getattr(base, name, None)
+        if isinstance(found, torch.nn.ModuleList):
+            return found
+    return None
 
 
 def _key_pattern(key: str) -> re.Pattern:

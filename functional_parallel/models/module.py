@@ -15,6 +15,9 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from sharding import checkpoint_name, constrain
+from sharding.checkpoint_name import LAYER_INPUT
+
 from . import Model
 from ._init_utils import is_abstract
 
@@ -66,8 +69,50 @@ def _logits(output: Any) -> torch.Tensor:
                     f"with `.logits`, or a tuple whose first element is the logits")
 
 
+RESIDUAL_AXES = ("batch", "seq", "embed")  # as the project's models name their residual stream
+
+
+def _first_tensor(value):
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+        return value[0]
+    return None
+
+
+def _replace_first(value, tensor):
+    if isinstance(value, torch.Tensor):
+        return tensor
+    return type(value)((tensor, *value[1:]))
+
+
+def mark_residual_stream(layers) -> None:
+    """Name the residual stream around each layer in `layers` (a model's decoder blocks), as the
+    project's own models do in code: each layer's input hidden states are `constrain`ed to
+    `("batch", "seq", "embed")` and named `layer_input` (activation checkpointing keeps it), and its
+    output hidden states are constrained again. Identity outside `jit`; no parallelism is written
+    here, a strategy's `logical` rules (`seq: tp`, Megatron SP) decide what the names mean."""
+    def before(_, args, kwargs):
+        if args and isinstance(args[0], torch.Tensor):
+            x = checkpoint_name(constrain(args[0], RESIDUAL_AXES), LAYER_INPUT)
+            return (x, *args[1:]), kwargs
+        if isinstance(kwargs.get("hidden_states"), torch.Tensor):
+            x = checkpoint_name(constrain(kwargs["hidden_states"], RESIDUAL_AXES), LAYER_INPUT)
+            return args, {**kwargs, "hidden_states": x}
+        return None
+
+    def after(_, args, output):
+        hidden = _first_tensor(output)
+        return None if hidden is None else _replace_first(output, constrain(hidden, RESIDUAL_AXES))
+
+    for layer in layers:
+        layer.register_forward_pre_hook(before, with_kwargs=True)
+        layer.register_forward_hook(after)
+
+
 def make_functional(module: torch.nn.Module, *, seq_len: int, vocab_size: int, name: str | None = None,
-                    axes: Callable[[dict], dict] | None = None, call_kwargs: dict | None = None) -> Model:
+                    axes: Callable[[dict], dict] | None = None, call_kwargs: dict | None = None,
+                    layers=None) -> Model:
     """A `Model` whose `init`/`apply`/`loss` run `module` (tokens [B, S] int64 -> logits [B, S, V]).
 
     - `init(seed, dtype=torch.float32)`: `{name: tensor}` in `named_parameters()` order (a tied
@@ -85,8 +130,12 @@ def make_functional(module: torch.nn.Module, *, seq_len: int, vocab_size: int, n
     The module is put in `eval()` mode: dropout is off, so every strategy computes exactly its
     single-process reference (a dropout mask would be drawn differently per rank).
     `axes`: `params -> {name: tuple of logical axes}` for the strategies (e.g. `hf.tp_plan_axes`).
+    `layers`: the module's decoder blocks, whose residual stream is then named
+    (`mark_residual_stream`), so sequence parallelism and `remat=full` apply to it.
     """
     module.eval()
+    if layers is not None:
+        mark_residual_stream(layers)
     hf = is_hf_model(module)
     if call_kwargs is None:
         call_kwargs = {"use_cache": False} if hf else {}
@@ -115,4 +164,4 @@ def make_functional(module: torch.nn.Module, *, seq_len: int, vocab_size: int, n
     return Model(cfg=cfg, init=init, apply=apply, loss=loss, axes=axes)
 
 
-__all__ = ["ModuleConfig", "is_hf_model", "make_functional"]
+__all__ = ["ModuleConfig", "RESIDUAL_AXES", "is_hf_model", "make_functional", "mark_residual_stream"]

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from functional_parallel import parallel
-from functional_parallel.models.hf import tp_plan_axes
+from functional_parallel.models.hf import decoder_layers, tp_plan_axes
+from functional_parallel.models.module import mark_residual_stream
 from functional_parallel.parallel import Strategy, example_mesh
 from sharding import Mesh, P, jit, shard, unshard
 
@@ -37,6 +38,7 @@ def build(arch: str, attention: str):
                                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                           max_position_embeddings=SEQ, attn_implementation=attention)
         model = transformers.LlamaForCausalLM(config)
+    mark_residual_stream(decoder_layers(model))  # what `hf.build` does: the residual stream is named
     return model.to(torch.float64).eval()
 
 
