@@ -87,6 +87,22 @@ def describe_mesh(shape: dict[str, int]) -> str:
     return " x ".join(f"{axis}={size}" for axis, size in shape.items())
 
 
+def check_not_degenerate(strategy: Strategy, shape: dict[str, int]) -> None:
+    """A model axis (one the strategy splits parameters or activations over, not the batch) of size 1
+    would make the strategy silently something else (tp on tp=1 is data parallelism): a ValueError."""
+    batch_axes = set(strategy.batch.all_axes())
+    activation_axes = {axis for name, axes in strategy.logical.items() if name != "batch"
+                       for axis in ((axes,) if isinstance(axes, str) else axes or ())}
+    model_axes = (set(strategy.param_mesh_axes()) | activation_axes) - batch_axes
+    flat = sorted(axis for axis in model_axes if shape.get(axis) == 1)
+    if flat:
+        example = "{" + ", ".join(f"{axis}: {size}" for axis, size in strategy.example_mesh.items()) + "}"
+        raise ValueError(f"strategy {strategy.name!r} splits the model over {flat}, of size 1 in the mesh "
+                         f"{describe_mesh(shape)}: it would train as if those rules were not there. Give "
+                         f"{' and '.join(flat)} a size > 1 (e.g. mesh='{example}'), or choose a strategy that does "
+                         f"not split over {' or '.join(flat)}")
+
+
 def check_layouts(cfg: Any, strategy: Strategy) -> None:
     """Every parameter and optimizer-state leaf splits evenly under the strategy on the mesh.
 
@@ -127,6 +143,7 @@ def validate(cfg: Any, world_size: int | None = None) -> Strategy:
     unknown = sorted(strategy.mesh_axes() - set(shape))
     if unknown:
         raise ValueError(f"strategy {strategy.name!r} names mesh axes {unknown}, but the mesh has {list(shape)}")
+    check_not_degenerate(strategy, shape)
     split = 1
     for axis in batch_axes:
         split *= shape[axis]

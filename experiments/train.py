@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from experiments import checkpointing, trainer
 from experiments import config as _config
@@ -37,6 +38,16 @@ def config_from_dict(resolved: dict) -> DictConfig:
 def _spawned_rank(rank: int, world_size: int, resolved: dict, output_dir: str) -> dict:
     cfg = config_from_dict(resolved)
     return trainer.train(cfg, rank, torch.device("cpu"), pathlib.Path(output_dir) if rank == 0 else None)
+
+
+def check_known_keys(cfg: DictConfig) -> None:
+    """Every key is one the ranks know (`experiments.config.Config`): `+stepz=10` fails here, before spawning."""
+    try:
+        config_from_dict(OmegaConf.to_container(cfg, resolve=True))
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", None) or str(error).splitlines()[0]
+        raise ValueError(f"unknown config key {key!r} (added with +): the train config has no such field; "
+                         f"see experiments/config.py (Config) for the keys there are") from None
 
 
 def write_config(cfg: DictConfig, output_dir: pathlib.Path) -> None:
@@ -71,6 +82,7 @@ def run_torchrun_rank(cfg: DictConfig, output_dir: pathlib.Path) -> dict:
 def run(cfg: DictConfig, output_dir: str | pathlib.Path) -> dict[str, Any]:
     """Train as configured (spawned ranks, or this torchrun rank); return rank 0's summary."""
     output_dir = pathlib.Path(output_dir)
+    check_known_keys(cfg)
     cfg.mesh = mesh_shape(cfg.mesh)  # a conf/meshes name becomes its sizes here, where Hydra's search path is known
     cfg = checkpointing.prepare(cfg, output_dir, torchrun=launch.launched_by_torchrun())
     if launch.launched_by_torchrun():

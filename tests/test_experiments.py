@@ -118,6 +118,10 @@ def test_every_model_and_optimizer_builds():
     (["strategy=tp", "mesh={dp: 1, tp: 3}"], SpecError, r"blocks/0/attn/wq: dim 1 .* not divisible by 3"),
     (["strategy=zero3", "model.vocab_multiple=1"], SpecError, r"wte: dim 0 has size 103, not divisible by 2"),
     (["mesh={dp: 0}"], ValueError, r"mesh.dp=0"),
+    (["strategy=tp", "mesh={dp: 4, tp: 1}"], ValueError, r"strategy 'tp' splits the model over \['tp'\], of size 1 "
+                                                       r"in the mesh dp=4 x tp=1: .* mesh='\{dp: 2, tp: 2\}'"),
+    (["strategy=tp_sp", "mesh={dp: 4, tp: 1}"], ValueError, r"strategy 'tp_sp' splits the model over \['tp'\]"),
+    (["+stepz=10"], ValueError, r"unknown config key 'stepz' \(added with \+\)"),
     (["strategy=tp", "mesh=dp4"], ValueError, r"strategy 'tp' names mesh axes \['tp'\], but the mesh has \['dp'\]"),
     (["grad_accum=3", "data.global_batch=8"], ValueError, r"4 rows per rank, .* into 3 equal micro-batches"),
     (["precision=fp8"], ValueError, r"unknown precision 'fp8'"),
