@@ -29,7 +29,8 @@ def build_model(model_cfg: Any, vocab_size: int) -> models.Model:
                              "model.seq_len; see conf/model/hf_gpt2.yaml")
         plan = OmegaConf.to_container(model_cfg.tp_plan) if model_cfg.get("tp_plan") else None
         return hf.build(OmegaConf.to_container(model_cfg.hf), vocab_size=models.padded_vocab(
-            vocab_size, model_cfg.vocab_multiple), seq_len=model_cfg.seq_len, tp_plan=plan, name=model_cfg.size)
+            vocab_size, model_cfg.vocab_multiple), seq_len=model_cfg.seq_len, tp_plan=plan, name=model_cfg.size,
+            dropout=bool(model_cfg.get("dropout", False)))
     overrides = {key: model_cfg.get(key) for key in ("d_model", "n_layers", "n_heads", "seq_len",
                                                       "fused_qkv", "n_kv_heads", "attention")}
     vocab_size = models.padded_vocab(vocab_size, model_cfg.vocab_multiple)

@@ -42,6 +42,9 @@ class ModelConfig:
     # (module path with * -> colwise | rowwise | packed_colwise:<n> | embedding_rowwise).
     hf: Optional[Dict[str, Any]] = None
     tp_plan: Optional[Dict[str, str]] = None
+    # arch=hf: train with the module's dropout on (its *_pdrop / *_dropout config fields; validation
+    # without). Off by default: then every strategy equals the single-process reference exactly.
+    dropout: bool = False
 
 
 @dataclasses.dataclass

@@ -107,6 +107,7 @@ def initial_state(params, opt_state, specs: tuple, mesh: Mesh, device: torch.dev
 def setup(cfg: Any, rank: int, device: torch.device, output_dir: pathlib.Path | None) -> Session:
     """Build model, optimizer and strategy; shard the initial state; lower the step once (its cost)."""
     strategy = validate(cfg, dist.get_world_size())
+    torch.manual_seed(cfg.seed)  # torch's generator in the same state on every rank: random ops (dropout) agree
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     mesh = Mesh(mesh_shape(cfg.mesh))
@@ -121,7 +122,7 @@ def setup(cfg: Any, rank: int, device: torch.device, output_dir: pathlib.Path | 
     compiled, specs = compile_step(make_train_step(model.loss, optimizer, cfg.grad_accum, precision), strategy, mesh,
                                    params, opt_state, offload=cfg.offload, axes=param_logical_axes(model, params),
                                    remat=cfg.remat)
-    compiled_eval = jit(model.loss, mesh=mesh, in_specs=(specs[0], specs[2]), out_specs=P(),
+    compiled_eval = jit(model.eval_loss or model.loss, mesh=mesh, in_specs=(specs[0], specs[2]), out_specs=P(),
                         logical_rules=strategy.logical)
     state = initial_state(params, opt_state, specs, mesh, device, cfg.offload)
     checkpointer = Checkpointer(cfg, cfg.checkpoint_dir, specs, mesh, strategy.name) if cfg.checkpoint_dir else None

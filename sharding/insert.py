@@ -16,6 +16,7 @@ import torch.fx as fx
 
 from . import collectives
 from .bind import AxisGroup, RankIndex
+from .random_ops import RANDOM_OPS, rank_seeded
 from .layout import PARTIAL, REPLICATE, Layout, Strided, annotate, annotation, is_partial, nested_as_plain, split_dim
 from .ops import facts
 from .source import source_line
@@ -110,10 +111,20 @@ class Inserter:
                 continue
             new = self.graph.node_copy(node, lambda arg: self.get(arg, requires.get(arg), node))
             new.meta.update(node.meta)
+            if node.op == "call_function" and node.target in RANDOM_OPS:
+                self._seed_by_block(node, new)
             if found is not None and "vocab_parallel" in found.local.values():
                 self._vocab_parallel(node, new, requires)
             self.env[node] = new
         return fx.GraphModule(self.old, self.graph)
+
+    def _seed_by_block(self, node: fx.Node, new: fx.Node) -> None:
+        """A random op on a split value draws by this rank's block (`sharding.random_ops`)."""
+        layout = self.ctx.layouts[node]
+        split = tuple(a for a, p in enumerate(layout.placements) if split_dim(p) is not None)
+        if split:
+            new.args = (new.target, RankIndex(split), *new.args)
+            new.target = rank_seeded
 
     def get(self, old: fx.Node, target, consumer: fx.Node) -> fx.Node:
         layout = self.ctx.layouts[old]

@@ -206,3 +206,17 @@ def test_fp16_overflow_is_left_to_the_loss_scaler():
         trainer.apply_nonfinite_policy(session, trainer.TrainState("params", "state", 3),
                                        {"loss": 3.0, "grad_norm": math.inf})
         assert (session.state == "after the step") == kept, precision
+
+
+@pytest.mark.slow
+def test_hugging_face_gpt2_trains_with_dropout_under_tp_sp(tmp_path):
+    """`model.dropout=true`: the module's dropout is on for training (masks per block of a split
+    value, `sharding.random_ops`) and off for validation; the loss falls on 4 ranks of dp x tp."""
+    common = ["model=hf_gpt2", "model.hf.n_layer=1", "strategy=tp_sp", "mesh=dp2_tp2", "steps=30", "log_every=10",
+              "eval_every=30", "eval_batches=2", "progress=false", "data.global_batch=8", "optim.warmup_steps=5"]
+    drop = ["model.dropout=true", "model.hf.resid_pdrop=0.2", "model.hf.attn_pdrop=0.2", "model.hf.embd_pdrop=0.2"]
+    with_dropout = train.run(compose_config(common + drop), tmp_path / "dropout")
+    without = train.run(compose_config(common), tmp_path / "plain")
+    assert with_dropout["final_loss"] < with_dropout["first_loss"] - 0.5
+    assert with_dropout["first_loss"] != without["first_loss"]  # the same init and batch, dropped units
+    assert with_dropout["val_loss"] < with_dropout["final_loss"]  # validation runs without dropout

@@ -28,6 +28,8 @@ class Model(NamedTuple):
     # ("embed", "heads", "kv_heads", "mlp", "vocab", "positions"; None: a dim with no name; a
     # ("heads", 3) pair: 3 blocks side by side, as a fused q|k|v). Strategies map them to mesh axes.
     axes: Callable[[dict], dict] | None = None
+    # eval_loss(params, batch): the loss without dropout (validation), where `loss` draws it; None: `loss`.
+    eval_loss: Callable[[dict, dict], torch.Tensor] | None = None
 
 
 def padded_vocab(vocab_size: int, multiple: int) -> int:

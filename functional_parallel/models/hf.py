@@ -65,11 +65,12 @@ def causal_lm(hf: dict, *, vocab_size: int, seq_len: int) -> torch.nn.Module:
     return transformers.AutoModelForCausalLM.from_config(config)
 
 
-def build(hf: dict, *, vocab_size: int, seq_len: int, tp_plan: dict | None = None, name: str | None = None) -> Model:
+def build(hf: dict, *, vocab_size: int, seq_len: int, tp_plan: dict | None = None, name: str | None = None,
+          dropout: bool = False) -> Model:
     """`causal_lm(hf, ...)` as a `Model`, its axes read from `tp_plan` or, when None, the model's own plan."""
     module = causal_lm(hf, vocab_size=vocab_size, seq_len=seq_len)
     return make_functional(module, seq_len=seq_len, vocab_size=vocab_size, name=name or hf["model_type"],
-                           axes=tp_plan_axes(module, tp_plan), layers=decoder_layers(module))
+                           axes=tp_plan_axes(module, tp_plan), layers=decoder_layers(module), dropout=dropout)
 
 
 def decoder_layers(module: torch.nn.Module):

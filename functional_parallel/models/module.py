@@ -112,7 +112,7 @@ def mark_residual_stream(layers) -> None:
 
 def make_functional(module: torch.nn.Module, *, seq_len: int, vocab_size: int, name: str | None = None,
                     axes: Callable[[dict], dict] | None = None, call_kwargs: dict | None = None,
-                    layers=None) -> Model:
+                    layers=None, dropout: bool = False) -> Model:
     """A `Model` whose `init`/`apply`/`loss` run `module` (tokens [B, S] int64 -> logits [B, S, V]).
 
     - `init(seed, dtype=torch.float32)`: `{name: tensor}` in `named_parameters()` order (a tied
@@ -127,8 +127,10 @@ def make_functional(module: torch.nn.Module, *, seq_len: int, vocab_size: int, n
       `call_kwargs` defaults to `{"use_cache": False}` for a Hugging Face model, else none.
     - `loss(params, batch)`: mean next-token cross-entropy, as `gpt.loss`.
 
-    The module is put in `eval()` mode: dropout is off, so every strategy computes exactly its
-    single-process reference (a dropout mask would be drawn differently per rank).
+    Dropout is off by default (the module in `eval()` mode), so every strategy computes exactly its
+    single-process reference. `dropout=True` runs `loss` in `train()` mode (its dropout masks drawn
+    from torch's generator, per block of a split value: `sharding.random_ops`; equal to the
+    reference only in distribution) and `eval_loss` in `eval()` mode for validation.
     `axes`: `params -> {name: tuple of logical axes}` for the strategies (e.g. `hf.tp_plan_axes`).
     `layers`: the module's decoder blocks, whose residual stream is then named
     (`mark_residual_stream`), so sequence parallelism and `remat=full` apply to it.
@@ -155,13 +157,26 @@ def make_functional(module: torch.nn.Module, *, seq_len: int, vocab_size: int, n
     def apply(params: dict, tokens: torch.Tensor) -> torch.Tensor:
         return _logits(torch.func.functional_call(module, params, (tokens,), call_kwargs))  # [B, S, V]
 
-    def loss(params: dict, batch: dict) -> torch.Tensor:
+    def eval_loss(params: dict, batch: dict) -> torch.Tensor:
         """Mean next-token cross-entropy; batch = {"inputs": [B, S], "targets": [B, S]} int64."""
+        module.eval()
         logits = apply(params, batch["inputs"])
         vocab = logits.shape[-1]
         return F.cross_entropy(logits.reshape(-1, vocab), batch["targets"].reshape(-1))
 
-    return Model(cfg=cfg, init=init, apply=apply, loss=loss, axes=axes)
+    def loss(params: dict, batch: dict) -> torch.Tensor:
+        """`eval_loss`, with the module's dropout on when `dropout=True`."""
+        if not dropout:
+            return eval_loss(params, batch)
+        module.train()
+        try:
+            logits = apply(params, batch["inputs"])
+        finally:
+            module.eval()
+        vocab = logits.shape[-1]
+        return F.cross_entropy(logits.reshape(-1, vocab), batch["targets"].reshape(-1))
+
+    return Model(cfg=cfg, init=init, apply=apply, loss=loss, axes=axes, eval_loss=eval_loss if dropout else None)
 
 
 __all__ = ["ModuleConfig", "RESIDUAL_AXES", "is_hf_model", "make_functional", "mark_residual_stream"]

@@ -16,9 +16,12 @@ def fresh(ctx, node, axis):
     return Choice(REPLICATE, {})
 
 
-@rule(aten.zeros_like, aten.ones_like, aten.empty_like, aten.full_like, aten.rand_like, aten.randn_like)
+@rule(aten.zeros_like, aten.ones_like, aten.empty_like, aten.full_like, aten.rand_like, aten.randn_like,
+      aten.bernoulli_, aten.bernoulli, aten.uniform_, aten.normal_)
 def like(ctx, node, axis):
     # The values are new, so only the input's shards carry over (ones_like of a Partial is Replicate).
+    # Random draws too (dropout's mask): where they are split, each block draws its own numbers
+    # (`sharding.random_ops`, inserted by `insert`).
     placement = ctx.placement(node.args[0], axis)
     return Choice(placement if is_shard(placement) else REPLICATE, {})
 

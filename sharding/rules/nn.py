@@ -24,7 +24,7 @@ def _follow(ctx, node, axis, inputs, allowed_dims, leader=None, outputs=None):
     return Choice(outputs(placement) if outputs else placement, required)
 
 
-@rule(aten._softmax.default, aten._log_softmax.default)
+@rule(aten._softmax.default, aten._log_softmax.default, aten._safe_softmax.default)
 def softmax(ctx, node, axis):
     x, dim = node.args[0], node.args[1] % ctx.ndim(node.args[0])
     return _follow(ctx, node, axis, [x], [d for d in range(ctx.ndim(x)) if d != dim])
