@@ -128,9 +128,8 @@ def register() -> None:
     """Put the schemas in the ConfigStore and the resolver in OmegaConf (idempotent; called on import)."""
     store = ConfigStore.instance()
     store.store(name="base_config", node=Config)
-    store.store(group="model", name="base_model", node=ModelConfig)
-    store.store(group="optim", name="base_optim", node=OptimConfig)
-    store.store(group="data", name="base_data", node=DataConfig)
+    # The group schemas are the typed fields of `Config` (and of the compare and plan configs), so
+    # no schema is stored as a group option: `model=`, `optim=`, `strategy=` offer only real files.
     OmegaConf.register_new_resolver("rank_zero_dir", rank_zero_dir, replace=True)
     OmegaConf.register_new_resolver("rank_zero_only", rank_zero_only, replace=True)
 

@@ -1,8 +1,8 @@
 """`python -m experiments.train`: train a model under a parallel strategy on a mesh of ranks.
 
-Locally it spawns one gloo rank per mesh position (the product of the mesh's sizes) on this machine; under torchrun (RANK,
-WORLD_SIZE, MASTER_ADDR set) this process is one rank of the real job (NCCL and its GPU when
-CUDA is present). Hydra runs once, in the launching process: the ranks receive the resolved
+Locally it spawns one gloo rank per mesh position (the product of the mesh's sizes) on this
+machine; under torchrun (RANK, WORLD_SIZE, MASTER_ADDR set) this process is one rank of the real
+job (NCCL and its GPU when CUDA is present). Hydra runs once, in the launching process: the ranks receive the resolved
 config, meet through a file in the run dir (parallel sweeps never share one), and only rank 0
 writes the run dir: `config.yaml`, `metrics.jsonl`, TensorBoard events (`tb/`), `loss.png`,
 `summary.json`. `run(cfg, output_dir)` does the work without Hydra's entry point (tests call it).

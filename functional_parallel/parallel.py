@@ -97,7 +97,8 @@ class Strategy:
     def from_dict(cls, d: Mapping) -> "Strategy":
         unknown = set(d) - set(STRATEGY_KEYS)
         if unknown:
-            raise ValueError(f"strategy {d.get('name')!r}: unknown keys {sorted(unknown)}; expected {list(STRATEGY_KEYS)}")
+            raise ValueError(f"strategy {d.get('name')!r}: unknown keys {sorted(unknown)}; "
+                             f"expected {list(STRATEGY_KEYS)}")
         logical = {k: (tuple(v) if isinstance(v, list) else v) for k, v in dict(d.get("logical") or {}).items()}
         mesh = dict(d.get("example_mesh") or {})
         bad = {axis: size for axis, size in mesh.items() if not isinstance(size, int) or size < 1}
@@ -325,7 +326,8 @@ def lower_abstract(arch: str, size: str, strategy_name: str, mesh_shape: Mapping
     mesh = Mesh.abstract(dict(mesh_shape))
     compiled, (pspecs, sspecs, bspec) = compile_step(make_train_step(model.loss, optimizer, grad_accum),
                                                      Strategy.load(strategy_name), mesh, params, state,
-                                                     offload=offload, axes=param_logical_axes(model, params), **jit_options)
+                                                     offload=offload, axes=param_logical_axes(model, params),
+                                                     **jit_options)
     tokens = torch.zeros(global_batch, model.cfg.seq_len, dtype=torch.long)
     batch = {"inputs": tokens, "targets": tokens}
     lowered = compiled.lower(shard(params, pspecs, mesh), shard(state, sspecs, mesh), shard(batch, bspec, mesh))

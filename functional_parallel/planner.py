@@ -88,8 +88,8 @@ def lower_fake(model: Model, strategy: Strategy, mesh_shape: Mapping[str, int], 
     # Unbucketed: a bucket's size is a byte budget, not a number of layers, so bucketed collective
     # counts would not extrapolate per layer (bytes are the same either way).
     compiled, (pspecs, sspecs, bspec) = compile_step(make_train_step(model.loss, optimizer), strategy, mesh,
-                                                     params, state, axes=param_logical_axes(model, params), bucket_bytes=0,
-                                                     remat=remat)
+                                                     params, state, axes=param_logical_axes(model, params),
+                                                     bucket_bytes=0, remat=remat)
     with FakeTensorMode(allow_non_fake_inputs=True):
         local = (shard(params, pspecs, mesh), shard(state, sspecs, mesh), shard(batch, bspec, mesh))
     return compiled.lower(*local), params, state, mesh

@@ -61,8 +61,12 @@ def test_bad_override_fails(override):
 
 
 def test_unknown_strategy_lists_the_known_ones():
-    with pytest.raises(MissingConfigException, match="zero3"):
+    with pytest.raises(MissingConfigException, match="zero3") as info:
         compose_config(["strategy=zero4"])
+    assert "base_" not in str(info.value)  # schemas are not offered as strategies
+    with pytest.raises(MissingConfigException, match="gpt_tiny") as info:
+        compose_config(["model=gpt_huge"])
+    assert "base_" not in str(info.value)
 
 
 STRATEGIES = sorted(PROJECT_STRATEGIES)

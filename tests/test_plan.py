@@ -29,7 +29,8 @@ def plan_config(overrides: list[str]) -> plan_cli.PlanConfig:
 def test_config_composes_with_overrides():
     default = plan_config([])
     assert (default.model.size, default.mesh, default.precision) == ("gpt3_175b", "dp64_tp8", "bf16")
-    cfg = plan_config(["model=llama2_70b", "mesh={dp: 32, tp: 8}", "strategies=[zero3,tp_sp]", "precision=fp32", "depth=null"])
+    cfg = plan_config(["model=llama2_70b", "mesh={dp: 32, tp: 8}", "strategies=[zero3,tp_sp]", "precision=fp32",
+                       "depth=null"])
     assert (cfg.model.arch, cfg.model.size, cfg.mesh["dp"], cfg.strategies) == ("llama", "llama2_70b", 32,
                                                                                 ["zero3", "tp_sp"])
     assert cfg.precision == "fp32" and cfg.depth is None

@@ -173,4 +173,4 @@ def tp_plan_axes(module: torch.nn.Module, plan: dict | None = None) -> Callable[
     return axes
 
 
-__all__ = ["STYLES", "build", "causal_lm", "tp_plan_axes"]
+__all__ = ["STYLES", "build", "causal_lm", "decoder_layers", "tp_plan_axes"]
