@@ -274,7 +274,8 @@ def compare(cfg: DictConfig, output_dir: str | pathlib.Path) -> dict:
 @hydra.main(version_base=None, config_path="../conf", config_name="compare")
 def main(cfg: DictConfig) -> None:
     output_dir = HydraConfig.get().runtime.output_dir
-    outcome = compare(cfg, output_dir)
+    with launch.exit_quietly_on_interrupt():
+        outcome = compare(cfg, output_dir)
     print(f"equivalent; report: {pathlib.Path(output_dir) / 'report.md'}")
     if cfg.write_readme:
         readme = pathlib.Path(hydra.utils.get_original_cwd()) / "README.md"

@@ -100,7 +100,8 @@ def headline(summary: dict) -> dict:
 def main(cfg: DictConfig) -> dict:
     """Hydra entry point: run in Hydra's output dir, print the headline, return the summary (for callbacks)."""
     output_dir = HydraConfig.get().runtime.output_dir
-    summary = run(cfg, output_dir)
+    with launch.exit_quietly_on_interrupt():
+        summary = run(cfg, output_dir)
     if summary:
         print(json.dumps(headline(summary)))
     elif pathlib.Path(output_dir).name.startswith(_config.PRIVATE_DIR_PREFIX):

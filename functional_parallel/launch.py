@@ -7,6 +7,7 @@ or hangs ends the job with an error on every rank instead of a hang.
 """
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -14,6 +15,7 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from datetime import timedelta
@@ -64,7 +66,55 @@ def init_from_env(timeout_s: float = 600.0) -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def _worker(rank, world_size, init_file, result_dir, fn, args, timeout_s, backend=None):
+# How often a rank checks that the process that launched it is still there.
+PARENT_POLL_S = 0.5
+
+
+class Interrupted(RuntimeError):
+    """The launching process got SIGINT or SIGTERM: its ranks were stopped. `.signal` names it."""
+
+    def __init__(self, signum: int, world_size: int):
+        self.signal = signal.Signals(signum)
+        super().__init__(f"{self.signal.name}: stopped the {world_size} rank(s) of this job")
+
+
+@contextlib.contextmanager
+def exit_quietly_on_interrupt():
+    """For command-line entry points: an `Interrupted` job (or Ctrl-C outside one) ends the process
+    with one line on stderr and the shell's code for the signal (130 for SIGINT), not a traceback."""
+    try:
+        yield
+    except Interrupted as stopped:
+        print(f"interrupted ({stopped})", file=sys.stderr, flush=True)
+        raise SystemExit(128 + stopped.signal.value) from None
+    except KeyboardInterrupt:
+        print("interrupted (SIGINT)", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signal.SIGINT.value) from None
+
+
+def _die_with_launcher(launcher_pid: int) -> None:
+    """End this rank soon after the process that launched it is gone (killed, crashed), whatever
+    started the rank (spawn or forkserver); SIGINT is left to the launcher, which stops every rank."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the launcher stops us
+
+    parent = os.getppid()  # the launcher (spawn) or the forkserver, which ends with the launcher
+
+    def watch():
+        while True:
+            time.sleep(PARENT_POLL_S)
+            if os.getppid() != parent:  # re-parented: whoever started this rank is gone
+                os._exit(1)
+            try:
+                os.kill(launcher_pid, 0)
+            except (ProcessLookupError, PermissionError):  # gone (or its pid reused by another user)
+                os._exit(1)
+
+    threading.Thread(target=watch, name="die-with-launcher", daemon=True).start()
+
+
+def _worker(rank, world_size, init_file, result_dir, fn, args, timeout_s, backend=None, launcher_pid=None):
+    if launcher_pid is not None:
+        _die_with_launcher(launcher_pid)
     torch.set_num_threads(1)
     init_process_group(rank, world_size, init_file, timeout_s, backend)
     path = os.path.join(result_dir, f"rank{rank}.pt")
@@ -129,6 +179,28 @@ def _wait(processes, timeout_s: float, deadline_s: float | None) -> dict:
         multiprocessing.connection.wait([p.sentinel for p in alive], timeout=wait_for)
 
 
+@contextlib.contextmanager
+def _stopping_ranks_on_signals(processes):
+    """SIGINT (Ctrl-C) or SIGTERM while the ranks run: kill them all and raise `Interrupted`."""
+    def stop(signum, _frame):
+        raise Interrupted(signum, len(processes))
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
+    try:
+        yield
+    except (Interrupted, KeyboardInterrupt):
+        for process in processes:
+            if process.exitcode is None:
+                process.kill()
+        for process in processes:
+            process.join()
+        raise
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 # How ranks start. "spawn": a fresh interpreter per rank, as torchrun gives. "forkserver": ranks
 # fork from one server that imported `PRELOAD` once, so a job starts in ~0.2 s instead of seconds
 # of imports per rank (step times measured the same, within this machine's noise); the test suite
@@ -157,9 +229,11 @@ def spawn(fn: Callable[..., Any], world_size: int, *args, timeout_s: float = DEF
         init_file = rendezvous_file or os.path.join(tmp, "rendezvous")
         if os.path.exists(init_file):
             os.remove(init_file)
-        context = mp.start_processes(_worker, args=(world_size, init_file, tmp, fn, args, timeout_s, backend),
+        context = mp.start_processes(_worker, args=(world_size, init_file, tmp, fn, args, timeout_s, backend,
+                                                    os.getpid()),
                                      nprocs=world_size, join=False, start_method=_start_method())
-        killed = _wait(context.processes, timeout_s, deadline_s)
+        with _stopping_ranks_on_signals(context.processes):
+            killed = _wait(context.processes, timeout_s, deadline_s)
         outcomes = {}
         for rank, process in enumerate(context.processes):
             path = os.path.join(tmp, f"rank{rank}.pt")
