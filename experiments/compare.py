@@ -31,6 +31,7 @@ from experiments import config as _config
 from experiments import report, train, trainer
 from experiments.builders import (DTYPES, build_model, build_optimizer, build_schedule, describe_mesh, mesh_shape,
                                   validate)
+from experiments.cli import one_line_errors
 from experiments.metrics import read_metrics
 from experiments.strategies import write_into_readme
 from functional_parallel import data, launch
@@ -274,7 +275,7 @@ def compare(cfg: DictConfig, output_dir: str | pathlib.Path) -> dict:
 @hydra.main(version_base=None, config_path="../conf", config_name="compare")
 def main(cfg: DictConfig) -> None:
     output_dir = HydraConfig.get().runtime.output_dir
-    with launch.exit_quietly_on_interrupt():
+    with one_line_errors():
         outcome = compare(cfg, output_dir)
     print(f"equivalent; report: {pathlib.Path(output_dir) / 'report.md'}")
     if cfg.write_readme:

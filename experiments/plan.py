@@ -20,6 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 from experiments.builders import mesh_shape
+from experiments.cli import one_line_errors
 from experiments.config import ModelConfig
 from experiments.plan_report import markdown, print_tables
 from experiments.strategies import write_into_readme
@@ -121,7 +122,7 @@ def main(cfg) -> None:
     console = Console()
     if not console.is_terminal:  # a log file or pipe: keep every column readable
         console = Console(width=180)
-    with console.status("lowering on fake tensors...") as status:
+    with one_line_errors(), console.status("lowering on fake tensors...") as status:
         result = plan(cfg, progress=lambda row: status.update(
             f"{row['strategy']} done in {row['seconds']} s; lowering the next strategy..."))
     print_tables(result, console)

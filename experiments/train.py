@@ -25,6 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 from experiments import checkpointing, trainer
 from experiments import config as _config
 from experiments.builders import mesh_shape, validate
+from experiments.cli import one_line_errors
 from functional_parallel import launch
 
 RENDEZVOUS_FILE = ".rendezvous"  # in the run dir: one per job, so concurrent jobs never meet each other
@@ -100,7 +101,7 @@ def headline(summary: dict) -> dict:
 def main(cfg: DictConfig) -> dict:
     """Hydra entry point: run in Hydra's output dir, print the headline, return the summary (for callbacks)."""
     output_dir = HydraConfig.get().runtime.output_dir
-    with launch.exit_quietly_on_interrupt():
+    with one_line_errors():
         summary = run(cfg, output_dir)
     if summary:
         print(json.dumps(headline(summary)))

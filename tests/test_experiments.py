@@ -224,3 +224,21 @@ def test_hugging_face_gpt2_trains_with_dropout_under_tp_sp(tmp_path):
     assert with_dropout["final_loss"] < with_dropout["first_loss"] - 0.5
     assert with_dropout["first_loss"] != without["first_loss"]  # the same init and batch, dropped units
     assert with_dropout["val_loss"] < with_dropout["final_loss"]  # validation runs without dropout
+
+
+@pytest.mark.slow
+def test_a_config_error_is_one_line_and_its_traceback_is_behind_hydra_full_error(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "experiments.train", "data.global_batch=7", f"hydra.run.dir={tmp_path}"]
+    env = {key: value for key, value in os.environ.items() if key != "HYDRA_FULL_ERROR"}
+    short = subprocess.run(command, cwd=CONF_DIR + "/..", env=env, capture_output=True, text=True, timeout=120)
+    assert short.returncode == 2 and "Traceback" not in short.stderr
+    assert short.stderr.splitlines() == ["error: data.global_batch=7 must be divisible by the dp = 2 ranks strategy "
+                                         "'dp' splits the batch over (e.g. data.global_batch=8)",
+                                         "(set HYDRA_FULL_ERROR=1 for the traceback)"]
+    full = subprocess.run(command, cwd=CONF_DIR + "/..", env={**env, "HYDRA_FULL_ERROR": "1"}, capture_output=True,
+                          text=True, timeout=120)
+    assert full.returncode != 0 and "Traceback" in full.stderr
