@@ -1,11 +1,15 @@
 """Where a run's numbers go (rank 0 only): `metrics.jsonl`, TensorBoard, the progress bar, `loss.png`."""
 from __future__ import annotations
 
+import contextlib
 import json
-import math
 import pathlib
+import time
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+
+NOT_YET = "–"  # a bar field before its first measurement (instead of a nan or a 0 that reads as one)
 
 
 class MetricsWriter:
@@ -63,14 +67,33 @@ def plot_losses(history: list[dict], path: pathlib.Path) -> None:
 
 
 def progress_bar(enabled: bool) -> Progress:
-    """The rank-0 bar: steps, loss, tokens/s and the last step's time."""
+    """The rank-0 bar: steps, loss, tokens/s and the last step's time (each `NOT_YET` until measured)."""
     return Progress(
         TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.3f}"), TextColumn("{task.fields[tok_s]:,.0f} tok/s"),
-        TextColumn("{task.fields[step_ms]:.0f} ms/step"),
+        TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tok_s]} tok/s"),
+        TextColumn("{task.fields[step_ms]} ms/step"),
         TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled,
     )
 
 
 def new_task(progress: Progress, total: int, completed: int = 0):
-    return progress.add_task("train", total=total, completed=completed, loss=math.nan, tok_s=0.0, step_ms=0.0)
+    return progress.add_task("train", total=total, completed=completed, loss=NOT_YET, tok_s=NOT_YET, step_ms=NOT_YET)
+
+
+def bar_fields(loss: float, tokens_per_s: float, step_s: float) -> dict[str, str]:
+    """The bar's fields for one logged window."""
+    return {"loss": f"{loss:.3f}", "tok_s": f"{tokens_per_s:,.0f}", "step_ms": f"{1e3 * step_s:.0f}"}
+
+
+@contextlib.contextmanager
+def status(message: str, enabled: bool):
+    """While the block runs, a live line: a spinner, `message` and the elapsed time (rank 0, when the
+    bar is on); after it, `message: <seconds> s` on its own line."""
+    started = time.perf_counter()
+    if not enabled:
+        yield
+        return
+    with Progress(SpinnerColumn(), TextColumn(message), TimeElapsedColumn(), transient=True) as live:
+        live.add_task(message, total=None)
+        yield
+    print(f"{message}: {time.perf_counter() - started:.1f} s", flush=True)

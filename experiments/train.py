@@ -24,7 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from experiments import checkpointing, trainer
 from experiments import config as _config
-from experiments.builders import mesh_shape, validate
+from experiments.builders import describe_mesh, mesh_shape, validate
 from experiments.cli import one_line_errors
 from functional_parallel import launch
 
@@ -59,9 +59,12 @@ def write_config(cfg: DictConfig, output_dir: pathlib.Path) -> None:
 
 def run_spawned(cfg: DictConfig, output_dir: pathlib.Path) -> dict:
     """Spawn the mesh's ranks on this machine (gloo) and return rank 0's summary."""
-    validate(cfg)  # bad strategy / mesh / batch: a clear error before any process starts
+    strategy = validate(cfg)  # bad strategy / mesh / batch: a clear error before any process starts
     write_config(cfg, output_dir)
-    world_size = math.prod(mesh_shape(cfg.mesh).values())
+    shape = mesh_shape(cfg.mesh)
+    world_size = math.prod(shape.values())
+    print(f"train: {strategy.name} on mesh {describe_mesh(shape)}, starting {world_size} gloo rank(s); "
+          f"run dir {output_dir}", flush=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     results = launch.spawn(_spawned_rank, world_size, resolved, str(output_dir), timeout_s=cfg.timeout_s,
                            rendezvous_file=str(output_dir / RENDEZVOUS_FILE), backend="gloo")
@@ -105,6 +108,7 @@ def main(cfg: DictConfig) -> dict:
         summary = run(cfg, output_dir)
     if summary:
         print(json.dumps(headline(summary)))
+        print(f"wrote {output_dir}: summary.json, metrics.jsonl, loss.png, tb/, config.yaml", flush=True)
     elif pathlib.Path(output_dir).name.startswith(_config.PRIVATE_DIR_PREFIX):
         shutil.rmtree(output_dir, ignore_errors=True)  # a torchrun rank other than 0: its private dir
     return summary

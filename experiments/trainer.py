@@ -28,7 +28,7 @@ from sharding.memory import MemoryTracker
 
 from .builders import DTYPES, build_model, build_optimizer, build_precision, build_schedule, mesh_shape, validate
 from .checkpointing import Checkpointer, NonFiniteGuard, last_step
-from .metrics import MetricsWriter, new_task, plot_losses, progress_bar
+from .metrics import MetricsWriter, bar_fields, new_task, plot_losses, progress_bar, status
 
 
 @dataclasses.dataclass
@@ -132,9 +132,11 @@ def setup(cfg: Any, rank: int, device: torch.device, output_dir: pathlib.Path | 
                       schedule=schedule, compiled_train=compiled, compiled_eval=compiled_eval, specs=specs,
                       lowered=None, compile_s=0.0, state=state, output_dir=output_dir, checkpointer=checkpointer,
                       guard=NonFiniteGuard(cfg, checkpointer.last_good if checkpointer else lambda: ""))
-    session.lowered = compiled.lower(state.params, state.opt_state, local_batch(session, "train", 0))
-    if cfg.eval_batches:
-        compiled_eval.lower(state.params, local_batch(session, "val", 0))  # compiled here, not in the first eval
+    lowering = f"lowering the train step for {dist.get_world_size()} rank(s) (trace, propagate, partition)"
+    with status(lowering, rank == 0 and cfg.progress):
+        session.lowered = compiled.lower(state.params, state.opt_state, local_batch(session, "train", 0))
+        if cfg.eval_batches:
+            compiled_eval.lower(state.params, local_batch(session, "val", 0))  # compiled here, not in the first eval
     session.compile_s = time.perf_counter() - started
     session.window = Window()  # throughput is timed from the first step, not from the compile
     if rank == 0:
@@ -205,8 +207,8 @@ def log_step(session: Session, metrics: dict[str, float]) -> None:
         record["val_loss"] = evaluate(session)
     if session.writer is not None:
         session.writer.write(step, record)
-        session.progress.update(session.task, loss=record["loss"], tok_s=record["tokens_per_s"],
-                                step_ms=1e3 * record["step_time_s"])
+        session.progress.update(session.task, **bar_fields(record["loss"], record["tokens_per_s"],
+                                                           record["step_time_s"]))
     session.window = Window()
 
 

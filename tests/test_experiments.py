@@ -242,3 +242,19 @@ def test_a_config_error_is_one_line_and_its_traceback_is_behind_hydra_full_error
     full = subprocess.run(command, cwd=CONF_DIR + "/..", env={**env, "HYDRA_FULL_ERROR": "1"}, capture_output=True,
                           text=True, timeout=120)
     assert full.returncode != 0 and "Traceback" in full.stderr
+
+
+def test_the_bar_shows_no_nan_before_the_first_measurement_and_the_window_after():
+    from rich.console import Console
+
+    from experiments import metrics
+
+    bar = metrics.progress_bar(True)
+    task = metrics.new_task(bar, 300)
+    console = Console(record=True, width=160, force_terminal=False)
+    console.print(bar.make_tasks_table(bar.tasks))
+    first = console.export_text()
+    assert "nan" not in first and "loss – – tok/s – ms/step" in first, first
+    bar.update(task, **metrics.bar_fields(4.1234, 12345.6, 0.0126))
+    console.print(bar.make_tasks_table(bar.tasks))
+    assert "loss 4.123 12,346 tok/s 13 ms/step" in console.export_text()
