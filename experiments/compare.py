@@ -202,9 +202,13 @@ def check_equivalent(run: str, losses: list[float], reference: list[float], rtol
 def _train_in_turn(rank: int, world_size: int, runs: list[tuple[str, dict]], output_dir: str) -> dict:
     """On one spawned rank: train each (run name, resolved config) in order; rank 0 returns the summaries."""
     summaries = {}
-    for name, resolved in runs:
+    for index, (name, resolved) in enumerate(runs, start=1):
         run_dir = pathlib.Path(output_dir) / name if rank == 0 else None
         summaries[name] = trainer.train(train.config_from_dict(resolved), rank, torch.device("cpu"), run_dir)
+        if rank == 0:  # as each run finishes, not all at the end
+            summary = summaries[name]
+            print(f"  {name} trained ({index}/{len(runs)} on {world_size} ranks): final loss "
+                  f"{summary['final_loss']:.6f} in {summary['seconds']:.1f} s", flush=True)
     return summaries
 
 
@@ -216,6 +220,7 @@ def run_all(configs: dict[str, DictConfig], output_dir: pathlib.Path, timeout_s:
         by_world.setdefault(math.prod(mesh_shape(train_cfg.mesh).values()), []).append(
             (name, OmegaConf.to_container(train_cfg, resolve=True)))
     summaries = {}
+    print(f"compare: {len(configs)} runs in {len(by_world)} set(s) of spawned ranks; run dir {output_dir}", flush=True)
     for world_size, runs in by_world.items():
         summaries.update(launch.spawn(_train_in_turn, world_size, runs, str(output_dir), timeout_s=timeout_s,
                                       rendezvous_file=str(output_dir / train.RENDEZVOUS_FILE), backend="gloo")[0])
