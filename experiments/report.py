@@ -74,22 +74,46 @@ def _policy_label(policy: dict) -> str:
     return ", ".join(parts)
 
 
+# Differences below this are drawn at it: an exactly equal step (0) has no place on a log scale.
+DIFFERENCE_FLOOR = 1e-17
+
+
+def relative_differences(summary: dict) -> list[float]:
+    """|loss - reference| / |reference| per step of one run (what the equivalence check bounds)."""
+    return [max(abs(loss - ref) / max(abs(ref), 1e-12), DIFFERENCE_FLOOR)
+            for loss, ref in zip(summary["losses"], summary["reference_losses"])]
+
+
 def plot_losses(results: dict, path: pathlib.Path) -> None:
-    """Every run's curve, and each distinct single-process reference dashed."""
+    """Left: every run's curve and each distinct single-process reference dashed (on top of each other
+    when all is well). Right: each run's relative difference from its reference per step, log scale,
+    with the tolerances it is checked against."""
     plt = _pyplot()
-    figure, axes = plt.subplots(figsize=(7, 4))
+    figure, (axes, diffs) = plt.subplots(1, 2, figsize=(12, 4))
     for name, summary in results.items():
-        axes.plot(range(1, len(summary["losses"]) + 1), summary["losses"], label=name, alpha=0.8)
+        steps = range(1, len(summary["losses"]) + 1)
+        axes.plot(steps, summary["losses"], label=name, alpha=0.8)
+        diffs.plot(steps, relative_differences(summary), marker=".", linewidth=1, label=name, alpha=0.8)
     references = {_policy_label(s["reference_policy"]): s["reference_losses"] for s in results.values()}
     styles = ["k--", "k:", "k-.", "k-"]
     for index, (label, losses) in enumerate(references.items()):
         axes.plot(range(1, len(losses) + 1), losses, styles[index % len(styles)], linewidth=1,
                   label=f"reference, 1 process ({label})")
+    for rtol in sorted({s["rtol"] for s in results.values() if s.get("rtol")}):
+        diffs.axhline(rtol, color="r", linestyle="--", linewidth=1)
+        diffs.annotate(f"rtol {rtol:g}", (1, rtol), color="r", fontsize=7, va="bottom")
     axes.set_xlabel("step")
     axes.set_ylabel("train loss (nats/char)")
     axes.set_title("Train loss per step: each run and the single-process reference of its policy", fontsize=10)
     axes.legend(fontsize=7)
     axes.grid(alpha=0.3)
+    diffs.set_yscale("log")
+    diffs.set_xlabel("step")
+    diffs.set_ylabel("|loss - reference| / reference")
+    diffs.set_title(f"Relative difference from the reference (exactly equal drawn at {DIFFERENCE_FLOOR:g})",
+                    fontsize=10)
+    diffs.legend(fontsize=7, ncol=2, loc="lower right")
+    diffs.grid(alpha=0.3, which="both")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

@@ -145,3 +145,14 @@ def test_compare_checks_a_hugging_face_llama_against_its_reference(tmp_path):
     assert all(summary["max_rel_diff"] < 1e-9 for summary in results.values())
     tp = {c["kind"] for c in results["fsdp_tp"]["collectives"] if c["axes"] == "tp"}
     assert tp == {"all_reduce"}, tp  # Megatron's layout from the TP plan: no tp gather of weights
+
+
+def test_the_loss_plot_draws_each_runs_relative_difference(tmp_path):
+    """Twelve curves on top of each other say little; their differences from the reference are drawn too."""
+    summary = {"losses": [4.0, 3.5, 3.0], "reference_losses": [4.0, 3.5 * (1 + 1e-12), 3.0 * (1 + 2e-10)],
+               "reference_policy": {"precision": "fp32"}, "rtol": 1e-9}
+    differences = report.relative_differences(summary)
+    assert differences[0] == report.DIFFERENCE_FLOOR  # exactly equal: drawn at the floor of the log scale
+    assert abs(differences[1] - 1e-12) < 1e-15 and abs(differences[2] - 2e-10) < 1e-13
+    report.plot_losses({"dp": summary, "zero3": dict(summary, losses=[4.0, 3.5, 3.0])}, tmp_path / "loss.png")
+    assert (tmp_path / "loss.png").stat().st_size > 10_000
