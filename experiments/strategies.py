@@ -6,6 +6,7 @@ exactly what the compiler inserts (README's strategy table is this command's out
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
+from experiments.cli import one_line_errors
 from functional_parallel.parallel import available_strategies, example_mesh, lower_abstract
 from sharding.cost import collective_counts
 README_MARKERS = ("<!-- strategies:begin -->", "<!-- strategies:end -->")
@@ -31,7 +33,7 @@ class StrategiesConfig:
 ConfigStore.instance().store(name="strategies_config", node=StrategiesConfig)
 
 
-def table(arch: str, size: str, global_batch: int, strategies) -> str:
+def table(arch: str, size: str, global_batch: int, strategies, progress=None) -> str:
     kinds = ("all_gather", "reduce_scatter", "all_reduce")
     lines = [f"Train step of `{arch}/{size}` (AdamW, global batch {global_batch}), per rank; "
              f"cells are count × kind on a mesh axis (dp+tp: one collective over both), with bytes.", "",
@@ -44,7 +46,10 @@ def table(arch: str, size: str, global_batch: int, strategies) -> str:
     for name in strategies:
         full = example_mesh(name)
         mesh = {a: s for a, s in full.items() if s > 1}
+        started = time.perf_counter()
         _, _, lowered = lower_abstract(arch, size, name, full, global_batch)
+        if progress is not None:
+            progress(name, time.perf_counter() - started)
         groups = collective_counts(lowered.collectives)
         cells = [", ".join(f"{g['count']}× {g['axes']} ({g['bytes']:,} B)"
                            for g in sorted(groups, key=lambda g: g["axes"]) if g["kind"] == kind) or "—"
@@ -67,7 +72,12 @@ def write_into_readme(text: str, readme: Path, markers: tuple[str, str] = README
 @hydra.main(version_base=None, config_name="strategies_config")
 def main(cfg: StrategiesConfig) -> None:
     cfg = OmegaConf.to_object(cfg)
-    text = table(cfg.arch, cfg.size, cfg.global_batch, cfg.strategies)
+    from rich.console import Console
+
+    console = Console(stderr=True)  # status on stderr: stdout is the table
+    with one_line_errors(), console.status(f"lowering {len(cfg.strategies)} strategies on an abstract mesh...") as live:
+        text = table(cfg.arch, cfg.size, cfg.global_batch, cfg.strategies,
+                     progress=lambda name, seconds: live.update(f"{name} lowered in {seconds:.1f} s; next..."))
     print(text)
     if cfg.write_readme:
         write_into_readme(text, Path(hydra.utils.get_original_cwd()) / "README.md")
