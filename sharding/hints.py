@@ -8,13 +8,14 @@ what makes ZeRO-1/2 reduce-scatter gradients and DP all-reduce them, from specs 
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 
 from .constrain import decode_spec
 from .errors import ShardingError
-from .layout import REPLICATE, Layout, layout_from_spec, split_dim
+from .layout import REPLICATE, Layout, Strided, layout_from_spec, split_dim
 from .ops import creates_zeros, joins_component
 
 aten = torch.ops.aten
@@ -51,6 +52,34 @@ class Hints:
                                                           axis_names, axis_sizes))
                 except ShardingError:
                     pass  # reported with its source line when propagation reaches the node
+        self._through_reshapes(graph, axis_sizes)
+
+    def _through_reshapes(self, graph, axis_sizes) -> None:
+        """A reshape's input component without a hint takes its output's, translated: a split of an
+        output dim that a reshape cut out of one input dim is, on that input dim, the same split of each
+        of the pieces before it (`Strided`). So a Partial reduced before an unflattening view (GPT-2's
+        Conv1D: `addmm` over [b*s, d], then [b, s, d] whose seq dim SP splits) is reduce-scattered into
+        the shard the view hands on, not all-reduced."""
+        from .rules.views import view_groups  # the rules import this module
+
+        for node in graph.nodes:
+            if node.op != "call_function" or node.target not in _RESHAPES:
+                continue
+            source = node.args[0]
+            in_shape, out_shape = _shape(source), _shape(node)
+            if not isinstance(source, torch.fx.Node) or in_shape is None or out_shape is None or \
+                    self.same_component(source, node):
+                continue
+            hint = self.component_hint.get(self._find(node))
+            if hint is None:
+                continue
+            translated, local = [], list(out_shape)  # the block the axes before each one leave
+            for placement, size in zip(hint, axis_sizes):
+                translated.append(_split_before_reshape(placement, in_shape, out_shape, local, size, view_groups))
+                if split_dim(placement) is not None and not isinstance(placement, Strided):
+                    local[split_dim(placement)] //= size
+            if any(p is not None for p in translated):
+                self._add_hint(source, Layout(tuple(p if p is not None else REPLICATE for p in translated)))
 
     def _find(self, node):
         root = node
@@ -85,6 +114,26 @@ class Hints:
 
     def is_zeros(self, node) -> bool:
         return node in self.zeros
+
+
+_RESHAPES = frozenset({aten.view.default, aten._unsafe_view.default, aten.reshape.default})
+
+
+def _split_before_reshape(placement, in_shape, out_shape, out_local, axis_size, view_groups):
+    """The input-side placement of a plain split of output dim `placement`, or None when the output
+    dim is not cut out of a single input dim (or does not divide). `out_local`: the output's sizes
+    within the block earlier mesh axes leave, which is where the pieces are counted."""
+    if isinstance(placement, Strided) or split_dim(placement) is None:
+        return None
+    dim = split_dim(placement)
+    for in_dims, out_dims in view_groups(in_shape, out_shape):
+        if dim not in out_dims:
+            continue
+        if len(in_dims) != 1 or out_local[dim] % axis_size:
+            return None
+        pieces = math.prod(out_local[d] for d in out_dims[:out_dims.index(dim)])
+        return Strided(in_dims[0], pieces) if pieces > 1 else in_dims[0]
+    return None
 
 
 def _shape(node):

@@ -97,6 +97,9 @@ def elementwise(ctx, node, axis):
             hint = ctx.hint(node, axis)
             if is_shard(hint) and ctx.divisible(out_shape, hint, axis):
                 split = (hint, 1)
+            elif isinstance(hint, Strided) and hint.dim < len(out_shape) and out_shape[hint.dim] % hint.chunks == 0 \
+                    and ctx.divisible([out_shape[hint.dim] // hint.chunks], 0, axis):
+                split = (hint.dim, hint.chunks)  # each piece split (a hint through an unflattening view)
     if split is None:
         return Choice(REPLICATE, {i: REPLICATE for i in inputs})
     dim, chunks = split

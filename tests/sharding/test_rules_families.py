@@ -173,3 +173,24 @@ def test_rule_5_and_the_reshape_clause_still_move_an_activation_on_a_model_axis(
 def test_a_chunked_split_an_op_cannot_place_is_not_gathered_silently():
     with pytest.raises(PropagationError, match=r"whole on model axis 'tp', where it is Shard\(1, chunks=2\).*rule 9"):
         _lower(lambda x: torch.softmax(x, 0), (_x(4, 8),), (P(None, chunked("tp", 2)),), P())
+
+
+def test_a_partial_before_an_unflattening_view_is_reduce_scattered_into_the_views_split():
+    """GPT-2's Conv1D: `addmm` over [b*s, d] tokens, viewed back to [b, s, d] and added to a residual
+    whose seq dim SP splits. The residual's hint passes back through the view as a split of each
+    sequence's piece of the flat dim, so the row-parallel Partial is reduce-scattered there (as
+    Megatron SP does), not all-reduced and sliced."""
+    b, s, k, d = 2, 4, 8, 6
+
+    def conv1d_then_residual(x, w, bias, residual):
+        residual = constrain(residual, ("batch", "seq", "embed"))
+        y = torch.addmm(bias, x.reshape(-1, k), w).view(b, s, d)
+        return constrain(residual + y, ("batch", "seq", "embed")).sum()
+
+    mesh = Mesh.abstract({"tp": 2})
+    x, w, bias, residual = torch.randn(b, s, k), torch.randn(k, d), torch.randn(d), torch.randn(b, s, d)
+    lowered = jit(conv1d_then_residual, mesh=mesh, in_specs=(P(None, None, "tp"), P("tp"), P(), P()),
+                  out_specs=P(), logical_rules={"seq": "tp"}).lower(
+        shard(x, P(None, None, "tp"), mesh), shard(w, P("tp"), mesh), bias, residual)
+    assert [(c["kind"], tuple(c["shape"])) for c in lowered.collectives] == [("reduce_scatter", (b * s, d)),
+                                                                           ("all_reduce", ())]
