@@ -220,7 +220,7 @@ def run_all(configs: dict[str, DictConfig], output_dir: pathlib.Path, timeout_s:
         by_world.setdefault(math.prod(mesh_shape(train_cfg.mesh).values()), []).append(
             (name, OmegaConf.to_container(train_cfg, resolve=True)))
     summaries = {}
-    print(f"compare: {len(configs)} runs in {len(by_world)} set(s) of spawned ranks; run dir {output_dir}", flush=True)
+    print(f"compare: training the runs in {len(by_world)} set(s) of spawned ranks; run dir {output_dir}", flush=True)
     for world_size, runs in by_world.items():
         summaries.update(launch.spawn(_train_in_turn, world_size, runs, str(output_dir), timeout_s=timeout_s,
                                       rendezvous_file=str(output_dir / train.RENDEZVOUS_FILE), backend="gloo")[0])
@@ -258,8 +258,10 @@ def compare(cfg: DictConfig, output_dir: str | pathlib.Path) -> dict:
     configs = {run.name: train_config(cfg, run) for run in runs}  # every config error before any run
     for train_cfg in configs.values():
         validate(train_cfg)
-    by_policy = {policy: reference_losses(cfg, policy)  # once per distinct policy
-                 for policy in dict.fromkeys(reference_policy(c) for c in configs.values())}
+    policies = list(dict.fromkeys(reference_policy(c) for c in configs.values()))
+    print(f"compare: {len(runs)} runs ({', '.join(configs)}); first {len(policies)} single-process "
+          f"reference(s), one per policy", flush=True)
+    by_policy = {policy: reference_losses(cfg, policy) for policy in policies}  # once per distinct policy
     references = {name: by_policy[reference_policy(c)] for name, c in configs.items()}
     summaries = run_all(configs, output_dir, cfg.timeout_s)
     columns = policy_keys(runs)

@@ -59,12 +59,9 @@ def write_config(cfg: DictConfig, output_dir: pathlib.Path) -> None:
 
 def run_spawned(cfg: DictConfig, output_dir: pathlib.Path) -> dict:
     """Spawn the mesh's ranks on this machine (gloo) and return rank 0's summary."""
-    strategy = validate(cfg)  # bad strategy / mesh / batch: a clear error before any process starts
+    validate(cfg)  # bad strategy / mesh / batch: a clear error before any process starts
     write_config(cfg, output_dir)
-    shape = mesh_shape(cfg.mesh)
-    world_size = math.prod(shape.values())
-    print(f"train: {strategy.name} on mesh {describe_mesh(shape)}, starting {world_size} gloo rank(s); "
-          f"run dir {output_dir}", flush=True)
+    world_size = math.prod(mesh_shape(cfg.mesh).values())
     resolved = OmegaConf.to_container(cfg, resolve=True)
     results = launch.spawn(_spawned_rank, world_size, resolved, str(output_dir), timeout_s=cfg.timeout_s,
                            rendezvous_file=str(output_dir / RENDEZVOUS_FILE), backend="gloo")
@@ -105,6 +102,8 @@ def main(cfg: DictConfig) -> dict:
     """Hydra entry point: run in Hydra's output dir, print the headline, return the summary (for callbacks)."""
     output_dir = HydraConfig.get().runtime.output_dir
     with one_line_errors():
+        print(f"train: {cfg.strategy.name} on mesh {describe_mesh(mesh_shape(cfg.mesh))}; run dir {output_dir}",
+              flush=True)
         summary = run(cfg, output_dir)
     if summary:
         print(json.dumps(headline(summary)))
