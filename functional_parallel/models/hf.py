@@ -57,11 +57,11 @@ def causal_lm(hf: dict, *, vocab_size: int, seq_len: int) -> torch.nn.Module:
     positions = "n_positions" if hasattr(config, "n_positions") else "max_position_embeddings"
     if hasattr(config, positions):
         setattr(config, positions, max(getattr(config, positions) or 0, seq_len))
-    for special in ("bos_token_id", "eos_token_id", "pad_token_id"):
+    for token_field in ("bos_token_id", "eos_token_id", "pad_token_id"):
         # a default id past a small vocabulary (GPT-2's 50256) only makes transformers warn: drop it
-        token = getattr(config, special, None)
-        if special not in fields and isinstance(token, int) and token >= vocab_size:
-            setattr(config, special, None)
+        token = getattr(config, token_field, None)
+        if token_field not in fields and isinstance(token, int) and token >= vocab_size:
+            setattr(config, token_field, None)
     return transformers.AutoModelForCausalLM.from_config(config)
 
 
