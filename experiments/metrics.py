@@ -1,4 +1,4 @@
-"""Where a run's numbers go (rank 0 only): `metrics.jsonl`, TensorBoard, the progress bar, `loss.png`."""
+"""Where a run's numbers go (rank 0 only): `metrics.jsonl`, `train.log`, TensorBoard, the progress bar, `loss.png`."""
 from __future__ import annotations
 
 import contextlib
@@ -19,6 +19,7 @@ class MetricsWriter:
         from torch.utils.tensorboard import SummaryWriter
 
         self.jsonl = open(output_dir / "metrics.jsonl", "w")
+        self.log = open(output_dir / "train.log", "a")  # beside the launcher's lines (Hydra's job log)
         self.tensorboard = SummaryWriter(log_dir=str(output_dir / "tb"))
         self.history: list[dict] = []
 
@@ -28,6 +29,8 @@ class MetricsWriter:
         self.history.append(record)
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
+        self.log.write(f"step {step}: " + ", ".join(f"{key} {value:.6g}" for key, value in values.items()) + "\n")
+        self.log.flush()
         for key, value in values.items():
             self.tensorboard.add_scalar(key, value, step)
 
@@ -37,6 +40,7 @@ class MetricsWriter:
 
     def close(self) -> None:
         self.jsonl.close()
+        self.log.close()
         self.tensorboard.close()
 
 

@@ -63,4 +63,5 @@ class SweepSummary(Callback):
             write_sweep_summary(HydraConfig.get().sweep.dir)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        write_sweep_summary(config.hydra.sweep.dir)
+        path = write_sweep_summary(config.hydra.sweep.dir)
+        print(f"sweep: wrote {path} (one row per job)", flush=True)

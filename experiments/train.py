@@ -9,7 +9,9 @@ writes the run dir: `config.yaml`, `metrics.jsonl`, TensorBoard events (`tb/`), 
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import pathlib
 import shutil
@@ -28,6 +30,7 @@ from experiments.builders import describe_mesh, mesh_shape, validate
 from experiments.cli import one_line_errors
 from functional_parallel import launch
 
+log = logging.getLogger("experiments.train")  # Hydra sends it to the console and to <run dir>/train.log
 RENDEZVOUS_FILE = ".rendezvous"  # in the run dir: one per job, so concurrent jobs never meet each other
 
 
@@ -91,6 +94,24 @@ def run(cfg: DictConfig, output_dir: str | pathlib.Path) -> dict[str, Any]:
     return run_spawned(cfg, output_dir)
 
 
+HYDRA_ONLY = {".hydra", "train.log"}  # what is in a run dir before the job writes its own (config.yaml first)
+
+
+@contextlib.contextmanager
+def removing_if_nothing_written(output_dir: str):
+    """A run that fails before writing anything of its own (a config error) leaves no run dir behind."""
+    try:
+        yield
+    except BaseException:
+        run_dir = pathlib.Path(output_dir)
+        if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= HYDRA_ONLY:
+            shutil.rmtree(run_dir / ".hydra", ignore_errors=True)  # only Hydra's own files go
+            (run_dir / "train.log").unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()
+        raise
+
+
 def headline(summary: dict) -> dict:
     """The few numbers printed at the end of a run."""
     keys = ("strategy", "mesh", "first_loss", "final_loss", "val_loss", "step_time_s", "tokens_per_s", "seconds")
@@ -101,13 +122,12 @@ def headline(summary: dict) -> dict:
 def main(cfg: DictConfig) -> dict:
     """Hydra entry point: run in Hydra's output dir, print the headline, return the summary (for callbacks)."""
     output_dir = HydraConfig.get().runtime.output_dir
-    with one_line_errors():
-        print(f"train: {cfg.strategy.name} on mesh {describe_mesh(mesh_shape(cfg.mesh))}; run dir {output_dir}",
-              flush=True)
+    with one_line_errors(), removing_if_nothing_written(output_dir):
+        log.info(f"train: {cfg.strategy.name} on mesh {describe_mesh(mesh_shape(cfg.mesh))}; run dir {output_dir}")
         summary = run(cfg, output_dir)
     if summary:
-        print(json.dumps(headline(summary)))
-        print(f"wrote {output_dir}: summary.json, metrics.jsonl, loss.png, tb/, config.yaml", flush=True)
+        log.info(json.dumps(headline(summary)))
+        log.info(f"wrote {output_dir}: summary.json, metrics.jsonl, loss.png, tb/, config.yaml, train.log")
     elif pathlib.Path(output_dir).name.startswith(_config.PRIVATE_DIR_PREFIX):
         shutil.rmtree(output_dir, ignore_errors=True)  # a torchrun rank other than 0: its private dir
     return summary

@@ -258,3 +258,30 @@ def test_the_bar_shows_no_nan_before_the_first_measurement_and_the_window_after(
     bar.update(task, **metrics.bar_fields(4.1234, 12345.6, 0.0126))
     console.print(bar.make_tasks_table(bar.tasks))
     assert "loss 4.123 12,346 tok/s 13 ms/step" in console.export_text()
+
+
+@pytest.mark.slow
+def test_a_run_that_fails_on_its_config_leaves_no_run_dir(tmp_path):
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "outputs" / "run"
+    done = subprocess.run([sys.executable, "-m", "experiments.train", "data.global_batch=7",
+                           f"hydra.run.dir={run_dir}"], cwd=CONF_DIR + "/..", capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and not run_dir.exists(), (done.stderr, list(run_dir.parent.glob("*")))
+
+
+@pytest.mark.slow
+def test_train_log_holds_what_train_printed_and_each_logged_step(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "experiments.train", "model=gpt_tiny", "steps=10", "log_every=5",
+                           "eval_batches=0", "progress=false", f"hydra.run.dir={tmp_path}"], cwd=CONF_DIR + "/..",
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    log = (tmp_path / "train.log").read_text().splitlines()
+    assert log[0] == f"train: dp on mesh dp=2; run dir {tmp_path}"
+    assert [line.split(":")[0] for line in log if line.startswith("step ")] == ["step 5", "step 10"]
+    assert log[-1].startswith(f"wrote {tmp_path}: summary.json") and log[-1] in done.stdout
