@@ -91,11 +91,7 @@ def describe_mesh(shape: dict[str, int]) -> str:
 def check_not_degenerate(strategy: Strategy, shape: dict[str, int]) -> None:
     """A model axis (one the strategy splits parameters or activations over, not the batch) of size 1
     would make the strategy silently something else (tp on tp=1 is data parallelism): a ValueError."""
-    batch_axes = set(strategy.batch.all_axes())
-    activation_axes = {axis for name, axes in strategy.logical.items() if name != "batch"
-                       for axis in ((axes,) if isinstance(axes, str) else axes or ())}
-    model_axes = (set(strategy.param_mesh_axes()) | activation_axes) - batch_axes
-    flat = sorted(axis for axis in model_axes if shape.get(axis) == 1)
+    flat = [axis for axis in strategy.model_axes() if shape.get(axis) == 1]
     if flat:
         example = "{" + ", ".join(f"{axis}: {size}" for axis, size in strategy.example_mesh.items()) + "}"
         raise ValueError(f"strategy {strategy.name!r} splits the model over {flat}, of size 1 in the mesh "

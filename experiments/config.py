@@ -106,6 +106,10 @@ class Config:
     max_skips: int = 3  # nonfinite=skip: skipped steps in a row before stopping anyway
 
 
+# The rows of the project's tables (strategies, plan) and of its strategy tests, in reading order:
+# the project's own strategy files; any other file is listed with `strategies=[..]`.
+TABLE_STRATEGIES = ["dp", "zero1", "zero2", "zero3", "tp", "tp_sp", "fsdp_tp"]
+
 PRIVATE_DIR_PREFIX = "functional-parallel-rank"
 
 

@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 
 from experiments.builders import mesh_shape
 from experiments.cli import one_line_errors
-from experiments.config import ModelConfig
+from experiments.config import TABLE_STRATEGIES, ModelConfig
 from experiments.plan_report import markdown, print_tables
 from experiments.strategies import write_into_readme
 from functional_parallel import planner, published
@@ -29,8 +29,6 @@ from functional_parallel.models import build, config as model_config
 from functional_parallel.parallel import Strategy, available_strategies, check_offload
 from sharding.remat import check_policy
 
-# The tables' default rows (any strategy file can be planned: strategies=[..]).
-DEFAULT_STRATEGIES = ["dp", "zero1", "zero2", "zero3", "tp", "tp_sp", "fsdp_tp"]
 
 
 @dataclasses.dataclass
@@ -39,7 +37,7 @@ class PlanConfig:
 
     model: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig(arch="gpt", size="gpt3_175b"))
     mesh: Any = "dp64_tp8"  # a conf/meshes name or axis sizes in order: mesh='{dp: 32, tp: 8}'; never started
-    strategies: List[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_STRATEGIES))
+    strategies: List[str] = dataclasses.field(default_factory=lambda: list(TABLE_STRATEGIES))
     precision: str = "bf16"  # bf16: ZeRO's mixed precision (2 + 2 + 12 bytes/param) | fp32 (4 + 4 + 8)
     remat: str = "none"  # activation checkpointing: none | selective (attention core) | full (keep layer inputs)
     micro_batch: int = 1  # sequences per data-parallel rank (Korthikanti's b)

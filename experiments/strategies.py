@@ -15,6 +15,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from experiments.cli import one_line_errors
+from experiments.config import TABLE_STRATEGIES
 from functional_parallel.parallel import available_strategies, example_mesh, lower_abstract
 from sharding.cost import collective_counts
 README_MARKERS = ("<!-- strategies:begin -->", "<!-- strategies:end -->")
@@ -25,8 +26,7 @@ class StrategiesConfig:
     arch: str = "gpt"
     size: str = "tiny"
     global_batch: int = 8
-    # The table's rows, each on its example_mesh (any strategy file can be listed).
-    strategies: list = field(default_factory=lambda: ["dp", "zero1", "zero2", "zero3", "tp", "tp_sp", "fsdp_tp"])
+    strategies: list = field(default_factory=lambda: list(TABLE_STRATEGIES))  # each on its example_mesh
     write_readme: bool = False
 
 

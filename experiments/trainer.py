@@ -161,20 +161,18 @@ def measured_step(session: Session, batch: dict):
     a pure function, and torch's generator is put back before each repeat, so the outputs kept are
     the ones a single run gives.
     """
-    state, peaks = session.state, None
+    state, generator, runs = session.state, torch.get_rng_state(), []
     for _ in range(MEASURED_RUNS):
-        generator = torch.get_rng_state()
+        torch.set_rng_state(generator)  # every run draws what one run draws
         with MemoryTracker(session.device) as memory:
             memory.track((state.params, batch))
             memory.track(state.opt_state, state_memory_kind(session.cfg.offload))
             outputs = session.compiled_train(state.params, state.opt_state, batch)
-        measured = (memory.peak_bytes, memory.device_peak_bytes, memory.host_peak_bytes)
-        peaks = measured if peaks is None else tuple(
-            b if a is None else a if b is None else min(a, b) for a, b in zip(peaks, measured))
-        after = torch.get_rng_state()
-        torch.set_rng_state(generator)
-    torch.set_rng_state(after)
-    (session.peak_bytes_measured, session.device_peak_bytes_measured, session.host_peak_bytes_measured) = peaks
+        runs.append(memory)
+    session.peak_bytes_measured = min(m.peak_bytes for m in runs)
+    session.device_peak_bytes_measured = min(m.device_peak_bytes for m in runs)
+    hosts = [m.host_peak_bytes for m in runs if m.host_peak_bytes is not None]
+    session.host_peak_bytes_measured = min(hosts) if hosts else None
     return outputs
 
 

@@ -103,28 +103,32 @@ def _global_shape(leaf: torch.Tensor, spec: P, mesh: Mesh | None) -> tuple[int, 
     return tuple(mesh.global_shape(leaf.shape, spec)) if mesh is not None else tuple(leaf.shape)
 
 
+def _chunked(key: str, local: torch.Tensor, spec: P, mesh: Mesh | None):
+    """(global shape, (axis, dim)) of a leaf split chunked over one mesh axis, else None."""
+    if mesh is None:
+        return None
+    shape = _global_shape(local, spec, mesh)
+    found = strided_axis(spec, shape, mesh, key)
+    return None if found is None else (shape, found)
+
+
 def _stored(key: str, local: torch.Tensor, spec: P, mesh: Mesh | None):
     """(tensor, spec) as DCP stores the leaf: a chunked split is first gathered over its axis
     (`checkpoint_strided`); anything else as it is."""
-    if mesh is None:
+    chunked = _chunked(key, local, spec, mesh)
+    if chunked is None:
         return local, spec
-    shape = _global_shape(local, spec, mesh)
-    found = strided_axis(spec, shape, mesh, key)
-    if found is None:
-        return local, spec
+    shape, found = chunked
     return to_stored(local, spec, shape, mesh, *found), stored_spec(spec, *found)
 
 
 def _stored_like(key: str, like: torch.Tensor, spec: P, mesh: Mesh | None):
     """An empty tensor of the stored block's shape (the load target), its spec, and how to turn
     the loaded block back into this rank's layout."""
-    empty = torch.empty_like(like, memory_format=torch.contiguous_format)
-    if mesh is None:
-        return empty, spec, None
-    shape = _global_shape(like, spec, mesh)
-    found = strided_axis(spec, shape, mesh, key)
-    if found is None:
-        return empty, spec, None
+    chunked = _chunked(key, like, spec, mesh)
+    if chunked is None:
+        return torch.empty_like(like, memory_format=torch.contiguous_format), spec, None
+    shape, found = chunked
     kept = stored_spec(spec, *found)
     layout = layout_from_spec(kept, shape, mesh.axis_names, mesh.axis_sizes, where=key)
     block = torch.empty(layout.local_shape(shape, mesh.axis_sizes), dtype=like.dtype, device=like.device)

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from sharding import Mesh, P
+from sharding.bind import rank_index
 from sharding.layout import Strided, layout_from_spec
 from sharding.tree import shard
 
@@ -51,15 +52,9 @@ def _positions(of: torch.Tensor, within: torch.Tensor, size: int) -> torch.Tenso
 
 def _group_ranks(mesh: Mesh, axis: str) -> list[int]:
     """The global ranks of this rank's peers along `axis`, in coordinate order."""
-    index, coordinate = mesh.axis_index(axis), list(mesh.coordinate)
-    ranks = []
-    for position in range(mesh.axis_sizes[index]):
-        coordinate[index] = position
-        rank = 0
-        for c, size in zip(coordinate, mesh.axis_sizes):
-            rank = rank * size + c
-        ranks.append(rank)
-    return ranks
+    index, every_axis = mesh.axis_index(axis), tuple(range(len(mesh.axis_sizes)))
+    return [rank_index(every_axis, (*mesh.coordinate[:index], position, *mesh.coordinate[index + 1:]),
+                       mesh.axis_sizes) for position in range(mesh.axis_sizes[index])]
 
 
 def to_stored(local: torch.Tensor, spec: P, shape, mesh: Mesh, axis: str, dim: int) -> torch.Tensor:

@@ -125,6 +125,11 @@ class Strategy:
             return self.param_mesh_axes()
         return sorted({axis for _, spec in self.opt_state for axis in spec.all_axes()})
 
+    def model_axes(self) -> list[str]:
+        """The mesh axes that split the model (parameters or activations) but not the batch, sorted."""
+        activations = P(*(axes for name, axes in self.logical.items() if name != "batch")).all_axes()
+        return sorted((set(self.param_mesh_axes()) | set(activations)) - set(self.batch.all_axes()))
+
     def mesh_axes(self) -> set[str]:
         """Every mesh axis the strategy names (its batch, logical and parameter rules)."""
         named = set(self.batch.all_axes()) | set(P(*self.logical.values()).all_axes()) | set(self.fsdp)

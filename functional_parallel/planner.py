@@ -238,9 +238,7 @@ def mesh_padded_vocab(vocab_size: int, mesh_shape: Mapping[str, int], multiple: 
 def model_axes(strategy: Strategy, mesh_shape: Mapping[str, int]) -> tuple[int, bool]:
     """(t, sp) in Korthikanti's terms, read from the strategy's data: t is the product of the mesh
     axes that split parameters but not the batch; sp is whether the sequence dim is split."""
-    data_axes = set(strategy.batch.axes_of(0)) if len(strategy.batch) else set()
-    named = set(strategy.param_mesh_axes())
-    t = math.prod(mesh_shape[axis] for axis in sorted(named - data_axes) if axis in mesh_shape)
+    t = math.prod(mesh_shape[axis] for axis in strategy.model_axes() if axis in mesh_shape)
     return t, strategy.logical.get("seq") is not None
 
 

@@ -159,22 +159,19 @@ def make_functional(module: torch.nn.Module, *, seq_len: int, vocab_size: int, n
 
     def eval_loss(params: dict, batch: dict) -> torch.Tensor:
         """Mean next-token cross-entropy; batch = {"inputs": [B, S], "targets": [B, S]} int64."""
-        module.eval()
         logits = apply(params, batch["inputs"])
         vocab = logits.shape[-1]
         return F.cross_entropy(logits.reshape(-1, vocab), batch["targets"].reshape(-1))
 
     def loss(params: dict, batch: dict) -> torch.Tensor:
-        """`eval_loss`, with the module's dropout on when `dropout=True`."""
+        """`eval_loss`, with the module's dropout on when `dropout=True` (the module stays in eval())."""
         if not dropout:
             return eval_loss(params, batch)
         module.train()
         try:
-            logits = apply(params, batch["inputs"])
+            return eval_loss(params, batch)
         finally:
             module.eval()
-        vocab = logits.shape[-1]
-        return F.cross_entropy(logits.reshape(-1, vocab), batch["targets"].reshape(-1))
 
     return Model(cfg=cfg, init=init, apply=apply, loss=loss, axes=axes, eval_loss=eval_loss if dropout else None)
 

@@ -5,6 +5,7 @@ import time
 
 import torch
 
+from experiments.config import TABLE_STRATEGIES
 from functional_parallel import optim
 from functional_parallel.models import build
 from functional_parallel.parallel import Strategy, example_mesh, param_logical_axes, param_specs, state_specs
@@ -12,7 +13,7 @@ from sharding import Mesh, P, jit, shard, unshard
 
 GLOBAL_BATCH = 8
 # The project's strategy files, each tested on its example_mesh.
-PROJECT_STRATEGIES = ["dp", "zero1", "zero2", "zero3", "tp", "tp_sp", "fsdp_tp"]
+PROJECT_STRATEGIES = list(TABLE_STRATEGIES)
 MESHES = {name: example_mesh(name) for name in PROJECT_STRATEGIES}
 
 
