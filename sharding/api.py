@@ -51,21 +51,38 @@ class Lowered:
         outputs = self.graph(*flat)
         return optree.tree_unflatten(self.out_treedef, list(outputs))
 
-    def summary(self) -> str:
+    def summary(self, verbose: bool = False) -> str:
+        """One line per collective: phase, kind, mesh axes, bytes per rank, the input leaf it moves
+        (a parameter, or "grad of" one) and the source line that needs it (for the backward, the
+        forward line it differentiates). `verbose` also lists each bucket's members."""
         lines = [f"{len(self.collectives)} collectives, {self.cost['bytes_moved']:,} bytes moved per rank, "
                  f"peak {self.cost['peak_bytes']:,} bytes"]
         for record in self.collectives:
             kind = record["kind"] + (f"({record['op']})" if record.get("op") else "")  # a max or min
-            lines.append(f"  {kind:<15} {'+'.join(record['axes']):<6} {record['bytes']:>12,} B  "
-                         f"{record['source']}")
+            lines.append(f"  {record.get('phase', ''):<9} {kind:<15} {'+'.join(record['axes']):<6} "
+                         f"{record['bytes']:>12,} B  {_what(record, verbose)}")
+            if verbose:
+                for member in record.get("members", ()):
+                    lines.append(f"  {'':<9} {'':<15} {'':<6} {member['bytes']:>12,} B    {_what(member, False)}")
         if self.transfers:
             moved = self.cost["transfer_bytes"]
             lines.append(f"{len(self.transfers)} host<->device transfers, {moved['d2h']:,} bytes d2h and "
                          f"{moved['h2d']:,} bytes h2d per rank; device peak {self.cost['device_peak_bytes']:,}, "
                          f"host peak {self.cost['host_bytes']:,} bytes")
             for record in self.transfers:
-                lines.append(f"  {record['kind']:<15} {'':<6} {record['bytes']:>12,} B  {record['source']}")
+                lines.append(f"  {'':<9} {record['kind']:<15} {'':<6} {record['bytes']:>12,} B  {record['source']}")
         return "\n".join(lines)
+
+
+def _what(record: dict, verbose: bool) -> str:
+    """The leaf and source of a collective; a bucket's member leaves (all of them when `verbose`)."""
+    members = record.get("members")
+    if members:
+        names = list(dict.fromkeys(m.get("leaf") or m["value"] for m in members))
+        shown = names if verbose or len(names) <= 3 else names[:3] + [f"... {len(names) - 3} more"]
+        return f"bucket of {len(members)}: " + ", ".join(shown)
+    leaf = record.get("leaf")
+    return f"{leaf} at {record['source']}" if leaf else record["source"]
 
 
 class jit:

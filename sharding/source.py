@@ -43,16 +43,27 @@ def innermost_user_frame(tb) -> str:
     if not frames:
         return ""
     frame = frames[-1]
-    return f"{frame.filename}:{frame.lineno} in {frame.name}: {(frame.line or '').strip()}"
+    return f"{relative(frame.filename)}:{frame.lineno} in {frame.name}: {(frame.line or '').strip()}"
+
+
+def relative(path: str) -> str:
+    """`path` relative to the working directory when it is under it (shorter log lines)."""
+    try:
+        shorter = os.path.relpath(path)
+    except ValueError:  # another drive
+        return path
+    return path if shorter.startswith("..") else shorter
 
 
 def source_line(node: torch.fx.Node) -> str:
-    """`file:line in function: code` of the innermost user frame that made `node` (or "")."""
-    trace = node.meta.get("stack_trace") or ""
+    """`file:line in function: code` of the innermost user frame that made `node` (or ""); for a
+    backward node, of the forward op it differentiates (`sharding.phases`)."""
+    trace = node.meta.get("forward_stack_trace") or node.meta.get("stack_trace") or ""
     lines = [line.strip() for line in trace.strip().splitlines() if line.strip()]
     for index in range(len(lines) - 1, -1, -1):
         if lines[index].startswith("File "):
             location = lines[index][len("File "):].replace('"', "").replace(", line ", ":").replace(", in ", " in ")
+            location = relative(location.split(":")[0]) + location[len(location.split(":")[0]):]
             code = lines[index + 1] if index + 1 < len(lines) and not lines[index + 1].startswith("File ") else ""
             return f"{location}: {code}" if code else location
     return ""

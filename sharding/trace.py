@@ -11,6 +11,7 @@ that ask whether they are being compiled are told "yes", so they skip data-depen
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -23,6 +24,7 @@ from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 from .batched_matmul import KeepBatchDims
 from .constrain import tracing_context
+from .phases import annotate, recording_phases
 from .source import innermost_user_frame, source_line, user_stack_traces
 from .errors import PropagationError, SpecError, TraceError
 from .layout import Layout, layout_from_spec
@@ -71,15 +73,29 @@ class Traced:
     out_paths: list[str]
 
 
-def input_layouts(args: tuple, in_specs: Sequence, mesh: Mesh) -> tuple[list, list[Layout], list]:
-    """Flatten the arguments and validate every leaf's spec against its global shape."""
+def argument_names(fn: Callable, count: int) -> list[str]:
+    """`fn`'s positional parameter names ("params", "opt_state", "batch"), else "arg<i>"."""
+    try:
+        parameters = [p for p in inspect.signature(fn).parameters.values()
+                      if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        parameters = []
+    names = [p.name for p in parameters[:count]]
+    return names + [f"arg{i}" for i in range(len(names), count)]
+
+
+def input_layouts(args: tuple, in_specs: Sequence, mesh: Mesh, names: Sequence[str] | None = None):
+    """Flatten the arguments and validate every leaf's spec against its global shape: the leaves,
+    their layouts, global shapes and names ("params/blocks/0/attn/wq", argument names from `names`)."""
     if len(in_specs) != len(args):
         raise SpecError(f"in_specs has {len(in_specs)} entries but the function got {len(args)} arguments; "
                         f"give one spec (or spec tree) per argument")
-    leaves, layouts, shapes = [], [], []
+    leaves, layouts, shapes, leaf_names = [], [], [], []
     for position, (arg, specs) in enumerate(zip(args, in_specs)):
         arg_paths, arg_leaves, _ = leaf_paths(arg)
         for path, leaf, spec in zip(arg_paths, arg_leaves, flat_specs(specs, arg, f"argument {position}")):
+            argument = names[position] if names else f"arg{position}"
+            leaf_names.append(f"{argument}/{path}" if path else argument)
             where = f"argument {position}" + (f" leaf {path!r}" if path else "")
             if not isinstance(leaf, torch.Tensor):
                 raise SpecError(f"{where}: expected a tensor, got {type(leaf).__name__}")
@@ -87,7 +103,7 @@ def input_layouts(args: tuple, in_specs: Sequence, mesh: Mesh) -> tuple[list, li
             layouts.append(layout_from_spec(spec, shape, mesh.axis_names, mesh.axis_sizes, where=where))
             leaves.append(leaf)
             shapes.append(shape)
-    return leaves, layouts, shapes
+    return leaves, layouts, shapes, leaf_names
 
 
 def _out_of_place(target):
@@ -120,7 +136,7 @@ def trace(fn: Callable, args: tuple, in_specs: Sequence, mesh: Mesh, logical_rul
           fake_device: torch.device | None = None) -> Traced:
     """`fake_device`: trace every input as if it were there (host-kind inputs are traced on the
     compute device; `sharding.placement` decides later what runs on host)."""
-    leaves, layouts, shapes = input_layouts(args, in_specs, mesh)
+    leaves, layouts, shapes, leaf_names = input_layouts(args, in_specs, mesh, argument_names(fn, len(args)))
     arg_treedef = optree.tree_structure(tuple(args), namespace=NAMESPACE, none_is_leaf=False)
     out_info = {}
 
@@ -134,7 +150,7 @@ def trace(fn: Callable, args: tuple, in_specs: Sequence, mesh: Mesh, logical_rul
     with FakeTensorMode(allow_non_fake_inputs=True):
         fakes = [torch.empty(shape, dtype=leaf.dtype, device=fake_device or leaf.device)
                  for shape, leaf in zip(shapes, leaves)]
-    with tracing_context(logical_rules, mesh.axis_names), user_stack_traces(), \
+    with tracing_context(logical_rules, mesh.axis_names), user_stack_traces(), recording_phases(), \
             torch.compiler._compile_session_context():
         try:
             # Captured real tensors (module buffers) are allowed: they become get_attr constants.
@@ -144,6 +160,7 @@ def trace(fn: Callable, args: tuple, in_specs: Sequence, mesh: Mesh, logical_rul
             raise data_dependent_error(error) from None
     remove_inplace(graph_module)
     graph_module.graph.eliminate_dead_code()
+    annotate(graph_module, leaf_names)
     graph_module.recompile()
     return Traced(graph_module, layouts, out_info["treedef"], out_info["paths"])
 

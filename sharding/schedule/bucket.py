@@ -52,6 +52,7 @@ def _record(members: list[Chain]) -> dict:
     return {"kind": first["kind"], "axes": first["axes"], "bytes": sum(c.record["bytes"] for c in members),
             "source": f"bucket of {len(members)}: {first['source']}", "shape": None, "dtype": first["dtype"],
             "value": "bucket", "regather": all(c.record.get("regather") for c in members),
+            "phase": "+".join(dict.fromkeys(c.record.get("phase") or "forward" for c in members)), "leaf": None,
             "members": [c.record for c in members], **({"op": first["op"]} if "op" in first else {})}
 
 

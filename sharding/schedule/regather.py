@@ -68,7 +68,7 @@ def _gather_again(graph: fx.Graph, chain: Chain, before: fx.Node) -> fx.Node:
             copy = graph.node_copy(node, lambda arg: copies.get(arg, arg))
             copy.meta = dict(node.meta)
             copies[node] = copy
-    copies[chain.issue].meta["fp_collective"] = {**chain.record, "regather": True}
+    copies[chain.issue].meta["fp_collective"] = {**chain.record, "regather": True, "phase": "backward"}
     return copies[chain.result]
 
 

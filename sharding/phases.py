@@ -1,0 +1,168 @@
+"""What each traced node is for: its phase, the forward line a backward node differentiates, and
+the input leaf a value is (or is the gradient of), so the collective log can say
+"backward · grad of params/blocks/0/attn/wq · gpt.py:141" instead of "train.py: return grad(...)".
+
+While tracing, every `torch.autograd.grad` call (what `torch.func.grad`, `grad_and_value` and
+`vjp` run) is intercepted: the nodes it creates are the backward, and each autograd node runs
+with its sequence number set, so a backward node carries the number of the forward op it
+differentiates (torch's own forward/backward correlation, as AOTAutograd uses it). After the
+trace, a backward node gets that forward node's stack trace; nodes after the last backward node
+are the optimizer; the rest are the forward.
+"""
+from __future__ import annotations
+
+import contextlib
+import operator
+
+import torch
+import torch.fx as fx
+import torch.fx.traceback as fx_traceback
+from torch.overrides import TorchFunctionMode
+
+aten = torch.ops.aten
+
+FORWARD, BACKWARD, OPTIMIZER = "forward", "backward", "optimizer"
+# Ops through which a value stays the same leaf (or the same leaf's gradient).
+_SAME_VALUE = {aten._to_copy.default, aten.clone.default, aten.view.default, aten._unsafe_view.default,
+               aten.alias.default, aten.detach.default, aten.t.default, aten.permute.default,
+               aten.transpose.int, aten.expand.default}
+
+
+def _hook_sequence_numbers(roots) -> None:
+    """Run each autograd node reachable from `roots` with its forward sequence number current."""
+    seen, stack = set(), [root for root in roots if root is not None]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        stack.extend(fn for fn, _ in node.next_functions if fn is not None)
+
+        def enter(grad_outputs, number=node._sequence_nr()):
+            fx_traceback.set_grad_fn_seq_nr(number)
+
+        def leave(grad_inputs, grad_outputs):
+            fx_traceback.reset_grad_fn_seq_nr()
+
+        node.register_prehook(enter)
+        node.register_hook(leave)
+
+
+class _MarkBackward(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not torch.autograd.grad:
+            return func(*args, **kwargs)
+        outputs = args[0] if args else kwargs["outputs"]
+        outputs = outputs if isinstance(outputs, (list, tuple)) else (outputs,)
+        _hook_sequence_numbers([t.grad_fn for t in outputs if isinstance(t, torch.Tensor)])
+        with fx_traceback._set_autograd_backward():
+            return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def recording_phases():
+    """Trace under this so `annotate` can tell forward, backward and optimizer nodes apart."""
+    with fx_traceback.preserve_node_meta(), _MarkBackward():
+        yield
+
+
+def _input_of(node, depth: int = 4):
+    """The placeholder `node` is, through views and casts (or None)."""
+    while depth >= 0 and isinstance(node, fx.Node):
+        if node.op == "placeholder":
+            return node
+        if node.op != "call_function" or node.target not in _SAME_VALUE:
+            return None
+        node, depth = node.args[0], depth - 1
+    return None
+
+
+def _shape(node):
+    value = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+
+def _gradient_leaf(node: fx.Node, forward: fx.Node | None, names: dict) -> str | None:
+    """The input leaf whose gradient a backward node makes: an input of the forward op it
+    differentiates, through views and casts, with the gradient's shape."""
+    if forward is None:
+        return None
+    candidates = list(dict.fromkeys(
+        p for p in map(_input_of, forward.all_input_nodes) if p in names and _shape(p) == _shape(node)))
+    if len(candidates) == 1:
+        return names[candidates[0]]
+    if candidates and node.target is operator.getitem:
+        # A backward op returns one gradient per input, in the inputs' order (layer norm: weight, bias).
+        siblings = sorted((u for u in node.args[0].users if u.target is operator.getitem
+                           and _shape(u) == _shape(node)), key=lambda u: u.args[1])
+        if len(siblings) == len(candidates):
+            return names[candidates[siblings.index(node)]]
+    return None
+
+
+def _same_gradient(node: fx.Node) -> str | None:
+    """A gradient cast, scaled by a scalar or summed with itself stays that gradient."""
+    tensors = [a for a in node.args if isinstance(a, fx.Node) and _shape(a) not in (None, ())]
+    if node.op != "call_function" or not tensors or any(_shape(a) != _shape(node) for a in tensors):
+        return None
+    leaves = {a.meta.get("grad_of") for a in tensors}
+    if len(leaves) != 1 or None in leaves:
+        return None
+    if node.target in _SAME_VALUE or node.target in (aten.add.Tensor, aten.mul.Tensor, aten.div.Tensor):
+        return leaves.pop()
+    return None
+
+
+def annotate(graph_module: fx.GraphModule, leaf_names: list[str]) -> None:
+    """Set `meta["phase"]`, `meta["forward_stack_trace"]` (backward nodes), `meta["leaf"]`
+    (inputs) and `meta["grad_of"]` (an input leaf's gradient) on every node."""
+    nodes = list(graph_module.graph.nodes)
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    names = dict(zip(placeholders, leaf_names))
+    for node, name in names.items():
+        node.meta["leaf"] = name
+    forward_of: dict[int, fx.Node] = {}
+    for node in nodes:
+        if node.op == "call_function" and not node.meta.get("autograd_backward") and "seq_nr" in node.meta:
+            forward_of.setdefault(node.meta["seq_nr"], node)
+    backward = [i for i, n in enumerate(nodes) if n.meta.get("autograd_backward")]
+    last_backward = backward[-1] if backward else len(nodes)
+    for index, node in enumerate(nodes):
+        if node.op in ("placeholder", "output", "get_attr"):
+            continue
+        if node.meta.get("autograd_backward"):
+            node.meta["phase"] = BACKWARD
+            forward = forward_of.get(node.meta.get("seq_nr"))
+            if forward is not None and forward.meta.get("stack_trace"):
+                node.meta["forward_stack_trace"] = forward.meta["stack_trace"]
+            node.meta["grad_of"] = _gradient_leaf(node, forward, names) or _same_gradient(node)
+        else:
+            node.meta["phase"] = OPTIMIZER if index > last_backward else FORWARD
+            if backward and index > backward[0]:
+                node.meta["grad_of"] = _same_gradient(node)
+
+
+def phase_of(node: fx.Node) -> str | None:
+    return node.meta.get("phase")
+
+
+def describe(value: fx.Node, consumer: fx.Node) -> dict:
+    """Phase and leaf for a collective that moves `value` for `consumer` (nodes of the traced graph).
+
+    A value needed by the forward or the backward is that consumer's phase; a gradient reduced
+    for the optimizer is the backward's. `leaf` is the input the value is ("params/wte"), or
+    "grad of" the input it is the gradient of.
+    """
+    placeholder = _input_of(value)
+    grad_of = value.meta.get("grad_of")
+    phase = (phase_of(consumer) if consumer.op != "output" else phase_of(value)) or FORWARD
+    if phase == OPTIMIZER and (grad_of or phase_of(value) == BACKWARD):
+        phase = BACKWARD
+    if placeholder is not None and "leaf" in placeholder.meta:
+        leaf = placeholder.meta["leaf"]
+    elif grad_of:
+        leaf = f"grad of {grad_of}"
+    else:
+        leaf = None
+    return {"phase": phase, "leaf": leaf}
