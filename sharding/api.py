@@ -78,7 +78,7 @@ def _what(record: dict, verbose: bool) -> str:
     """The leaf and source of a collective; a bucket's member leaves (all of them when `verbose`)."""
     members = record.get("members")
     if members:
-        names = list(dict.fromkeys(m.get("leaf") or m["value"] for m in members))
+        names = list(dict.fromkeys(m.get("leaf") or m["source"].split(" in ")[0] or m["value"] for m in members))
         shown = names if verbose or len(names) <= 3 else names[:3] + [f"... {len(names) - 3} more"]
         return f"bucket of {len(members)}: " + ", ".join(shown)
     leaf = record.get("leaf")
@@ -91,7 +91,8 @@ class jit:
     `in_specs` has one entry per argument (a P for every leaf, or a tree of P's); `out_specs`
     likewise for the outputs. `logical_rules` maps logical axis names used by `constrain` to
     mesh axes. `data_argnums` names the arguments that are data (the batch: tokens, float masks,
-    pixels; every leaf in them); by default the arguments holding an integer tensor (token ids).
+    pixels; every leaf in them); by default the arguments holding an integer tensor of at least one
+    dim (token ids; not a 0-dim step counter).
     `data_axes` defaults to the axes that split a data argument; every other axis is a model axis.
     The schedule passes (`sharding.schedule`) are on by default: `regather` (ZeRO-3 gathers a
     parameter again for its backward use), `bucket_bytes` (merge small collectives up to this
@@ -177,10 +178,13 @@ class jit:
 
 def data_leaves(args, data_argnums) -> list[bool]:
     """Per input leaf: is it data? Every leaf of a data argument is; by default the data arguments
-    are those holding an integer tensor (a float mask beside the token ids is data too)."""
+    are those holding an integer tensor with at least one dim (token ids; a float mask beside them is
+    data too). A 0-dim integer is a counter, not data: AdamW's step count does not make the
+    optimizer state data, which would gather every weight its moments meet."""
     per_argument = [optree.tree_leaves(arg, namespace=NAMESPACE, none_is_leaf=False) for arg in args]
     if data_argnums is None:
-        data_argnums = [i for i, leaves in enumerate(per_argument) if any(is_integer(x) for x in leaves)]
+        data_argnums = [i for i, leaves in enumerate(per_argument) if any(is_integer(x) and x.dim() > 0
+                                                                           for x in leaves)]
     return [i in data_argnums for i, leaves in enumerate(per_argument) for _ in leaves]
 
 

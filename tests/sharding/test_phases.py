@@ -79,3 +79,28 @@ def test_summary_names_bucket_members_and_verbose_lists_each():
         assert sum(f"grad of params/{leaf} at " in line and "test_phases.py:" in line
                    for line in full.splitlines()) == 1, full
     assert len(full.splitlines()) > len(short.splitlines())
+
+
+def test_a_step_counter_does_not_make_the_optimizer_state_data():
+    """AdamW's 0-dim int step count is not data: with the default `data_argnums` the tp-split
+    weights stay split (no tp gather of a parameter; only the batch is data)."""
+    from functional_parallel import optim
+    from functional_parallel.models import build
+    from functional_parallel.train import make_train_step
+    from sharding import match
+
+    model = build("gpt", "tiny")
+    params = model.init(0)
+    optimizer = optim.adamw(1e-2)
+    state = optimizer.init(params)
+    tokens = torch.randint(0, 64, (8, 17), generator=torch.Generator().manual_seed(0))
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+    mesh = Mesh.abstract({"dp": 2, "tp": 2})
+    rules = [(r"w[qkv]$|w_in$", P(None, "tp")), (r"wo$|w_out$", P("tp", None)), (r"b_in$", P("tp"))]
+    pspecs, sspecs = match(params, rules), match(state, rules)
+    step = jit(make_train_step(model.loss, optimizer), mesh=mesh, in_specs=(pspecs, sspecs, P("dp")),
+               out_specs=(pspecs, sspecs, P()), logical_rules={"batch": "dp"}, bucket_bytes=0)
+    lowered = step.lower(shard(params, pspecs, mesh), shard(state, sspecs, mesh), shard(batch, P("dp"), mesh))
+    assert [r for r in lowered.collectives if r["kind"] == "all_gather"] == []
+    assert {r["kind"] for r in lowered.collectives if r["axes"] == ("tp",)} == {"all_reduce"}  # Megatron's
+    assert not any("train.py" in r["source"] for r in lowered.collectives)  # each at its model line
