@@ -1,7 +1,7 @@
 """Results of `benchmarks.strategies`: combine ranks, check targets, write JSON and the markdown table.
 
 The table is a pure function of a results file, so README's copy can be checked against the
-newest file in `benchmarks/results/` without running the benchmark (tests/test_benchmarks.py).
+newest file in `benchmarks/results/` without running the benchmark (tests/test_docs.py).
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-README_MARKERS = ("<!-- benchmark:begin -->", "<!-- benchmark:end -->")
+DOC_BLOCK = "benchmark"  # docs/benchmark.md (experiments.docs)
 KINDS = ("all_gather", "reduce_scatter", "all_reduce")
 # (ours, torch's, the most ours may take as a fraction of torch's median step time): issue 4's targets
 TARGETS = (("zero3", "fsdp2", 0.6), ("dp", "ddp", 0.9))
@@ -97,10 +97,3 @@ def write(results: dict, results_dir: Path = RESULTS_DIR) -> tuple[Path, Path]:
     md_path = json_path.with_suffix(".md")
     md_path.write_text(table(results) + "\n")
     return json_path, md_path
-
-
-def write_into_readme(text: str, readme: Path) -> None:
-    """Replace the benchmark block in the README (appended if missing)."""
-    from experiments.strategies import write_into_readme as write_block
-
-    write_block(text, readme, README_MARKERS)

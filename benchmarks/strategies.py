@@ -10,12 +10,16 @@ and `.md`, and the table into README (`write_readme=false` to skip). On demand o
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # a status line before the imports below (seconds on a cold start)
+    from experiments.starting import starting
+
+    starting("benchmarks.strategies")
+
 import datetime
 import math
 import os
 import platform
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import hydra
 import torch
@@ -25,10 +29,11 @@ from omegaconf import OmegaConf
 from functional_parallel.launch import spawn
 from functional_parallel.parallel import available_strategies, example_mesh
 
+from experiments.docs import write_block
+
 from . import report
 from .measure import run_rank
 
-README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 @dataclass
@@ -96,7 +101,7 @@ def main(cfg: BenchmarkConfig) -> None:
         json_path, md_path = report.write(results)
         print(f"wrote {json_path} and {md_path}")
     if cfg.write_readme:
-        report.write_into_readme(text, README)
+        print(f"wrote {write_block(report.DOC_BLOCK, text)}")
 
 
 if __name__ == "__main__":

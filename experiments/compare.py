@@ -15,6 +15,11 @@ collective kind, step time) are written into the Hydra run dir (`experiments.rep
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # a status line before the imports below (seconds on a cold start)
+    from experiments.starting import starting
+
+    starting("experiments.compare")
+
 import dataclasses
 import math
 import pathlib
@@ -33,7 +38,7 @@ from experiments.builders import (DTYPES, build_model, build_optimizer, build_sc
                                   validate)
 from experiments.cli import one_line_errors
 from experiments.metrics import read_metrics
-from experiments.strategies import write_into_readme
+from experiments.docs import write_block
 from functional_parallel import data, launch
 from functional_parallel import config_dirs
 from functional_parallel.parallel import available_strategies
@@ -82,7 +87,7 @@ class CompareConfig:
 
 
 ConfigStore.instance().store(name="base_compare", node=CompareConfig)
-README_MARKERS = ("<!-- compare:begin -->", "<!-- compare:end -->")
+DOC_BLOCK = "compare"  # docs/compare.md (experiments.docs)
 
 
 class NotEquivalentError(AssertionError):
@@ -286,8 +291,10 @@ def main(cfg: DictConfig) -> None:
         outcome = compare(cfg, output_dir)
     print(f"equivalent; report: {pathlib.Path(output_dir) / 'report.md'}")
     if cfg.write_readme:
-        readme = pathlib.Path(hydra.utils.get_original_cwd()) / "README.md"
-        write_into_readme(report.readme_block(outcome["results"]), readme, README_MARKERS)
+        root = pathlib.Path(hydra.utils.get_original_cwd())
+        for path in report.publish(outcome["results"], pathlib.Path(output_dir), root / "docs"):
+            print(f"wrote {path}")
+        print(f"wrote {write_block(DOC_BLOCK, report.readme_block(outcome['results']), root)}")
 
 
 if __name__ == "__main__":

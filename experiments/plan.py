@@ -8,6 +8,11 @@ and `plan.md` into the Hydra run dir.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # a status line before the imports below (seconds on a cold start)
+    from experiments.starting import starting
+
+    starting("experiments.plan")
+
 import dataclasses
 import json
 import math
@@ -23,7 +28,7 @@ from experiments.builders import mesh_shape
 from experiments.cli import one_line_errors
 from experiments.config import TABLE_STRATEGIES, ModelConfig
 from experiments.plan_report import markdown, print_tables
-from experiments.strategies import write_into_readme
+from experiments.docs import write_block
 from functional_parallel import planner, published
 from functional_parallel.models import build, config as model_config
 from functional_parallel.parallel import Strategy, available_strategies, check_offload
@@ -108,8 +113,13 @@ def plan(cfg: PlanConfig, progress=None) -> dict[str, Any]:
             "strategies": rows}
 
 
-def readme_markers(model_choice: str) -> tuple[str, str]:
-    return f"<!-- plan model={model_choice}:begin -->", f"<!-- plan model={model_choice}:end -->"
+def results_file(model_choice: str, root: Path) -> Path:
+    return root / "docs" / "results" / f"plan_{model_choice}.json"
+
+
+def doc_block(model_choice: str) -> str:
+    """The name of the generated block in docs/plan.md that holds this model's tables."""
+    return f"plan model={model_choice}"
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="plan")
@@ -131,8 +141,11 @@ def main(cfg) -> None:
     console.print(f"lowered {len(result['strategies'])} strategies in {seconds:.0f} s; "
                   f"wrote {run_dir / 'plan.json'} and {run_dir / 'plan.md'}")
     if cfg.write_readme:
-        markers = readme_markers(HydraConfig.get().runtime.choices["model"])
-        write_into_readme(markdown(result), Path(hydra.utils.get_original_cwd()) / "README.md", markers)
+        root, model = Path(hydra.utils.get_original_cwd()), HydraConfig.get().runtime.choices["model"]
+        results = results_file(model, root)  # what the block is rendered from: tests/test_docs.py checks it
+        results.parent.mkdir(parents=True, exist_ok=True)
+        results.write_text(json.dumps(result, indent=1, default=str) + "\n")
+        console.print(f"wrote {results} and {write_block(doc_block(model), markdown(result), root)}")
 
 
 if __name__ == "__main__":

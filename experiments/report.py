@@ -363,3 +363,21 @@ def write(output_dir: pathlib.Path, cfg: dict, results: dict) -> pathlib.Path:
     path = output_dir / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def publish(results: dict, output_dir: pathlib.Path, docs_dir: pathlib.Path) -> list[pathlib.Path]:
+    """What `write_readme=true` adds to docs/: the results the compare block is rendered from
+    (`docs/results/compare.json`, so its currency is checked without rerunning) and the plots."""
+    import json
+    import shutil
+
+    (docs_dir / "results").mkdir(parents=True, exist_ok=True)
+    (docs_dir / "figures").mkdir(parents=True, exist_ok=True)
+    results_path = docs_dir / "results" / "compare.json"
+    results_path.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    written = [results_path]
+    for name, file in PLOTS.items():
+        target = docs_dir / "figures" / f"compare_{file}"
+        shutil.copyfile(output_dir / file, target)
+        written.append(target)
+    return written

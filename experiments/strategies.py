@@ -5,7 +5,12 @@ exactly what the compiler inserts (README's strategy table is this command's out
 """
 from __future__ import annotations
 
-import re
+if __name__ == "__main__":  # a status line before the imports below (seconds on a cold start)
+    from experiments.starting import starting
+
+    starting("experiments.strategies")
+
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,10 +20,11 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from experiments.cli import one_line_errors
+from experiments.docs import write_block
 from experiments.config import TABLE_STRATEGIES
 from functional_parallel.parallel import available_strategies, example_mesh, lower_abstract
 from sharding.cost import collective_counts
-README_MARKERS = ("<!-- strategies:begin -->", "<!-- strategies:end -->")
+DOC_BLOCK = "strategies"  # README.md (experiments.docs)
 
 
 @dataclass
@@ -59,16 +65,6 @@ def table(arch: str, size: str, global_batch: int, strategies, progress=None) ->
     return "\n".join(lines)
 
 
-def write_into_readme(text: str, readme: Path, markers: tuple[str, str] = README_MARKERS) -> None:
-    """Replace the block between `markers` in the README (appended if missing)."""
-    begin, end = markers
-    content = readme.read_text()
-    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
-    replacement = f"{begin}\n{text}\n{end}"
-    content = pattern.sub(lambda _: replacement, content) if pattern.search(content) else content + "\n" + replacement
-    readme.write_text(content)
-
-
 @hydra.main(version_base=None, config_name="strategies_config")
 def main(cfg: StrategiesConfig) -> None:
     cfg = OmegaConf.to_object(cfg)
@@ -80,7 +76,7 @@ def main(cfg: StrategiesConfig) -> None:
                      progress=lambda name, seconds: live.update(f"{name} lowered in {seconds:.1f} s; next..."))
     print(text)
     if cfg.write_readme:
-        write_into_readme(text, Path(hydra.utils.get_original_cwd()) / "README.md")
+        print(f"wrote {write_block(DOC_BLOCK, text, Path(hydra.utils.get_original_cwd()))}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,11 @@ writes the run dir: `config.yaml`, `metrics.jsonl`, TensorBoard events (`tb/`), 
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # a status line before the imports below (seconds on a cold start)
+    from experiments.starting import starting
+
+    starting("experiments.train")
+
 import contextlib
 import json
 import logging

@@ -1,12 +1,9 @@
 """The benchmark's pieces (`python -m benchmarks.strategies` itself runs on demand, not here).
 
-README's benchmark table must be the table of the newest results file; torch's module wrapper
-must compute exactly our GPT; one small multi-rank run checks the measured traffic.
+Torch's module wrapper must compute exactly our GPT; one small multi-rank run checks the measured
+traffic (that docs/benchmark.md's table is the newest results file's: tests/test_docs.py).
 """
 from __future__ import annotations
-
-import json
-import pathlib
 
 import pytest
 import torch
@@ -14,17 +11,6 @@ import torch
 from benchmarks import report
 from benchmarks.torch_model import GPTModule
 from functional_parallel.models import build
-
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
-
-
-def test_readme_benchmark_table_is_the_newest_results_table():
-    newest = report.newest()
-    assert newest is not None, "no benchmarks/results/*.json: run `python -m benchmarks.strategies`"
-    begin, end = report.README_MARKERS
-    written = README.read_text().split(begin)[1].split(end)[0].strip()
-    assert written == report.table(json.loads(newest.read_text())).strip(), \
-        f"README's benchmark table is not {newest.name}'s; rerun `python -m benchmarks.strategies`"
 
 
 def test_torch_module_computes_our_gpt(random_tokens):

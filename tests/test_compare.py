@@ -120,12 +120,12 @@ def test_policy_runs_are_equivalent_and_reported(tmp_path):
     assert summaries["dp"]["max_rel_diff"] is None and summaries["zero3_bf16"]["max_rel_diff"] is None
 
 
-def test_readme_block_lists_the_default_runs():
-    """README's comparison block is written by `python -m experiments.compare write_readme=true`: one row per
+def test_docs_block_lists_the_default_runs():
+    """docs/compare.md's block is written by `python -m experiments.compare write_readme=true`: one row per
     default run, and a policy line for each policy run."""
-    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
-    begin, end = compare.README_MARKERS
-    block = readme.split(begin)[1].split(end)[0]
+    from experiments import docs
+
+    block = docs.read_block(compare.DOC_BLOCK)
     runs = compare.parse_runs(compose_compare([]))
     rows = [line.split(" | ")[0].lstrip("| ") for line in block.splitlines() if line.startswith("| ")][1:]
     assert rows == [run.name for run in runs]

@@ -55,8 +55,7 @@ def test_extrapolation_equals_full_lowering(arch, strategy):
 @pytest.fixture(scope="module")
 def zero_model_plan():
     """The ZeRO Table 1 model (GPT-3 6.7B layers at 35 layers, Ψ = 7.47B) on dp=64 × tp=8."""
-    cfg = plan_config(["model=gpt_7_5b", "strategies=[dp,zero1,zero2,zero3,tp,tp_sp]"])
-    return plan_cli.plan(cfg)
+    return plan_cli.plan(plan_config(["model=gpt_7_5b"]))  # every default strategy: docs/plan.md's block
 
 
 def test_reproduces_zero_table_1(zero_model_plan):
@@ -109,11 +108,14 @@ def test_report_renders(zero_model_plan):
     json.dumps(zero_model_plan, default=str)
 
 
-def test_readme_zero_table_is_what_the_planner_prints(zero_model_plan):
-    """README's ZeRO Table 1 block is generated (`python -m experiments.plan model=gpt_7_5b write_readme=true`)."""
-    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
-    begin, end = plan_cli.readme_markers("gpt_7_5b")
-    assert markdown_table(zero_table(zero_model_plan)) in readme.split(begin)[1].split(end)[0]
+def test_docs_plan_blocks_are_what_the_planner_prints(zero_model_plan):
+    """docs/plan.md's two blocks are the planner's tables now: `python -m experiments.plan
+    model=gpt_7_5b write_readme=true` and `python -m experiments.plan write_readme=true`."""
+    from experiments import docs
+
+    assert docs.read_block(plan_cli.doc_block("gpt_7_5b")) == markdown(zero_model_plan).strip()
+    assert markdown_table(zero_table(zero_model_plan)) in markdown(zero_model_plan)
+    assert docs.read_block(plan_cli.doc_block("gpt3_175b")) == markdown(plan_cli.plan(plan_config([]))).strip()
 
 
 def _rss_bytes() -> int:

@@ -1,0 +1,62 @@
+"""The generated blocks of README.md and docs/*.md: where each lives and how a command rewrites it.
+
+A block is the text between `<!-- NAME:begin -->` and `<!-- NAME:end -->`; the command that writes
+it finds the one file that holds its markers. `GENERATED` names every block and its command;
+`tests/test_docs.py` checks that each block in the files is one of them and is current.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Block name -> the command that writes it.
+GENERATED = {
+    "strategies": "python -m experiments.strategies write_readme=true",
+    "compare": "python -m experiments.compare write_readme=true",
+    "benchmark": "python -m benchmarks.strategies",
+    "plan model=gpt_7_5b": "python -m experiments.plan model=gpt_7_5b write_readme=true",
+    "plan model=gpt3_175b": "python -m experiments.plan write_readme=true",
+}
+_MARKER = re.compile(r"<!-- (.+?):begin -->")
+
+
+def markers(name: str) -> tuple[str, str]:
+    return f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+
+
+def doc_files(root: Path = ROOT) -> list[Path]:
+    return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+
+
+def blocks(root: Path = ROOT) -> dict[str, list[Path]]:
+    """Every block name in README.md and docs/*.md, with the files that hold it."""
+    found: dict[str, list[Path]] = {}
+    for path in doc_files(root):
+        for name in _MARKER.findall(path.read_text()):
+            found.setdefault(name, []).append(path)
+    return found
+
+
+def _home(name: str, root: Path) -> Path:
+    holders = blocks(root).get(name, [])
+    if len(holders) != 1:
+        where = ", ".join(str(p.relative_to(root)) for p in holders) or "no file"
+        raise ValueError(f"the generated block {name!r} must be in exactly one of README.md and docs/*.md "
+                         f"(found in {where}); add its markers {markers(name)} where it belongs")
+    return holders[0]
+
+
+def read_block(name: str, root: Path = ROOT) -> str:
+    begin, end = markers(name)
+    return _home(name, root).read_text().split(begin)[1].split(end)[0].strip()
+
+
+def write_block(name: str, text: str, root: Path = ROOT) -> Path:
+    """Replace block `name` with `text` in the file that holds it; returns that file."""
+    path = _home(name, root)
+    begin, end = markers(name)
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+    path.write_text(pattern.sub(lambda _: f"{begin}\n{text}\n{end}", path.read_text()))
+    return path

@@ -1,0 +1,78 @@
+"""Every generated block in README.md and docs/ is one the project knows, lives in one file, names
+the command that writes it, and is current: rendered from the results its command saved (compare,
+plan, benchmark) or regenerated (the strategy table). The plan's saved figures are checked against
+a fresh lowering in tests/test_plan.py."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from benchmarks import report as benchmark_report
+from experiments import docs
+from experiments import plan as plan_cli
+from experiments import report as compare_report
+from experiments.plan_report import markdown
+
+
+def test_every_generated_block_is_known_and_in_one_file():
+    found = docs.blocks()
+    assert set(found) == set(docs.GENERATED), "a block without a generator (or a generator without a block)"
+    assert {name: len(paths) for name, paths in found.items()} == {name: 1 for name in found}
+
+
+def test_every_generated_block_names_its_command():
+    for name, paths in docs.blocks().items():
+        text = paths[0].read_text()
+        before = text[:text.index(docs.markers(name)[0])]
+        command = docs.GENERATED[name]
+        assert command in before or command.replace(" write_readme=true", "") in before, (name, command)
+
+
+def test_write_block_replaces_only_its_block(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "README.md").write_text("intro\n<!-- a:begin -->\nold\n<!-- a:end -->\nrest\n")
+    (tmp_path / "docs" / "x.md").write_text("<!-- b:begin -->\nkept\n<!-- b:end -->\n")
+    assert docs.write_block("a", "new", tmp_path) == tmp_path / "README.md"
+    assert (tmp_path / "README.md").read_text() == "intro\n<!-- a:begin -->\nnew\n<!-- a:end -->\nrest\n"
+    assert docs.read_block("b", tmp_path) == "kept"
+    with pytest.raises(ValueError, match="exactly one"):
+        docs.write_block("c", "text", tmp_path)
+
+
+def test_compare_block_is_rendered_from_its_saved_results():
+    results = json.loads((docs.ROOT / "docs" / "results" / "compare.json").read_text())
+    assert docs.read_block("compare") == compare_report.readme_block(results).strip(), \
+        "docs/compare.md's block is stale: rerun `python -m experiments.compare write_readme=true`"
+    for name in compare_report.PLOTS.values():
+        assert (docs.ROOT / "docs" / "figures" / f"compare_{name}").stat().st_size > 0
+
+
+@pytest.mark.parametrize("model", ["gpt_7_5b", "gpt3_175b"])
+def test_plan_block_is_rendered_from_its_saved_results(model):
+    results = json.loads(plan_cli.results_file(model, docs.ROOT).read_text())
+    assert docs.read_block(plan_cli.doc_block(model)) == markdown(results).strip(), \
+        f"docs/plan.md's {model} block is stale: rerun `{docs.GENERATED[plan_cli.doc_block(model)]}`"
+
+
+def test_benchmark_block_is_the_newest_results_table():
+    newest = benchmark_report.newest()
+    assert newest is not None, "no benchmarks/results/*.json: run `python -m benchmarks.strategies`"
+    assert docs.read_block(benchmark_report.DOC_BLOCK) == benchmark_report.table(json.loads(newest.read_text())).strip(), \
+        f"docs/benchmark.md's table is not {newest.name}'s; rerun `python -m benchmarks.strategies`"
+
+
+@pytest.mark.slow
+def test_strategy_table_is_what_the_compiler_prints():
+    from experiments.strategies import DOC_BLOCK, StrategiesConfig, table
+
+    assert docs.read_block(DOC_BLOCK) == table("gpt", "tiny", 8, StrategiesConfig().strategies).strip(), \
+        "README's strategy table is stale: rerun `python -m experiments.strategies write_readme=true`"
+
+
+def test_docs_links_resolve():
+    for path in docs.doc_files():
+        for target in re.findall(r"\]\(([^)#]+?)(?:#[^)]*)?\)", path.read_text()):
+            if "://" not in target:
+                assert (path.parent / target).exists(), f"{path.name} links to {target}, which does not exist"
