@@ -1,6 +1,6 @@
 """Results of `benchmarks.strategies`: combine ranks, check targets, write JSON and the markdown table.
 
-The table is a pure function of a results file, so README's copy can be checked against the
+The table is a pure function of a results file, so docs/benchmark.md's copy can be checked against the
 newest file in `benchmarks/results/` without running the benchmark (tests/test_docs.py).
 """
 from __future__ import annotations

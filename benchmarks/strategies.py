@@ -2,9 +2,9 @@
 
 Every contender trains the same tiny GPT from the same init on the same batches over the same
 ranks (gloo on CPU; `device=cuda` for NCCL on GPUs). Writes `benchmarks/results/<date>.json`
-and `.md`, and the table into README (`write_readme=false` to skip). On demand only, not in CI.
+and `.md`, and the table into docs/benchmark.md (`write_readme=false` to skip). On demand only, not in CI.
 
-    python -m benchmarks.strategies                       # the README's table
+    python -m benchmarks.strategies                       # docs/benchmark.md's table
     python -m benchmarks.strategies compile=true          # ours with torch.compile'd per-rank graphs
     python -m benchmarks.strategies device=cuda           # NCCL, one GPU per rank
 """

@@ -83,7 +83,7 @@ class CompareConfig:
     rtol: Optional[float] = None  # null: TOLERANCES[compute dtype] per run
     eval_batches: int = 0  # validation loss per run (0: none; the equivalence check uses train losses)
     timeout_s: float = 300.0
-    write_readme: bool = False  # also write the short report into README.md (between the compare markers)
+    write_readme: bool = False  # also write the short report, results and plots into docs/ (docs/compare.md)
 
 
 ConfigStore.instance().store(name="base_compare", node=CompareConfig)

@@ -97,7 +97,7 @@ class Config:
     threads: Optional[int] = None  # torch intra-op threads; null keeps torch's default
     progress: bool = True  # rich progress bar (rank 0)
     timeout_s: float = 300.0  # a collective that waits longer than this fails instead of hanging
-    # Checkpoints and failures (experiments/checkpointing.py; README "When things go wrong").
+    # Checkpoints and failures (experiments/checkpointing.py; docs/errors.md).
     checkpoint_every: int = 0  # save every N steps and at the run's last step; 0: never
     checkpoint_dir: Optional[str] = None  # null: <run dir>/checkpoints (under torchrun: set it, shared by all ranks)
     resume: bool = False  # continue from the latest complete checkpoint in checkpoint_dir

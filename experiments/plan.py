@@ -49,7 +49,7 @@ class PlanConfig:
     depth: Optional[int] = 1  # lower depth and depth + 1 layers and extrapolate; null: lower the full depth
     vocab_multiple: int = 128  # the vocabulary is padded to a multiple of lcm(this, ranks), as Megatron does
     offload: str = "none"  # none | optimizer: the optimizer role (master copy, Adam m and v) in host memory
-    write_readme: bool = False  # also write the tables into README.md (between "plan model=<name>" markers)
+    write_readme: bool = False  # also write the tables and results into docs/plan.md, docs/results/
 
 
 ConfigStore.instance().store(name="plan_config", node=PlanConfig)

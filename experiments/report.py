@@ -315,7 +315,7 @@ def findings(results: dict) -> list[str]:
 
 
 def readme_block(results: dict) -> str:
-    """The short form for README (`python -m experiments.compare write_readme=true`): equivalence, the
+    """The short form for docs/compare.md (`python -m experiments.compare write_readme=true`): equivalence, the
     policies' costs and savings, and a compact table (run, policy, memory, traffic, time)."""
     columns = list(dict.fromkeys(key for s in results.values() for key in s.get("policy", {})))
     lines = [equivalence_line(results), *policy_lines(results), "",

@@ -1,6 +1,6 @@
 """Stage 2, propagate: give every node a `Layout`, and every consumer the input layouts it needs.
 
-The numbered rules README's "Propagation rules" lists, in the order they apply:
+The numbered rules docs/rules.md lists, in the order they apply:
 0. An op whose tensor inputs are all replicated on a mesh axis runs unchanged there (no rule).
 1. Inputs get their storage layout; `constrain` and `out_specs` are required layouts.
 2. The data is every leaf of a data argument (`data_inputs`); an axis splitting it is a data axis.

@@ -1,5 +1,5 @@
 """Each rule family alone, on graphs of a few nodes lowered on an abstract mesh (no processes): the
-output layout a rule picks and the collectives it asks for (README "Propagation rules", rule 4)."""
+output layout a rule picks and the collectives it asks for (docs/rules.md, rule 4)."""
 from __future__ import annotations
 
 import pytest
