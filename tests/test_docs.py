@@ -76,3 +76,24 @@ def test_docs_links_resolve():
         for target in re.findall(r"\]\(([^)#]+?)(?:#[^)]*)?\)", path.read_text()):
             if "://" not in target:
                 assert (path.parent / target).exists(), f"{path.name} links to {target}, which does not exist"
+
+
+def test_readme_is_a_first_read():
+    """What it is, the two commands, the first results, three examples, then links: short, and
+    nothing outside the repository (users do not have `../shared`)."""
+    text = (docs.ROOT / "README.md").read_text()
+    assert len(text.splitlines()) < 200
+    assert text.count('pip install -e ".[dev]" && python -m experiments.train') == 1
+    assert text.count('pip install -e ".[dev]" && pytest') == 1
+    assert "../" not in text and "pytest -m \"not slow\"" in text and "download.pytorch.org/whl/cpu" in text
+    headings = [line for line in text.splitlines() if line.startswith("## ")]
+    assert headings == ["## Two commands", "## First results", "## Three examples", "## Read more"]
+
+
+def test_requires_python_allows_every_version_torch_ships_wheels_for():
+    """torch 2.13.0 ships wheels for CPython 3.10 to 3.14 (pypi.org/simple/torch)."""
+    specifiers = pytest.importorskip("packaging.specifiers")
+    pyproject = (docs.ROOT / "pyproject.toml").read_text()  # tomllib is 3.11+: read the one line
+    allowed = specifiers.SpecifierSet(re.search(r'^requires-python = "(.+)"$', pyproject, re.M).group(1))
+    assert all(version in allowed for version in ("3.10", "3.11", "3.12", "3.13", "3.14"))
+    assert "3.9" not in allowed and '"torch==2.13.0"' in pyproject
