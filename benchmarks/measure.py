@@ -13,7 +13,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from .runners import Problem, make_runner
+from .runners import TORCH_CONTENDERS, Problem, make_runner
 from .traffic import CollectiveCounter, LocalMemoryTracker
 
 
@@ -83,7 +83,7 @@ def run_rank(rank: int, world: int, cfg: dict) -> dict:
                            cfg["batch_per_rank"] * world, cfg["lr"], device)
     runners = []
     for name in cfg["contenders"]:
-        runner = make_runner(name, problem, compile_graph=cfg["compile"] and name not in ("ddp", "fsdp2"))
+        runner = make_runner(name, problem, compile_graph=cfg["compile"] and name not in TORCH_CONTENDERS)
         runner.losses, runner.steps_done = [], 0
         runners.append(runner)
     results = {runner.name: {"kind": runner.kind, "mesh": runner.mesh_shape, "setup_s": runner.setup_s,

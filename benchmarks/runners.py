@@ -159,7 +159,65 @@ class TorchRunner:
         return {}
 
 
+class TorchTPRunner:
+    """torch's own Megatron TP (`torch_tp`) or TP + SP (`torch_tp_sp`) on the mesh of our `tp`
+    strategy file, data parallel over its other axis (`benchmarks/torch_tp.py`)."""
+
+    kind = "torch"
+    OURS = {"torch_tp": "tp", "torch_tp_sp": "tp_sp"}
+
+    def __init__(self, name: str, problem: Problem):
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from .torch_tp import LinearGPT, parallelize
+
+        started = time.perf_counter()
+        self.name = name
+        self.mesh_shape = example_mesh(self.OURS[name])
+        (dp, tp), names = self.mesh_shape.values(), tuple(self.mesh_shape)
+        mesh = init_device_mesh(problem.device.type, (dp, tp), mesh_dim_names=names)
+        self.dp_group = mesh[names[0]].get_group()
+        module = LinearGPT(problem.params, problem.cfg).to(problem.device)
+        self.module = parallelize(module, mesh[names[1]], sequence_parallel=name == "torch_tp_sp")
+        split = [p for p in self.module.parameters() if hasattr(p, "to_local")]
+        whole = [p for p in self.module.parameters() if not hasattr(p, "to_local")]
+        # foreach kernels take DTensors or plain tensors, not both in one call: two groups
+        self.optimizer = torch.optim.AdamW([{"params": split}, {"params": whole}], lr=problem.lr, foreach=True)
+        rows = problem.batches[0]["inputs"].shape[0] // dp
+        first = mesh[names[0]].get_local_rank() * rows
+        self.batches = [{k: v[first:first + rows].contiguous() for k, v in batch.items()} for batch in problem.batches]
+        self.setup_s = time.perf_counter() - started
+
+    def step(self, index: int, eager: bool = True) -> torch.Tensor:
+        from .torch_tp import all_reduce_gradients
+
+        loss = self.module(self.batches[index % len(self.batches)])
+        loss.backward()
+        all_reduce_gradients(self.module, self.dp_group)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def global_loss(self, loss: torch.Tensor) -> float:
+        total = loss.clone()
+        dist.all_reduce(total, group=self.dp_group)  # every tp peer holds the same loss
+        return total.item() / dist.get_world_size(self.dp_group)
+
+    def live(self):
+        params = list(self.module.parameters())
+        grads = [p.grad for p in params if p.grad is not None]
+        return params, grads, list(self.optimizer.state.values()), self.batches
+
+    def planned(self) -> dict:
+        return {}
+
+
+TORCH_CONTENDERS = ("ddp", "fsdp2", "torch_tp", "torch_tp_sp")
+
+
 def make_runner(name: str, problem: Problem, compile_graph: bool = False):
     if name in ("ddp", "fsdp2"):
         return TorchRunner(name, problem)
+    if name in TorchTPRunner.OURS:
+        return TorchTPRunner(name, problem)
     return OursRunner(name, problem, compile_graph)

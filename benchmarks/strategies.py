@@ -33,12 +33,14 @@ from experiments.docs import write_block
 
 from . import report
 from .measure import run_rank
+from .runners import TORCH_CONTENDERS
 
 
 
 @dataclass
 class BenchmarkConfig:
-    contenders: list = field(default_factory=lambda: ["dp", "zero1", "zero2", "zero3", "tp", "tp_sp", "ddp", "fsdp2"])
+    contenders: list = field(default_factory=lambda: ["dp", "zero1", "zero2", "zero3", "tp", "tp_sp", "ddp", "fsdp2",
+                                                      "torch_tp", "torch_tp_sp"])
     world_size: int = 4
     d_model: int = 128
     n_layers: int = 2
@@ -61,11 +63,11 @@ ConfigStore.instance().store(name="benchmark_config", node=BenchmarkConfig)
 
 
 def run(cfg: BenchmarkConfig) -> dict:
-    known = available_strategies() + ["ddp", "fsdp2"]
+    known = available_strategies() + list(TORCH_CONTENDERS)
     unknown = [name for name in cfg.contenders if name not in known]
     if unknown:
         raise SystemExit(f"unknown contenders {unknown}; expected some of {known}")
-    sizes = {name: math.prod(example_mesh(name).values()) for name in cfg.contenders if name not in ("ddp", "fsdp2")}
+    sizes = {name: math.prod(example_mesh(name).values()) for name in cfg.contenders if name not in TORCH_CONTENDERS}
     wrong = {name: size for name, size in sizes.items() if size != cfg.world_size}
     if wrong:
         raise SystemExit(f"our strategies run on their example meshes (the strategy files' example_mesh); these do "

@@ -1,7 +1,7 @@
 """The benchmark's pieces (`python -m benchmarks.strategies` itself runs on demand, not here).
 
-Torch's module wrapper must compute exactly our GPT; one small multi-rank run checks the measured
-traffic (that docs/benchmark.md's table is the newest results file's: tests/test_docs.py).
+Torch's module wrappers (DDP/FSDP2's and TP's) must compute our GPT; small multi-rank runs check the
+measured traffic and torch TP's losses (that docs/benchmark.md's table is the newest results file's: tests/test_docs.py).
 """
 from __future__ import annotations
 
@@ -23,6 +23,37 @@ def test_torch_module_computes_our_gpt(random_tokens):
     assert torch.equal(module(batch), model.loss(params, batch))
     names = {name for name, _ in module.named_parameters()}
     assert len(names) == len(torch.utils._pytree.tree_leaves(params))
+
+
+def test_linear_module_computes_our_gpt(random_tokens):
+    """torch TP's module (nn.Linear weights = our weights transposed) is our GPT's math."""
+    from benchmarks.torch_tp import LinearGPT
+
+    model = build("gpt", "tiny")
+    params = model.init(0, dtype=torch.float64)
+    tokens = random_tokens(4, model.cfg.seq_len + 1, model.cfg.vocab_size)
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+    module = LinearGPT(params, model.cfg).to(torch.float64)
+    torch.testing.assert_close(module(batch), model.loss(params, batch), rtol=1e-12, atol=0)
+
+
+@pytest.mark.slow
+def test_torch_tensor_parallel_contenders_train_the_same_model():
+    """torch's own TP and TP+SP (`parallelize_module`, Megatron's plan) on the dp=2 x tp=2 mesh of our
+    tp strategy: every step's loss equals DDP's; TP all-reduces over tp, TP+SP gathers and scatters."""
+    from benchmarks.strategies import BenchmarkConfig, run
+
+    cfg = BenchmarkConfig(contenders=["tp_sp", "ddp", "torch_tp", "torch_tp_sp"], d_model=32, seq_len=16,
+                          vocab_size=64, warmup_steps=1, rounds=1, steps_per_round=1, write=False, write_readme=False)
+    results = run(cfg)
+    contenders = results["contenders"]
+    for name in ("torch_tp", "torch_tp_sp"):
+        assert contenders[name]["mesh"] == {"dp": 2, "tp": 2}
+        assert contenders[name]["loss_max_rel_diff_vs_ddp"] < 1e-5, name
+    assert set(contenders["torch_tp"]["measured_bytes_by_kind"]) == {"all_reduce"}
+    assert contenders["torch_tp_sp"]["measured_bytes_by_kind"]["reduce_scatter"] > 0
+    assert "| torch TP+SP | dp=2 × tp=2 |" in report.table(results)
+    assert [(c["ours"], c["torch"]) for c in results["targets"]] == [("tp_sp", "torch_tp_sp")]
 
 
 @pytest.mark.slow

@@ -236,7 +236,8 @@ def test_a_config_error_is_one_line_and_its_traceback_is_behind_hydra_full_error
     env = {key: value for key, value in os.environ.items() if key != "HYDRA_FULL_ERROR"}
     short = subprocess.run(command, cwd=CONF_DIR + "/..", env=env, capture_output=True, text=True, timeout=120)
     assert short.returncode == 2 and "Traceback" not in short.stderr
-    assert short.stderr.splitlines() == ["error: data.global_batch=7 must be divisible by the dp = 2 ranks strategy "
+    assert short.stderr.splitlines() == ["experiments.train: starting (loading torch and the config)...",
+                                         "error: data.global_batch=7 must be divisible by the dp = 2 ranks strategy "
                                          "'dp' splits the batch over (e.g. data.global_batch=8)",
                                          "(set HYDRA_FULL_ERROR=1 for the traceback)"]
     full = subprocess.run(command, cwd=CONF_DIR + "/..", env={**env, "HYDRA_FULL_ERROR": "1"}, capture_output=True,
