@@ -63,7 +63,8 @@ def source_line(node: torch.fx.Node) -> str:
     for index in range(len(lines) - 1, -1, -1):
         if lines[index].startswith("File "):
             location = lines[index][len("File "):].replace('"', "").replace(", line ", ":").replace(", in ", " in ")
-            location = relative(location.split(":")[0]) + location[len(location.split(":")[0]):]
+            path, colon, rest = location.partition(":")
+            location = relative(path) + colon + rest
             code = lines[index + 1] if index + 1 < len(lines) and not lines[index + 1].startswith("File ") else ""
             return f"{location}: {code}" if code else location
     return ""
