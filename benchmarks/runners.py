@@ -67,7 +67,7 @@ class OursRunner:
 
     kind = "ours"
 
-    def __init__(self, name: str, problem: Problem, compile_graph: bool = False):
+    def __init__(self, name: str, problem: Problem, compile_graph: bool = False, bucket_bytes: int | None = None):
         started = time.perf_counter()
         self.name = name
         full = example_mesh(name)
@@ -75,7 +75,8 @@ class OursRunner:
         mesh = Mesh(full)
         opt_state = problem.optimizer.init(problem.params)
         compiled, (pspecs, sspecs, bspec) = compile_step(problem.step_fn(), Strategy.load(name), mesh,
-                                                         problem.params, opt_state, axes=problem.axes)
+                                                         problem.params, opt_state, axes=problem.axes,
+                                                         **({} if bucket_bytes is None else {"bucket_bytes": bucket_bytes}))
         self.params, self.opt_state = shard(problem.params, pspecs, mesh), shard(opt_state, sspecs, mesh)
         self.batches = [shard(batch, bspec, mesh) for batch in problem.batches]
         self.lowered = compiled.lower(self.params, self.opt_state, self.batches[0])
@@ -215,9 +216,9 @@ class TorchTPRunner:
 TORCH_CONTENDERS = ("ddp", "fsdp2", "torch_tp", "torch_tp_sp")
 
 
-def make_runner(name: str, problem: Problem, compile_graph: bool = False):
+def make_runner(name: str, problem: Problem, compile_graph: bool = False, bucket_bytes: int | None = None):
     if name in ("ddp", "fsdp2"):
         return TorchRunner(name, problem)
     if name in TorchTPRunner.OURS:
         return TorchTPRunner(name, problem)
-    return OursRunner(name, problem, compile_graph)
+    return OursRunner(name, problem, compile_graph, bucket_bytes)

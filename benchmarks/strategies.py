@@ -20,6 +20,7 @@ import math
 import os
 import platform
 from dataclasses import asdict, dataclass, field
+from typing import Optional
 
 import hydra
 import torch
@@ -55,6 +56,7 @@ class BenchmarkConfig:
     threads: int = 1  # torch intra-op threads per rank (4 ranks share the cores)
     device: str = "cpu"  # cpu (gloo) | cuda (nccl, one GPU per rank)
     compile: bool = False  # torch.compile our per-rank graphs (needs a C++ compiler on CPU)
+    bucket_bytes: Optional[int] = None  # ours: jit's bucket size (None: its default, DDP's 25 MiB)
     write: bool = True  # results JSON + markdown into benchmarks/results/
     write_readme: bool = True
 
