@@ -89,3 +89,21 @@ def test_small_benchmark_run_on_gpus():
     assert results["machine"]["backend"] == "nccl"
     for name, entry in results["contenders"].items():
         assert entry["loss_max_rel_diff_vs_ddp"] < 1e-4, name
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_runs_on_cpu_at_a_tiny_size():
+    """`python -m benchmarks.gpu` at a tiny size without a GPU (eager): ours and torch's bf16 steps
+    with fp32 masters are the same math (equal first loss, close after), MFU from the given peak."""
+    from benchmarks.gpu import GPUBenchConfig, flops_per_token, run, table
+
+    cfg = GPUBenchConfig(d_model=64, n_layers=2, n_heads=4, seq_len=32, vocab_size=128, batch=2, warmup_steps=1,
+                         steps=2, compile=False, device="cpu", peak_tflops=1.0, write=False)
+    results = run(cfg)
+    contenders = results["contenders"]
+    assert set(contenders) == {"ours_compiled", "torch_eager", "torch_compiled"}
+    ours, torch_eager = contenders["ours_compiled"]["losses"], contenders["torch_eager"]["losses"]
+    assert ours[0] == torch_eager[0] and abs(ours[-1] - torch_eager[-1]) / torch_eager[-1] < 2e-2
+    for entry in contenders.values():
+        assert entry["mfu"] == pytest.approx(entry["tokens_per_s"] * flops_per_token(results["parameters"], cfg) / 1e12)
+    assert "| torch_eager | no |" in table(results)
