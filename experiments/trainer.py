@@ -281,6 +281,7 @@ def finish(session: Session) -> dict:
         "compile_s": session.compile_s, "seconds": time.perf_counter() - session.started,
         "offload": cfg.offload,
         "cost": {"bytes_moved": cost["bytes_moved"], "bytes_by_kind": cost["bytes_by_kind"],
+                 "bytes_by_phase": cost["bytes_by_phase"],
                  "num_collectives": cost["num_collectives"], "peak_bytes_predicted": cost["peak_bytes"],
                  "device_peak_bytes_predicted": cost["device_peak_bytes"], "host_bytes_predicted": cost["host_bytes"],
                  "transfer_bytes": cost["transfer_bytes"]},

@@ -38,7 +38,7 @@ def collective_counts(records: list[dict]) -> list[dict]:
 
 
 def estimate(graph_module: fx.GraphModule, inputs) -> dict:
-    """Bytes moved per rank (total and per kind), collective count and peak live bytes per rank.
+    """Bytes moved per rank (total, per kind and per phase), collective count and peak live bytes per rank.
 
     `inputs` are this rank's flat local input tensors (real or fake): the peak counts them, every
     intermediate and the outputs (see `sharding.liveness`). With host memory in use
@@ -48,13 +48,17 @@ def estimate(graph_module: fx.GraphModule, inputs) -> dict:
     """
     log = collective_log(graph_module)
     by_kind: dict[str, int] = {}
+    by_phase: dict[str, int] = {}  # forward / backward / optimizer (`sharding.phases`)
     for record in log:
         by_kind[record["kind"]] = by_kind.get(record["kind"], 0) + record["bytes"]
+        phase = record.get("phase") or "forward"
+        by_phase[phase] = by_phase.get(phase, 0) + record["bytes"]
     input_bytes = sum({x.untyped_storage()._cdata: x.untyped_storage().nbytes() for x in inputs}.values())
     peaks = peaks_by_kind(graph_module, inputs)
     transfers = {"d2h": 0, "h2d": 0}
     for record in transfer_log(graph_module):
         transfers[record["kind"]] += record["bytes"]
-    return {"bytes_moved": sum(by_kind.values()), "bytes_by_kind": by_kind, "input_bytes": input_bytes,
+    return {"bytes_moved": sum(by_kind.values()), "bytes_by_kind": by_kind, "bytes_by_phase": by_phase,
+            "input_bytes": input_bytes,
             "peak_bytes": peaks["all"], "device_peak_bytes": peaks[DEVICE], "host_bytes": peaks[HOST],
             "transfer_bytes": transfers, "num_collectives": len(log)}

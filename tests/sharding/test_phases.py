@@ -104,3 +104,11 @@ def test_a_step_counter_does_not_make_the_optimizer_state_data():
     assert [r for r in lowered.collectives if r["kind"] == "all_gather"] == []
     assert {r["kind"] for r in lowered.collectives if r["axes"] == ("tp",)} == {"all_reduce"}  # Megatron's
     assert not any("train.py" in r["source"] for r in lowered.collectives)  # each at its model line
+
+
+def test_cost_splits_the_bytes_by_phase():
+    cost = _lowered().cost
+    assert sum(cost["bytes_by_phase"].values()) == cost["bytes_moved"]
+    records = _lowered().collectives
+    for phase in ("forward", "backward", "optimizer"):
+        assert cost["bytes_by_phase"][phase] == sum(r["bytes"] for r in records if r["phase"] == phase) > 0
