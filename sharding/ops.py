@@ -5,7 +5,7 @@ rule, if its inputs can be split); no stage keeps its own list.
 Facts: `view` (the output aliases the input: it allocates nothing), `shape_arg` / `stride_arg`
 (which argument holds the output's global shape / strides, rewritten to local sizes by
 `localize`), `split_sizes` (its argument 1 holds global piece sizes), `metadata_only` (reads only
-its input's dtype and device), `zeros` (creates zeros) or `fill_arg` (which argument is the fill
+its input's shape, dtype and device, never its values), `zeros` (creates zeros) or `fill_arg` (which argument is the fill
 value), `moves_values` (views, copies, casts: a matmul operand reached from a parameter through
 these alone is a weight), and `recompute` (its class under selective activation checkpointing:
 "softmax", "dropout" or "batched_matmul"). `ELEMENTWISE` is every elementwise op: torch's
@@ -60,7 +60,12 @@ REGISTRY: dict[object, OpFacts] = {
     aten.zeros.default: OpFacts(shape_arg=0, zeros=True), aten.ones.default: OpFacts(shape_arg=0),
     aten.empty.memory_format: OpFacts(shape_arg=0), aten.full.default: OpFacts(shape_arg=0, fill_arg=1),
     aten.empty_strided.default: OpFacts(shape_arg=0, stride_arg=1),
-    aten.zeros_like.default: OpFacts(zeros=True), aten.full_like.default: OpFacts(fill_arg=1),
+    # `*_like` ops read their input's shape, dtype and device, never its values (a Partial loss
+    # that autodiff seeds with ones_like is not reduced for it).
+    aten.zeros_like.default: OpFacts(zeros=True, metadata_only=True),
+    aten.full_like.default: OpFacts(fill_arg=1, metadata_only=True),
+    aten.ones_like.default: OpFacts(metadata_only=True), aten.empty_like.default: OpFacts(metadata_only=True),
+    aten.rand_like.default: OpFacts(metadata_only=True), aten.randn_like.default: OpFacts(metadata_only=True),
     aten.scalar_tensor.default: OpFacts(fill_arg=0),
     aten.slice_backward.default: OpFacts(shape_arg=1), aten.select_backward.default: OpFacts(shape_arg=1),
     aten._softmax.default: OpFacts(recompute="softmax"), aten.softmax.int: OpFacts(recompute="softmax"),
