@@ -23,11 +23,9 @@ if __name__ == "__main__":  # a status line before the imports below (seconds on
     starting("benchmarks.gpu")
 
 import datetime
-import json
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Optional
 
 import hydra
@@ -43,7 +41,7 @@ from functional_parallel.precision import Precision, init_state
 from functional_parallel.train import make_train_step
 from functional_parallel.tree import tree_leaves, tree_map
 
-from .report import RESULTS_DIR
+from . import report
 from .torch_model import GPTModule
 
 # Dense bf16 peak FLOP/s by device name (the vendors' data sheets, without sparsity).
@@ -218,21 +216,12 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def write(results: dict, results_dir: Path = RESULTS_DIR / "gpu") -> tuple[Path, Path]:
-    results_dir.mkdir(parents=True, exist_ok=True)
-    json_path = results_dir / f"{results['date']}.json"
-    json_path.write_text(json.dumps(results, indent=1) + "\n")
-    md_path = json_path.with_suffix(".md")
-    md_path.write_text(table(results) + "\n")
-    return json_path, md_path
-
-
 @hydra.main(version_base=None, config_name="gpu_benchmark_config")
 def main(cfg: GPUBenchConfig) -> None:
     results = run(OmegaConf.to_object(cfg))
     print(table(results))
     if results["config"]["write"]:
-        json_path, md_path = write(results)
+        json_path, md_path = report.write(results, report.RESULTS_DIR / "gpu", table)
         print(f"wrote {json_path} and {md_path}")
 
 

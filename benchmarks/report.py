@@ -91,10 +91,11 @@ def newest(results_dir: Path = RESULTS_DIR) -> Path | None:
     return files[-1] if files else None
 
 
-def write(results: dict, results_dir: Path = RESULTS_DIR) -> tuple[Path, Path]:
+def write(results: dict, results_dir: Path = RESULTS_DIR, render=None) -> tuple[Path, Path]:
+    """`<date>.json` and `<date>.md` (the markdown from `render`, this module's `table` by default)."""
     results_dir.mkdir(parents=True, exist_ok=True)
     json_path = results_dir / f"{results['date']}.json"
     json_path.write_text(json.dumps(results, indent=1) + "\n")
     md_path = json_path.with_suffix(".md")
-    md_path.write_text(table(results) + "\n")
+    md_path.write_text((render or table)(results) + "\n")
     return json_path, md_path

@@ -113,6 +113,7 @@ class TorchRunner:
     """
 
     kind = "torch"
+    dp_group = None  # the data-parallel process group: here every rank
 
     def __init__(self, name: str, problem: Problem):
         started = time.perf_counter()
@@ -148,8 +149,8 @@ class TorchRunner:
 
     def global_loss(self, loss: torch.Tensor) -> float:
         total = loss.clone()
-        dist.all_reduce(total)
-        return total.item() / dist.get_world_size()
+        dist.all_reduce(total, group=self.dp_group)  # a tensor-parallel group's peers hold the same loss
+        return total.item() / dist.get_world_size(self.dp_group)
 
     def live(self):
         params = list(self.module.parameters())
@@ -160,11 +161,10 @@ class TorchRunner:
         return {}
 
 
-class TorchTPRunner:
+class TorchTPRunner(TorchRunner):
     """torch's own Megatron TP (`torch_tp`) or TP + SP (`torch_tp_sp`) on the mesh of our `tp`
     strategy file, data parallel over its other axis (`benchmarks/torch_tp.py`)."""
 
-    kind = "torch"
     OURS = {"torch_tp": "tp", "torch_tp_sp": "tp_sp"}
 
     def __init__(self, name: str, problem: Problem):
@@ -198,19 +198,6 @@ class TorchTPRunner:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()
-
-    def global_loss(self, loss: torch.Tensor) -> float:
-        total = loss.clone()
-        dist.all_reduce(total, group=self.dp_group)  # every tp peer holds the same loss
-        return total.item() / dist.get_world_size(self.dp_group)
-
-    def live(self):
-        params = list(self.module.parameters())
-        grads = [p.grad for p in params if p.grad is not None]
-        return params, grads, list(self.optimizer.state.values()), self.batches
-
-    def planned(self) -> dict:
-        return {}
 
 
 TORCH_CONTENDERS = ("ddp", "fsdp2", "torch_tp", "torch_tp_sp")
