@@ -51,8 +51,9 @@ def estimate(graph_module: fx.GraphModule, inputs) -> dict:
     by_phase: dict[str, int] = {}  # forward / backward / optimizer (`sharding.phases`)
     for record in log:
         by_kind[record["kind"]] = by_kind.get(record["kind"], 0) + record["bytes"]
-        phase = record.get("phase") or "forward"
-        by_phase[phase] = by_phase.get(phase, 0) + record["bytes"]
+        for part in record.get("members") or (record,):  # a bucket's bytes by each member's phase
+            phase = part.get("phase") or "forward"
+            by_phase[phase] = by_phase.get(phase, 0) + part["bytes"]
     input_bytes = sum({x.untyped_storage()._cdata: x.untyped_storage().nbytes() for x in inputs}.values())
     peaks = peaks_by_kind(graph_module, inputs)
     transfers = {"d2h": 0, "h2d": 0}

@@ -107,8 +107,11 @@ def test_a_step_counter_does_not_make_the_optimizer_state_data():
 
 
 def test_cost_splits_the_bytes_by_phase():
-    cost = _lowered().cost
-    assert sum(cost["bytes_by_phase"].values()) == cost["bytes_moved"]
-    records = _lowered().collectives
-    for phase in ("forward", "backward", "optimizer"):
-        assert cost["bytes_by_phase"][phase] == sum(r["bytes"] for r in records if r["phase"] == phase) > 0
+    """Per phase, a bucket's bytes counted by each member's own phase."""
+    records = _lowered().collectives  # one collective per value
+    for lowered in (_lowered(), _lowered(bucket_bytes=2**20)):
+        cost = lowered.cost
+        assert set(cost["bytes_by_phase"]) == {"forward", "backward", "optimizer"}
+        assert sum(cost["bytes_by_phase"].values()) == cost["bytes_moved"]
+        for phase in ("forward", "backward", "optimizer"):
+            assert cost["bytes_by_phase"][phase] == sum(r["bytes"] for r in records if r["phase"] == phase) > 0
