@@ -136,6 +136,10 @@ def annotate(graph_module: fx.GraphModule, leaf_names: list[str]) -> None:
             forward = forward_of.get(node.meta.get("seq_nr"))
             if forward is not None and forward.meta.get("stack_trace"):
                 node.meta["forward_stack_trace"] = forward.meta["stack_trace"]
+            else:  # autograd's own sum of a value's gradients (a tied weight): its first input's line
+                traced = next((a for a in node.all_input_nodes if a.meta.get("forward_stack_trace")), None)
+                if traced is not None:
+                    node.meta["forward_stack_trace"] = traced.meta["forward_stack_trace"]
             node.meta["grad_of"] = _gradient_leaf(node, forward, names) or _same_gradient(node)
         else:
             node.meta["phase"] = OPTIMIZER if index > last_backward else FORWARD

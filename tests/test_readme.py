@@ -55,6 +55,9 @@ def test_docs_any_model_example_lowers_hugging_face_gpt2():
     exec(compile(source.replace("print(lowered.summary())", ""), "rules.md", "exec"), namespace)
     tp = [c for c in namespace["lowered"].collectives if c["axes"] == ("tp",)]
     assert [c["kind"] for c in tp] == ["all_reduce"] * 4, [(c["kind"], c["shape"]) for c in tp]
+    # The tied embedding's gradient (autograd's sum of its two uses) is named by a model line, not `step`'s.
+    tied = next(c for c in namespace["lowered"].collectives if c.get("leaf") == "grad of params/transformer.wte.weight")
+    assert tied["phase"] == "backward" and "in step" not in tied["source"], tied["source"]
 
 
 def test_docs_rules_at_work_print_what_the_docs_show():
