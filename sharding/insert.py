@@ -19,8 +19,7 @@ from .bind import AxisGroup, RankIndex
 from .random_ops import RANDOM_OPS, rank_seeded
 from .layout import PARTIAL, REPLICATE, Layout, Strided, annotate, annotation, is_partial, nested_as_plain, split_dim
 from .ops import facts
-from .phases import BACKWARD, FORWARD, describe, phase_of
-from .source import source_line
+from .phases import describe
 
 aten = torch.ops.aten
 
@@ -176,10 +175,8 @@ class Inserter:
     def redistribute(self, old: fx.Node, src: Layout, dst: Layout, consumer: fx.Node) -> fx.Node:
         value = self.env[old]
         current = src
-        described = describe(old, consumer)
-        # The line that needs the value; a gradient reduced for the optimizer: the line it is the gradient of.
-        needed_by_step = consumer.op != "output" and phase_of(consumer) in (FORWARD, BACKWARD, None)
-        source = source_line(consumer) if needed_by_step or old.op == "placeholder" else source_line(old)
+        described = describe(old, consumer)  # phase, leaf and the source line it is attributed to
+        source = described["source"]
         global_val = old.meta["val"]
         for kind, axis, placement in plan_steps(src, dst, self.mesh.axis_sizes):
             every = axis if isinstance(axis, tuple) else (axis,)
@@ -201,7 +198,7 @@ class Inserter:
                 ranks = math.prod(self.mesh.axis_sizes[a] for a in axes)
                 record = {
                     "kind": kind, "axes": names,
-                    "bytes": math.prod(local) * global_val.element_size(), "source": source,
+                    "bytes": math.prod(local) * global_val.element_size(),
                     "shape": tuple(global_val.shape), "dtype": str(global_val.dtype).replace("torch.", ""),
                     "value": old.name, **described,
                 }

@@ -19,13 +19,17 @@ import torch.fx as fx
 import torch.fx.traceback as fx_traceback
 from torch.overrides import TorchFunctionMode
 
+from .ops import facts
+from .source import source_line
+
 aten = torch.ops.aten
 
 FORWARD, BACKWARD, OPTIMIZER = "forward", "backward", "optimizer"
-# Ops through which a value stays the same leaf (or the same leaf's gradient).
-_SAME_VALUE = {aten._to_copy.default, aten.clone.default, aten.view.default, aten._unsafe_view.default,
-               aten.alias.default, aten.detach.default, aten.t.default, aten.permute.default,
-               aten.transpose.int, aten.expand.default}
+
+
+def _moves_values(node) -> bool:
+    """A view, copy or cast (`ops.facts`): through it a value stays the same leaf, or its gradient."""
+    return node.op == "call_function" and facts(node.target).moves_values
 
 
 def _hook_sequence_numbers(roots) -> None:
@@ -72,7 +76,7 @@ def _input_of(node, depth: int = 4):
     while depth >= 0 and isinstance(node, fx.Node):
         if node.op == "placeholder":
             return node
-        if node.op != "call_function" or node.target not in _SAME_VALUE:
+        if not _moves_values(node):
             return None
         node, depth = node.args[0], depth - 1
     return None
@@ -109,7 +113,7 @@ def _same_gradient(node: fx.Node) -> str | None:
     leaves = {a.meta.get("grad_of") for a in tensors}
     if len(leaves) != 1 or None in leaves:
         return None
-    if node.target in _SAME_VALUE or node.target in (aten.add.Tensor, aten.mul.Tensor, aten.div.Tensor):
+    if _moves_values(node) or node.target in (aten.add.Tensor, aten.mul.Tensor, aten.div.Tensor):
         return leaves.pop()
     return None
 
@@ -147,21 +151,21 @@ def annotate(graph_module: fx.GraphModule, leaf_names: list[str]) -> None:
                 node.meta["grad_of"] = _same_gradient(node)
 
 
-def phase_of(node: fx.Node) -> str | None:
-    return node.meta.get("phase")
-
-
 def describe(value: fx.Node, consumer: fx.Node) -> dict:
-    """Phase and leaf for a collective that moves `value` for `consumer` (nodes of the traced graph).
+    """Phase, leaf and source line of a collective that moves `value` for `consumer` (nodes of the
+    traced graph).
 
-    A value needed by the forward or the backward is that consumer's phase; a gradient reduced
-    for the optimizer is the backward's. `leaf` is the input the value is ("params/wte"), or
-    "grad of" the input it is the gradient of.
+    A value needed by the forward or the backward is that consumer's phase and line (for a
+    backward consumer, the forward line it differentiates); a gradient reduced for the optimizer
+    is the backward's, at the line it is the gradient of. `leaf` is the input the value is
+    ("params/wte"), or "grad of" the input it is the gradient of.
     """
     placeholder = _input_of(value)
     grad_of = value.meta.get("grad_of")
-    phase = (phase_of(consumer) if consumer.op != "output" else phase_of(value)) or FORWARD
-    if phase == OPTIMIZER and (grad_of or phase_of(value) == BACKWARD):
+    phase = (consumer.meta.get("phase") if consumer.op != "output" else value.meta.get("phase")) or FORWARD
+    needed_by_step = consumer.op != "output" and phase != OPTIMIZER
+    source = source_line(consumer) if needed_by_step or value.op == "placeholder" else source_line(value)
+    if phase == OPTIMIZER and (grad_of or value.meta.get("phase") == BACKWARD):
         phase = BACKWARD
     if placeholder is not None and "leaf" in placeholder.meta:
         leaf = placeholder.meta["leaf"]
@@ -169,4 +173,4 @@ def describe(value: fx.Node, consumer: fx.Node) -> dict:
         leaf = f"grad of {grad_of}"
     else:
         leaf = None
-    return {"phase": phase, "leaf": leaf}
+    return {"phase": phase, "leaf": leaf, "source": source}
