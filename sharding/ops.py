@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .batched_matmul import BATCHED_MATMUL
+from .batched_matmul import BATCHED_MATMUL, LEADING_CONTRACT, LEADING_MATMUL
 from .checkpoint_name import CHECKPOINT_NAME
 
 aten = torch.ops.aten
@@ -73,6 +73,7 @@ REGISTRY: dict[object, OpFacts] = {
     aten.native_dropout.default: OpFacts(recompute="dropout"), aten.dropout.default: OpFacts(recompute="dropout"),
     aten.bmm.default: OpFacts(recompute="batched_matmul"), aten.baddbmm.default: OpFacts(recompute="batched_matmul"),
     aten.matmul.default: OpFacts(recompute="batched_matmul"), BATCHED_MATMUL: OpFacts(recompute="batched_matmul"),
+    LEADING_MATMUL: OpFacts(recompute="batched_matmul"), LEADING_CONTRACT: OpFacts(recompute="batched_matmul"),
 }
 
 

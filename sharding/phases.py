@@ -19,6 +19,7 @@ import torch.fx as fx
 import torch.fx.traceback as fx_traceback
 from torch.overrides import TorchFunctionMode
 
+from .batched_matmul import FUNCTION_OPS
 from .ops import facts
 from .source import source_line
 
@@ -130,6 +131,9 @@ def annotate(graph_module: fx.GraphModule, leaf_names: list[str]) -> None:
     for node in nodes:
         if node.op == "call_function" and not node.meta.get("autograd_backward") and "seq_nr" in node.meta:
             forward_of.setdefault(node.meta["seq_nr"], node)
+    for node in nodes:  # an op run inside an autograd.Function's forward is numbered one past the Function
+        if node.target in FUNCTION_OPS and not node.meta.get("autograd_backward") and "seq_nr" in node.meta:
+            forward_of.setdefault(node.meta["seq_nr"] - 1, node)
     backward = [i for i, n in enumerate(nodes) if n.meta.get("autograd_backward")]
     last_backward = backward[-1] if backward else len(nodes)
     for index, node in enumerate(nodes):

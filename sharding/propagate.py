@@ -158,8 +158,10 @@ def _propagate_node(ctx: Context, node: torch.fx.Node) -> None:
         return
     rule_fn = RULES.get(node.target)
     _apply_compute_layouts(ctx, node, inputs)
+    strided_inputs = {}
     if rule_fn not in STRIDED_AWARE:
-        _gather_strided(ctx, inputs)
+        strided_inputs = {i: ctx.layout(i) for i in inputs
+                          if isinstance(ctx.layouts.get(i), Layout) and ctx.layout(i).has_strided()}
     requires: dict[torch.fx.Node, list] = {}
     outputs = []
     local = {}
@@ -172,6 +174,8 @@ def _propagate_node(ctx: Context, node: torch.fx.Node) -> None:
                                   f"{_input_layouts(ctx, inputs)}; every op runs unchanged where its inputs "
                                   f"are replicated: constrain its inputs to P() on mesh axis "
                                   f"{ctx.axis_names[axis]!r}, or add a rule in sharding/rules")
+        elif strided_inputs:
+            choice = _as_plain_split(ctx, node, axis, rule_fn, strided_inputs)
         else:
             choice = rule_fn(ctx, node, axis)
         for inp in inputs:
@@ -212,13 +216,81 @@ def _check_no_model_gather(ctx: Context, node, required: dict) -> None:
                                   f"{name!r}, or split a different dim of it")
 
 
-def _gather_strided(ctx: Context, inputs) -> None:
-    """A rule that does not place chunked splits sees its chunked inputs whole."""
-    for inp in inputs:
-        layout = ctx.layout(inp) if isinstance(ctx.layouts.get(inp), Layout) else None
-        if layout is not None and layout.has_strided():
-            ctx.effective[inp] = Layout(tuple(REPLICATE if isinstance(p, Strided) else p
-                                              for p in layout.placements))
+def _as_plain_split(ctx: Context, node, axis: int, rule_fn, strided_inputs: dict) -> Choice:
+    """A rule written for plain splits, applied where inputs are chunked on `axis`.
+
+    The rule decides as if each chunked split were plain. Where it carries that split unchanged to
+    an output dim of the same size (the op keeps positions along the dim: a row-wise max, a gather
+    along another dim), the output is chunked alike and replicated operands are sliced to the same
+    chunks; any other outcome (a Partial, a local computation, a moved split) sees the chunked
+    inputs whole instead: correct, at the price of a gather (rule 9 names it where it is one)."""
+    chunked = {i: layout.placements[axis] for i, layout in strided_inputs.items()
+               if isinstance(layout.placements[axis], Strided)}
+    if not chunked:
+        return rule_fn(ctx, node, axis)
+    saved = {i: ctx.effective.get(i) for i in chunked}
+
+    def decide(as_placement):
+        for inp, placement in chunked.items():
+            ctx.effective[inp] = ctx.layout(inp).with_axis(axis, as_placement(placement))
+        try:
+            if all(ctx.placement(i, axis) == REPLICATE for i in tensor_inputs(node)):
+                return Choice(_replicated_output(node))
+            return rule_fn(ctx, node, axis)
+        finally:
+            for inp, layout in saved.items():
+                if layout is None:
+                    ctx.effective.pop(inp, None)
+                else:
+                    ctx.effective[inp] = layout
+
+    plain_elsewhere = any(is_shard(ctx.placement(i, axis)) for i in tensor_inputs(node) if i not in chunked)
+    if len({p.chunks for p in chunked.values()}) == 1 and not plain_elsewhere:
+        (chunks,) = {p.chunks for p in chunked.values()}
+        carried = _rechunk(ctx, node, decide(lambda p: p.dim), chunked, chunks,
+                           {ctx.shape(i)[p.dim] for i, p in chunked.items()})
+        if carried is not None:
+            return carried
+    choice = decide(lambda p: REPLICATE)
+    return Choice(choice.output, {**{i: REPLICATE for i in chunked}, **choice.inputs}, choice.local)
+
+
+def _rechunk(ctx: Context, node, choice: Choice, chunked: dict, chunks: int, sizes: set) -> Choice | None:
+    """`choice` (made for plain splits) with the chunked splits restored, or None where it does not
+    carry them position for position."""
+    if choice.local is not None or len(sizes) != 1:
+        return None
+    (size,) = sizes
+    if any(choice.inputs.get(i, p.dim) != p.dim for i, p in chunked.items()):
+        return None
+
+    def restore(placement, shape):
+        if not is_shard(placement):
+            return placement
+        if shape[placement] != size:
+            raise _NotCarried
+        return Strided(placement, chunks)
+
+    try:
+        outputs = choice.output
+        if isinstance(outputs, tuple):
+            shapes = [tuple(v.shape) for v in node.meta["val"]]
+            output = tuple(restore(o, s) for o, s in zip(outputs, shapes))
+        else:
+            output = restore(outputs, ctx.shape(node))
+        if not any(isinstance(o, Strided) for o in (output if isinstance(output, tuple) else (output,))):
+            return None
+        inputs = {inp: Strided(p.dim, chunks) for inp, p in chunked.items()}
+        for inp, placement in choice.inputs.items():
+            if inp not in chunked:
+                inputs[inp] = restore(placement, ctx.shape(inp))
+    except _NotCarried:
+        return None
+    return Choice(output, inputs)
+
+
+class _NotCarried(Exception):
+    pass
 
 
 def _replicated_output(node):

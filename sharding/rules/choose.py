@@ -11,15 +11,22 @@ from __future__ import annotations
 from ..layout import PARTIAL, REPLICATE, is_shard, split_dim
 
 
-def anchor(ctx, axis: int, node, nodes, placement_of=None):
+def anchor(ctx, axis: int, node, nodes, placement_of=None, survives=None):
     """The operand whose split on `axis` wins a conflict (rule 5), or a PropagationError.
 
     `placement_of(operand)` gives the split each operand stands for (its dim in the output for
-    pointwise ops); operands standing for the same split do not conflict."""
+    pointwise ops); operands standing for the same split do not conflict. `survives(operand)`
+    (contractions) says whether that split is on a dim the result keeps: where rule 5 leaves the
+    choice open, a split the result keeps wins over one the contraction sums away (Megatron SP's
+    weight gradient gathers the sequence-split output gradient, it does not move the features)."""
     placement_of = placement_of or (lambda n: ctx.placement(n, axis))
     ctx.gathers_by_rule(node, axis)
     keeps = [n for n in nodes if (not ctx.param_like(n)) == ctx.is_data_axis(axis)]
     candidates = keeps or list(nodes)
+    if len({placement_of(n) for n in candidates}) > 1 and survives is not None:
+        kept = [n for n in candidates if survives(n)]
+        if kept and len({placement_of(n) for n in kept}) == 1:
+            candidates = kept
     if len({placement_of(n) for n in candidates}) > 1:
         axis_name = ctx.axis_names[axis]
         kind = "data" if ctx.is_data_axis(axis) else "model"

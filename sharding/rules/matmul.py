@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..batched_matmul import BATCHED_MATMUL
+from ..batched_matmul import BATCHED_MATMUL, LEADING_CONTRACT, LEADING_MATMUL
 from ..layout import Strided
 from . import Choice, handles_strided, rule
 from .choose import PARTIAL, REPLICATE, anchor, is_shard
@@ -70,7 +70,8 @@ def contraction(ctx, node, axis, a, b, spec_a, spec_b, spec_out):
         return Choice(spec_out.index(letter), {a: placement_in(spec_a, letter) if letter in spec_a else REPLICATE,
                                                b: placement_in(spec_b, letter) if letter in spec_b else REPLICATE})
     # Both split, on different letters: the anchor keeps its split, the other operand follows it.
-    keeper = anchor(ctx, axis, node, [a, b], lambda n: la if n is a else lb)
+    keeper = anchor(ctx, axis, node, [a, b], lambda n: la if n is a else lb,
+                    survives=lambda n: (la if n is a else lb) in spec_out)
     letter = la if keeper is a else lb
     mover, mover_spec = (b, spec_b) if keeper is a else (a, spec_a)
     required = {mover: mover_spec.index(letter) if letter in mover_spec else REPLICATE}
@@ -96,12 +97,18 @@ def equation(ctx, node) -> tuple[str, str, str]:
     """Letters of (a, b, out): one per batch dim (upper case), then m, k / k, n / m, n."""
     if node.target in EQUATIONS:
         return EQUATIONS[node.target]
+    if node.target is LEADING_MATMUL:  # [..., k] @ [k, n]
+        leading = "ABCDEFGHIJ"[:ctx.ndim(node) - 1]
+        return leading + "k", "kn", leading + "n"
+    if node.target is LEADING_CONTRACT:  # [..., k] x [..., n] -> [k, n]
+        leading = "ABCDEFGHIJ"[:ctx.ndim(node.args[0]) - 1]
+        return leading + "k", leading + "n", "kn"
     batch = "ABCDEFGHIJ"[:ctx.ndim(node) - 2]
     return batch + "mk", batch + "kn", batch + "mn"
 
 
 @handles_strided
-@rule(*EQUATIONS, BATCHED_MATMUL)
+@rule(*EQUATIONS, BATCHED_MATMUL, LEADING_MATMUL, LEADING_CONTRACT)
 def matmul(ctx, node, axis):
     spec_a, spec_b, spec_out = equation(ctx, node)
     a, b = node.args[0], node.args[1]

@@ -76,6 +76,15 @@ def reshape(ctx, node, axis):
             total = ctx.layout(x).shard_count(dim, ctx.axis_sizes)
             if _first_significant(in_dims, in_shape) == dim and target is not None and out_shape[target] % total == 0:
                 return Choice(target)
+            merged = [d for d in out_dims if out_shape[d] > 1]
+            if len(merged) == 1 and merged[0] == target:
+                # Merged behind others into one dim ([B, S, D] -> [B*S, D] with S split): each of
+                # the `before` leading pieces holds its block of the split dim, a chunked split.
+                before = 1
+                for d in in_dims[:in_dims.index(dim)]:
+                    before *= in_local[d]
+                if out_local[target] % (before * count) == 0:
+                    return Choice(Strided(target, before) if before > 1 else target)
             break
         before = 1  # pieces in front of the chunked dim within the group, in this axis's block
         for d in in_dims[:in_dims.index(dim)]:

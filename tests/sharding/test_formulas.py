@@ -140,18 +140,19 @@ def test_tp_is_two_forward_two_backward_all_reduces_of_bsh_per_layer():
 
 def test_tp_sp_moves_the_same_volume_as_gather_plus_reduce_scatter():
     """Megatron SP: each of TP's 4 all-reduces per layer becomes an all-gather + reduce-scatter of
-    b·s·h. Beyond the formula: one all-gather of the final norm's output for the head (the head's
-    weight is replicated), and the gradients of replicated parameters computed from
-    sequence-split activations (layer norms, b_out, wte, wpe), sums over the batch and the
-    sequence, are all-reduced once over dp and tp jointly."""
+    b·s·h, and nothing else on activations: the head (its weight replicated) and the per-token loss
+    run on the sequence-split stream, so the final norm's output is never gathered. The gradients
+    of replicated parameters computed from sequence-split activations (layer norms, b_out, wte,
+    wpe, head), sums over the batch and the sequence, are all-reduced once over dp and tp jointly."""
     layers, bsh = _activation_bytes("tp_sp")
     model, params, lowered = _lower("tp_sp")
     gathers = [r for r in _records(lowered, "all_gather", "tp") if _is_activation(r)]
     scatters = [r for r in _records(lowered, "reduce_scatter", "tp") if _is_activation(r)]
     assert sum(r["bytes"] for r in scatters) == 4 * layers * bsh
-    assert sum(r["bytes"] for r in gathers) == 4 * layers * bsh + bsh  # + the head's input
+    assert sum(r["bytes"] for r in gathers) == 4 * layers * bsh
     sequence_split_grads = _numel(params, lambda path: path.split("/")[-2:-1] in (["ln1"], ["ln2"], ["ln_f"])
-                                  or path.split("/")[-1] in ("b_out", "wte", "wpe"))
-    assert _bytes(lowered, "all_reduce", ("dp", "tp")) == 4 * sequence_split_grads
+                                  or path.split("/")[-1] in ("b_out", "wte", "wpe", "head"))
+    loss = F32  # the loss, a sum over the tokens each rank holds
+    assert _bytes(lowered, "all_reduce", ("dp", "tp")) == 4 * sequence_split_grads + loss
     assert _bytes(lowered, "all_reduce", "tp") == GRAD_NORM_SCALARS
     assert not [r for r in _records(lowered, axis="tp") if r["kind"] == "all_reduce" and _is_activation(r)]

@@ -115,3 +115,19 @@ def test_cost_splits_the_bytes_by_phase():
         assert sum(cost["bytes_by_phase"].values()) == cost["bytes_moved"]
         for phase in ("forward", "backward", "optimizer"):
             assert cost["bytes_by_phase"][phase] == sum(r["bytes"] for r in records if r["phase"] == phase) > 0
+
+
+def _projections(params, x):
+    return torch.tanh(x @ params["w1"]).sum()                                   # LINE:proj
+
+
+def test_a_projection_of_batch_and_sequence_tokens_names_its_weight():
+    """`x @ w` with x [b, s, d] stays one op (`fp::leading_matmul`, an autograd.Function); its
+    weight gradient is still named for the weight and the forward line."""
+    params = {"w1": torch.randn(4, 8, dtype=torch.float64)}
+    x = torch.randn(2, 3, 4, dtype=torch.float64)
+    step = jit(torch.func.grad(_projections), mesh=MESH, in_specs=({"w1": P()}, P("dp")),
+               out_specs={"w1": P()}, data_argnums=(1,), bucket_bytes=0)
+    (record,) = step.lower(shard(params, {"w1": P()}, MESH), shard(x, P("dp"), MESH)).collectives
+    assert record["leaf"] == "grad of params/w1" and record["phase"] == "backward"
+    assert f"test_phases.py:{_line('proj')}" in record["source"]

@@ -172,7 +172,14 @@ def test_rule_5_and_the_reshape_clause_still_move_an_activation_on_a_model_axis(
 
 def test_a_chunked_split_an_op_cannot_place_is_not_gathered_silently():
     with pytest.raises(PropagationError, match=r"whole on model axis 'tp', where it is Shard\(1, chunks=2\).*rule 9"):
-        _lower(lambda x: torch.softmax(x, 0), (_x(4, 8),), (P(None, chunked("tp", 2)),), P())
+        _lower(lambda x: torch.softmax(x, 1), (_x(4, 8),), (P(None, chunked("tp", 2)),), P())
+
+
+def test_a_rule_for_plain_splits_carries_a_chunked_split_through_an_op_that_keeps_positions():
+    """softmax along dim 0 keeps dim 1's positions: a chunked split of dim 1 passes as it is."""
+    lowered = _lower(lambda x: torch.softmax(x, 0), (_x(4, 8),), (P(None, chunked("tp", 2)),),
+                     P(None, chunked("tp", 2)))
+    assert _kinds(lowered) == []
 
 
 def test_a_partial_before_an_unflattening_view_is_reduce_scattered_into_the_views_split():
