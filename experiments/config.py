@@ -108,7 +108,7 @@ class Config:
 
 # The rows of the project's tables (strategies, plan) and of its strategy tests, in reading order:
 # the project's own strategy files; any other file is listed with `strategies=[..]`.
-TABLE_STRATEGIES = ["dp", "zero1", "zero2", "zero3", "tp", "tp_sp", "fsdp_tp"]
+TABLE_STRATEGIES = ["dp", "zero1", "zero2", "zero3", "tp", "tp_sp", "fsdp_tp", "ulysses"]
 
 PRIVATE_DIR_PREFIX = "functional-parallel-rank"
 

@@ -123,7 +123,7 @@ def setup(cfg: Any, rank: int, device: torch.device, output_dir: pathlib.Path | 
                                    params, opt_state, offload=cfg.offload, axes=param_logical_axes(model, params),
                                    remat=cfg.remat)
     compiled_eval = jit(model.eval_loss or model.loss, mesh=mesh, in_specs=(specs[0], specs[2]), out_specs=P(),
-                        logical_rules=strategy.logical)
+                        logical_rules=strategy.constrain_rules)
     state = initial_state(params, opt_state, specs, mesh, device, cfg.offload)
     checkpointer = Checkpointer(cfg, cfg.checkpoint_dir, specs, mesh, strategy.name) if cfg.checkpoint_dir else None
     if cfg.resume:

@@ -1,7 +1,7 @@
 """From a strategy (data: YAML rules) to specs and one compiled train step. No strategy is code.
 
 A strategy names its example mesh, a batch spec, logical-axis rules for `constrain`
-(activations), parameter rules and (optionally) optimizer-state rules. A parameter's spec comes
+(activations; a name they lack falls back to `param_axes`), parameter rules and (optionally) optimizer-state rules. A parameter's spec comes
 from, in order: the first `params` rule whose leaf-path regex matches (the whole spec); else its
 model's logical axes (`Model.axes`: `("embed", "heads")` for a q projection) mapped through
 `param_axes` (logical name -> mesh axes; a mesh axis is used once per leaf, by its first dim);
@@ -92,6 +92,13 @@ class Strategy:
     param_axes: Mapping[str, tuple] = field(default_factory=dict)  # logical parameter axis -> mesh axes
     fsdp: tuple = ()  # mesh axes that split what the rules leave whole (ZeRO-3)
     example_mesh: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def constrain_rules(self) -> dict:
+        """What a logical name in a model's `constrain` means: `logical`, else `param_axes` (a name
+        means the same for activations and parameters, as in Flax's logical axis rules: tp's
+        `heads` splits q's heads as it splits the q projection's columns)."""
+        return {**self.param_axes, **self.logical}
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "Strategy":
@@ -286,7 +293,7 @@ def compile_step(step: Callable, strategy: Strategy, mesh: Mesh, params, opt_sta
     step = _with_local_batch_check(step, strategy.batch, mesh)
     kinds = ("device", state_kind, "device")
     compiled = jit(step, mesh=mesh, in_specs=(pspecs, sspecs, strategy.batch), out_specs=(pspecs, sspecs, P()),
-                   logical_rules=strategy.logical, in_memory_kinds=kinds, out_memory_kinds=kinds,
+                   logical_rules=strategy.constrain_rules, in_memory_kinds=kinds, out_memory_kinds=kinds,
                    data_argnums=2, **jit_options)
     return compiled, (pspecs, sspecs, strategy.batch)
 

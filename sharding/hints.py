@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from .constrain import decode_spec
+from .constrain import decode_spec, keeps_other_axes
 from .errors import ShardingError
 from .layout import REPLICATE, Layout, Strided, layout_from_spec, split_dim
 from .ops import creates_zeros, joins_component
@@ -46,7 +46,8 @@ class Hints:
             if isinstance(node, torch.fx.Node):
                 self._add_hint(node, layout)
         for node in graph.nodes:
-            if node.op == "call_function" and node.target is torch.ops.fp.constrain.default:
+            if node.op == "call_function" and node.target is torch.ops.fp.constrain.default \
+                    and not keeps_other_axes(node.args[1]):  # a partial constraint hints nothing
                 try:
                     self._add_hint(node, layout_from_spec(decode_spec(node.args[1]), _shape(node),
                                                           axis_names, axis_sizes))

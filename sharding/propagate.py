@@ -28,7 +28,7 @@ from typing import Sequence
 
 import torch
 
-from .constrain import decode_spec
+from .constrain import decode_spec, keeps_other_axes
 from .errors import PropagationError
 from .hints import Hints
 from .layout import (PARTIAL, REPLICATE, Layout, Strided, annotate, describe, is_partial, is_shard, layout_from_spec,
@@ -154,6 +154,10 @@ def _propagate_node(ctx: Context, node: torch.fx.Node) -> None:
         spec = decode_spec(encoded)
         layout = layout_from_spec(spec, ctx.shape(source), ctx.axis_names, ctx.axis_sizes,
                                   where=f"constrain at {source_line(node) or node.name}")
+        if keeps_other_axes(encoded):
+            named = spec.all_axes()
+            layout = Layout(tuple(p if ctx.axis_names[a] in named else ctx.placement(source, a)
+                                  for a, p in enumerate(layout.placements)))
         _record(ctx, node, {source: layout}, layout)
         return
     rule_fn = RULES.get(node.target)
@@ -269,7 +273,7 @@ def _rechunk(ctx: Context, node, choice: Choice, chunked: dict, chunks: int, siz
             return placement
         if shape[placement] != size:
             raise _NotCarried
-        return Strided(placement, chunks)
+        return Strided(int(placement), chunks)
 
     try:
         outputs = choice.output

@@ -21,6 +21,12 @@ from ._axes import by_leaf_name
 from ._init_utils import ParamFactory
 
 RESIDUAL_AXES = ("batch", "seq", "embed")
+# Attention's two layouts, as constraints at each side of its transposes (forward and gradient):
+# token-major [B, S, H, hd] and head-major [B, H, S, hd]. Ulysses maps attention_seq and heads to
+# one axis (a mesh axis goes to the first dim naming it), so the transposes are all-to-alls;
+# ring attention maps only attention_seq, Megatron TP only heads: for them both are no-ops.
+TOKEN_MAJOR = ("batch", "attention_seq", "heads", None)
+HEAD_MAJOR = ("batch", "heads", "attention_seq", None)
 ATTENTION = ("sdpa", "math")
 
 
@@ -131,6 +137,16 @@ def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
     return torch.softmax(scores + causal, dim=-1) @ v  # [B, H, S, hd]
 
 
+def _layout(x: torch.Tensor, axes: tuple) -> torch.Tensor:
+    """Attention's layout on the mesh axes a strategy maps its names to; other axes as propagated."""
+    return constrain(x, axes, other_axes="keep")
+
+
+def _head_major(x: torch.Tensor) -> torch.Tensor:
+    """[B, S, H, hd] -> [B, H, S, hd], constrained on both sides (Ulysses' all-to-all, both ways)."""
+    return _layout(_layout(x, TOKEN_MAJOR).transpose(1, 2), HEAD_MAJOR)
+
+
 def _attention(p: dict, x: torch.Tensor, n_heads: int, attention: str = "sdpa") -> torch.Tensor:
     """Causal multi-head self-attention; x [B, S, D] -> [B, S, D]."""
     batch, seq, d_model = x.shape
@@ -140,12 +156,12 @@ def _attention(p: dict, x: torch.Tensor, n_heads: int, attention: str = "sdpa") 
     else:
         q, k, v = x @ p["wq"], x @ p["wk"], x @ p["wv"]
     # [B, S, D] -> [B, H, S, hd]
-    q, k, v = (t.view(batch, seq, n_heads, head_dim).transpose(1, 2) for t in (q, k, v))
+    q, k, v = (_head_major(t.view(batch, seq, n_heads, head_dim)) for t in (q, k, v))
     if attention == "math":
         out = _math_attention(q, k, v)
     else:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    out = out.transpose(1, 2).reshape(batch, seq, d_model)  # [B, H, S, hd] -> [B, S, D]
+    out = _layout(_layout(out, HEAD_MAJOR).transpose(1, 2), TOKEN_MAJOR).reshape(batch, seq, d_model)  # [B, S, D]
     return out @ p["wo"]
 
 

@@ -19,6 +19,14 @@ from ._axes import by_leaf_name
 from ._init_utils import ParamFactory
 
 RESIDUAL_AXES = ("batch", "seq", "embed")
+# Attention's two layouts, as constraints at each side of its transposes (forward and gradient):
+# token-major [B, S, H, hd] and head-major [B, H, S, hd]. Ulysses maps attention_seq and heads to
+# one axis (a mesh axis goes to the first dim naming it), so the transposes are all-to-alls;
+# ring attention maps only attention_seq, Megatron TP only heads: for them both are no-ops.
+TOKEN_MAJOR = ("batch", "attention_seq", "heads", None)
+HEAD_MAJOR = ("batch", "heads", "attention_seq", None)
+KV_TOKEN_MAJOR = ("batch", "attention_seq", "kv_heads", None)
+KV_HEAD_MAJOR = ("batch", "kv_heads", "attention_seq", None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,20 +139,30 @@ def _rope(x: torch.Tensor, theta: float) -> torch.Tensor:
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
+def _layout(x: torch.Tensor, axes: tuple) -> torch.Tensor:
+    """Attention's layout on the mesh axes a strategy maps its names to; other axes as propagated."""
+    return constrain(x, axes, other_axes="keep")
+
+
+def _head_major(x: torch.Tensor, token_major: tuple, head_major: tuple) -> torch.Tensor:
+    """[B, S, H, hd] -> [B, H, S, hd], constrained on both sides (Ulysses' all-to-all, both ways)."""
+    return _layout(_layout(x, token_major).transpose(1, 2), head_major)
+
+
 def _attention(p: dict, x: torch.Tensor, cfg: LlamaConfig) -> torch.Tensor:
     """Causal grouped-query self-attention; x [B, S, D] -> [B, S, D]."""
     batch, seq, d_model = x.shape
     n_heads, n_kv, head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
-    q = (x @ p["wq"]).view(batch, seq, n_heads, head_dim).transpose(1, 2)  # [B, H, S, hd]
-    k = (x @ p["wk"]).view(batch, seq, n_kv, head_dim).transpose(1, 2)  # [B, Hkv, S, hd]
-    v = (x @ p["wv"]).view(batch, seq, n_kv, head_dim).transpose(1, 2)
+    q = _head_major((x @ p["wq"]).view(batch, seq, n_heads, head_dim), TOKEN_MAJOR, HEAD_MAJOR)  # [B, H, S, hd]
+    k = _head_major((x @ p["wk"]).view(batch, seq, n_kv, head_dim), KV_TOKEN_MAJOR, KV_HEAD_MAJOR)  # [B, Hkv, S, hd]
+    v = _head_major((x @ p["wv"]).view(batch, seq, n_kv, head_dim), KV_TOKEN_MAJOR, KV_HEAD_MAJOR)
     q, k = _rope(q, cfg.rope_theta), _rope(k, cfg.rope_theta)
     if n_kv != n_heads:  # GQA: each k/v head serves n_heads // n_kv query heads
         repeat = n_heads // n_kv
         k = k[:, :, None].expand(batch, n_kv, repeat, seq, head_dim).reshape(batch, n_heads, seq, head_dim)
         v = v[:, :, None].expand(batch, n_kv, repeat, seq, head_dim).reshape(batch, n_heads, seq, head_dim)
     out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    out = out.transpose(1, 2).reshape(batch, seq, d_model)  # [B, H, S, hd] -> [B, S, D]
+    out = _layout(_layout(out, HEAD_MAJOR).transpose(1, 2), TOKEN_MAJOR).reshape(batch, seq, d_model)  # [B, S, D]
     return out @ p["wo"]
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..batched_matmul import BATCHED_MATMUL, LEADING_CONTRACT, LEADING_MATMUL
-from ..layout import Strided
+from ..layout import Strided, split_dim
 from . import Choice, handles_strided, rule
 from .choose import PARTIAL, REPLICATE, anchor, is_shard
 
@@ -44,9 +44,21 @@ def contraction(ctx, node, axis, a, b, spec_a, spec_b, spec_out):
         choice = _strided_contraction(ctx, axis, a, b, spec_a, spec_b, spec_out)
         if choice is not None:
             return choice
-        for operand in (a, b):  # no chunked rule fits: that operand is used whole
-            if isinstance(ctx.placement(operand, axis), Strided):
-                ctx.effective[operand] = ctx.layout(operand).with_axis(axis, REPLICATE)
+        strided = [o for o in (a, b) if isinstance(ctx.placement(o, axis), Strided)]
+        if len(strided) == 1:
+            other = b if strided[0] is a else a
+            if ctx.placement(other, axis) not in (REPLICATE, PARTIAL):
+                # A chunked split and a plain one disagree: rule 5 says which keeps its split.
+                def letter(n):
+                    return (spec_a if n is a else spec_b)[split_dim(ctx.placement(n, axis))]
+                keeper = anchor(ctx, axis, node, [a, b], letter, survives=lambda n: letter(n) in spec_out)
+                if keeper is strided[0]:
+                    ctx.effective[other] = ctx.layout(other).with_axis(axis, REPLICATE)
+                    choice = _strided_contraction(ctx, axis, a, b, spec_a, spec_b, spec_out)
+                    if choice is not None:
+                        return Choice(choice.output, {other: REPLICATE, **choice.inputs})
+        for operand in strided:  # no chunked rule fits: that operand is used whole
+            ctx.effective[operand] = ctx.layout(operand).with_axis(axis, REPLICATE)
     la, lb = _letter(spec_a, ctx.placement(a, axis)), _letter(spec_b, ctx.placement(b, axis))
     contracted = set(spec_a) & set(spec_b) - set(spec_out)
 

@@ -59,7 +59,7 @@ def compile_strategy(arch: str, strategy_name: str, model_overrides: dict | None
         strategy.batch
     # Grads come out in the parameter layout, so they unshard like the parameters.
     compiled = jit(step, mesh=mesh, in_specs=(pspecs, sspecs, bspec),
-                   out_specs=(pspecs, sspecs, {"loss": P(), "grads": pspecs}), logical_rules=strategy.logical,
+                   out_specs=(pspecs, sspecs, {"loss": P(), "grads": pspecs}), logical_rules=strategy.constrain_rules,
                    **jit_options)
     local = (shard(params, pspecs, mesh), shard(opt_state, sspecs, mesh), shard(batch, bspec, mesh))
     return compiled, local
