@@ -29,7 +29,7 @@ from typing import Sequence
 import torch
 
 from .constrain import decode_spec, keeps_other_axes
-from .errors import PropagationError
+from .errors import PropagationError, SpecError
 from .hints import Hints
 from .layout import (PARTIAL, REPLICATE, Layout, Strided, annotate, describe, is_partial, is_shard, layout_from_spec,
                      nested_as_plain, split_dim)
@@ -152,8 +152,13 @@ def _propagate_node(ctx: Context, node: torch.fx.Node) -> None:
     if node.target is torch.ops.fp.constrain.default:
         source, encoded = node.args
         spec = decode_spec(encoded)
-        layout = layout_from_spec(spec, ctx.shape(source), ctx.axis_names, ctx.axis_sizes,
-                                  where=f"constrain at {source_line(node) or node.name}")
+        try:
+            layout = layout_from_spec(spec, ctx.shape(source), ctx.axis_names, ctx.axis_sizes,
+                                      where=f"constrain at {source_line(node) or node.name}")
+        except SpecError as error:
+            raise SpecError(f"{error}; a constrained dim must divide over its mesh axes: use a mesh whose "
+                            f"sizes divide it, or map that dim's logical name (a model's heads, kv_heads, "
+                            f"seq) to other mesh axes or to null in the strategy's logical rules") from None
         if keeps_other_axes(encoded):
             named = spec.all_axes()
             layout = Layout(tuple(p if ctx.axis_names[a] in named else ctx.placement(source, a)

@@ -137,14 +137,10 @@ def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
     return torch.softmax(scores + causal, dim=-1) @ v  # [B, H, S, hd]
 
 
-def _layout(x: torch.Tensor, axes: tuple) -> torch.Tensor:
-    """Attention's layout on the mesh axes a strategy maps its names to; other axes as propagated."""
-    return constrain(x, axes, other_axes="keep")
-
-
 def _head_major(x: torch.Tensor) -> torch.Tensor:
-    """[B, S, H, hd] -> [B, H, S, hd], constrained on both sides (Ulysses' all-to-all, both ways)."""
-    return _layout(_layout(x, TOKEN_MAJOR).transpose(1, 2), HEAD_MAJOR)
+    """[B, S, H, hd] -> [B, H, S, hd], constrained on both sides (Ulysses' all-to-all, both ways; on
+    mesh axes the strategy does not map these names, x keeps its layout)."""
+    return constrain(constrain(x, TOKEN_MAJOR, other_axes="keep").transpose(1, 2), HEAD_MAJOR, other_axes="keep")
 
 
 def _attention(p: dict, x: torch.Tensor, n_heads: int, attention: str = "sdpa") -> torch.Tensor:
@@ -161,7 +157,8 @@ def _attention(p: dict, x: torch.Tensor, n_heads: int, attention: str = "sdpa") 
         out = _math_attention(q, k, v)
     else:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    out = _layout(_layout(out, HEAD_MAJOR).transpose(1, 2), TOKEN_MAJOR).reshape(batch, seq, d_model)  # [B, S, D]
+    out = constrain(out, HEAD_MAJOR, other_axes="keep").transpose(1, 2)  # [B, S, H, hd]
+    out = constrain(out, TOKEN_MAJOR, other_axes="keep").reshape(batch, seq, d_model)  # [B, S, D]
     return out @ p["wo"]
 
 

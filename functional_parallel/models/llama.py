@@ -139,14 +139,10 @@ def _rope(x: torch.Tensor, theta: float) -> torch.Tensor:
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
-def _layout(x: torch.Tensor, axes: tuple) -> torch.Tensor:
-    """Attention's layout on the mesh axes a strategy maps its names to; other axes as propagated."""
-    return constrain(x, axes, other_axes="keep")
-
-
 def _head_major(x: torch.Tensor, token_major: tuple, head_major: tuple) -> torch.Tensor:
-    """[B, S, H, hd] -> [B, H, S, hd], constrained on both sides (Ulysses' all-to-all, both ways)."""
-    return _layout(_layout(x, token_major).transpose(1, 2), head_major)
+    """[B, S, H, hd] -> [B, H, S, hd], constrained on both sides (Ulysses' all-to-all, both ways; on
+    mesh axes the strategy does not map these names, x keeps its layout)."""
+    return constrain(constrain(x, token_major, other_axes="keep").transpose(1, 2), head_major, other_axes="keep")
 
 
 def _attention(p: dict, x: torch.Tensor, cfg: LlamaConfig) -> torch.Tensor:
@@ -162,7 +158,8 @@ def _attention(p: dict, x: torch.Tensor, cfg: LlamaConfig) -> torch.Tensor:
         k = k[:, :, None].expand(batch, n_kv, repeat, seq, head_dim).reshape(batch, n_heads, seq, head_dim)
         v = v[:, :, None].expand(batch, n_kv, repeat, seq, head_dim).reshape(batch, n_heads, seq, head_dim)
     out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    out = _layout(_layout(out, HEAD_MAJOR).transpose(1, 2), TOKEN_MAJOR).reshape(batch, seq, d_model)  # [B, S, D]
+    out = constrain(out, HEAD_MAJOR, other_axes="keep").transpose(1, 2)  # [B, S, H, hd]
+    out = constrain(out, TOKEN_MAJOR, other_axes="keep").reshape(batch, seq, d_model)  # [B, S, D]
     return out @ p["wo"]
 
 

@@ -45,18 +45,20 @@ def contraction(ctx, node, axis, a, b, spec_a, spec_b, spec_out):
         if choice is not None:
             return choice
         strided = [o for o in (a, b) if isinstance(ctx.placement(o, axis), Strided)]
-        if len(strided) == 1:
-            other = b if strided[0] is a else a
-            if ctx.placement(other, axis) not in (REPLICATE, PARTIAL):
-                # A chunked split and a plain one disagree: rule 5 says which keeps its split.
-                def letter(n):
-                    return (spec_a if n is a else spec_b)[split_dim(ctx.placement(n, axis))]
-                keeper = anchor(ctx, axis, node, [a, b], letter, survives=lambda n: letter(n) in spec_out)
-                if keeper is strided[0]:
-                    ctx.effective[other] = ctx.layout(other).with_axis(axis, REPLICATE)
-                    choice = _strided_contraction(ctx, axis, a, b, spec_a, spec_b, spec_out)
-                    if choice is not None:
-                        return Choice(choice.output, {other: REPLICATE, **choice.inputs})
+        if all(ctx.placement(o, axis) not in (REPLICATE, PARTIAL) for o in (a, b)):
+            # Both split, at least one chunked, and no chunked rule fits: rule 5 says which keeps its split.
+            def letter(n):
+                return (spec_a if n is a else spec_b)[split_dim(ctx.placement(n, axis))]
+            keeper = anchor(ctx, axis, node, [a, b], letter, survives=lambda n: letter(n) in spec_out)
+            mover = b if keeper is a else a
+            ctx.effective[mover] = ctx.layout(mover).with_axis(axis, REPLICATE)
+            if isinstance(ctx.placement(keeper, axis), Strided):
+                choice = _strided_contraction(ctx, axis, a, b, spec_a, spec_b, spec_out)
+                if choice is not None:
+                    return Choice(choice.output, {mover: REPLICATE, **choice.inputs})
+                strided = [keeper]
+            else:
+                strided = []
         for operand in strided:  # no chunked rule fits: that operand is used whole
             ctx.effective[operand] = ctx.layout(operand).with_axis(axis, REPLICATE)
     la, lb = _letter(spec_a, ctx.placement(a, axis)), _letter(spec_b, ctx.placement(b, axis))
