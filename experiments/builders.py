@@ -115,6 +115,28 @@ def check_layouts(cfg: Any, strategy: Strategy) -> None:
     axes = param_logical_axes(model, params)
     shard(params, param_specs(strategy, params, axes), mesh)
     shard(opt_state, state_specs(strategy, opt_state, params, axes), mesh)
+    check_activation_names(model, strategy, mesh_shape(cfg.mesh))
+
+
+# The model dims the project's models name in their activation constrains, by config field.
+_NAMED_DIMS = {"heads": "n_heads", "kv_heads": "kv_heads", "seq": "seq_len", "attention_seq": "seq_len"}
+
+
+def check_activation_names(model: Any, strategy: Strategy, shape: dict) -> None:
+    """The head counts and the sequence length divide over the mesh axes the strategy maps their
+    logical names to (Ulysses: heads and kv_heads over sp), named before any rank starts."""
+    rules = strategy.constrain_rules
+    for name, field in _NAMED_DIMS.items():
+        size = getattr(getattr(model, "cfg", None), field, None)
+        axes = rules.get(name)
+        if size is None or not axes:
+            continue
+        axes = (axes,) if isinstance(axes, str) else tuple(axes)
+        count = math.prod(shape.get(axis, 1) for axis in axes)
+        if size % count:
+            raise ValueError(f"strategy {strategy.name!r} splits the model's {name} ({field}={size}) over "
+                             f"{' x '.join(axes)} = {count} ranks, which does not divide it; choose a mesh whose "
+                             f"{' x '.join(axes)} divides {size}, or a model whose {field} it divides")
 
 
 def build_precision(cfg: Any) -> Precision:
@@ -136,7 +158,7 @@ def validate(cfg: Any, world_size: int | None = None) -> Strategy:
     if world_size is not None and world != world_size:
         raise ValueError(f"mesh {describe_mesh(shape)} = {world} ranks, but the job has {world_size}; "
                          f"set the mesh so that the product of its sizes is the world size")
-    batch_axes = strategy.batch.all_axes()
+    batch_axes = strategy.batch.axes_of(0) if len(strategy.batch) else []  # a later dim (the sequence) is not the batch
     unknown = sorted(strategy.mesh_axes() - set(shape))
     if unknown:
         raise ValueError(f"strategy {strategy.name!r} names mesh axes {unknown}, but the mesh has {list(shape)}")

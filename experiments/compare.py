@@ -84,6 +84,7 @@ class CompareConfig:
     eval_batches: int = 0  # validation loss per run (0: none; the equivalence check uses train losses)
     timeout_s: float = 300.0
     write_readme: bool = False  # also write the short report, results and plots into docs/ (docs/compare.md)
+    doc_block: str = "compare"  # the generated block write_readme rewrites, and its results' and plots' file prefix
 
 
 ConfigStore.instance().store(name="base_compare", node=CompareConfig)
@@ -292,9 +293,9 @@ def main(cfg: DictConfig) -> None:
     print(f"equivalent; report: {pathlib.Path(output_dir) / 'report.md'}")
     if cfg.write_readme:
         root = pathlib.Path(hydra.utils.get_original_cwd())
-        for path in report.publish(outcome["results"], pathlib.Path(output_dir), root / "docs"):
+        for path in report.publish(outcome["results"], pathlib.Path(output_dir), root / "docs", cfg.doc_block):
             print(f"wrote {path}")
-        print(f"wrote {write_block(DOC_BLOCK, report.readme_block(outcome['results']), root)}")
+        print(f"wrote {write_block(cfg.doc_block, report.readme_block(outcome['results']), root)}")
 
 
 if __name__ == "__main__":

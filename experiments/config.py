@@ -107,8 +107,10 @@ class Config:
 
 
 # The rows of the project's tables (strategies, plan) and of its strategy tests, in reading order:
-# the project's own strategy files; any other file is listed with `strategies=[..]`.
-TABLE_STRATEGIES = ["dp", "zero1", "zero2", "zero3", "tp", "tp_sp", "fsdp_tp", "ulysses"]
+# the project's own strategy files; any other file is listed with `strategies=[..]`. The table
+# strategies share dp x tp meshes; the sequence strategies need a sequence axis (sp) instead.
+TABLE_STRATEGIES = ["dp", "zero1", "zero2", "zero3", "tp", "tp_sp", "fsdp_tp"]
+SEQUENCE_STRATEGIES = ["ulysses", "ulysses_zero3"]
 
 PRIVATE_DIR_PREFIX = "functional-parallel-rank"
 

@@ -17,7 +17,7 @@ import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 import hydra
 from hydra.core.config_store import ConfigStore
@@ -32,6 +32,7 @@ from experiments.docs import write_block
 from functional_parallel import planner, published
 from functional_parallel.models import build, config as model_config
 from functional_parallel.parallel import Strategy, available_strategies, check_offload
+from sharding import P
 from sharding.remat import check_policy
 
 
@@ -42,6 +43,7 @@ class PlanConfig:
 
     model: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig(arch="gpt", size="gpt3_175b"))
     mesh: Any = "dp64_tp8"  # a conf/meshes name or axis sizes in order: mesh='{dp: 32, tp: 8}'; never started
+    meshes: Dict[str, Any] = dataclasses.field(default_factory=dict)  # strategy -> its mesh (same ranks): ulysses needs sp
     strategies: List[str] = dataclasses.field(default_factory=lambda: list(TABLE_STRATEGIES))
     precision: str = "bf16"  # bf16: ZeRO's mixed precision (2 + 2 + 12 bytes/param) | fp32 (4 + 4 + 8)
     remat: str = "none"  # activation checkpointing: none | selective (attention core) | full (keep layer inputs)
@@ -53,6 +55,11 @@ class PlanConfig:
 
 
 ConfigStore.instance().store(name="plan_config", node=PlanConfig)
+
+
+def batch_axes(strategy: Strategy) -> list[str]:
+    """The mesh axes that split the batch dim (Ulysses' sp splits the sequence dim, not the batch)."""
+    return list(strategy.batch.axes_of(0)) if len(strategy.batch) else []
 
 
 def _model_builder(cfg: PlanConfig):
@@ -78,19 +85,27 @@ def plan(cfg: PlanConfig, progress=None) -> dict[str, Any]:
     check_offload(cfg.offload)
     precision = planner.PRECISIONS[cfg.precision]
     base, build_model = _model_builder(cfg)
-    mesh = mesh_shape(cfg.mesh)
+    plan_mesh = mesh_shape(cfg.mesh)
     s, b, h, a = base.seq_len, cfg.micro_batch, base.d_model, base.n_heads
     act_bytes = precision.param_bytes
     k = precision.master_bytes + 2 * precision.state_bytes  # Adam: master copy, m, v
     rows = []
+    ranks = math.prod(plan_mesh.values())
+    meshes = {name: mesh_shape(value) for name, value in cfg.meshes.items()}
+    for name, own in meshes.items():
+        if math.prod(own.values()) != ranks:
+            raise ValueError(f"meshes.{name} has {math.prod(own.values())} ranks, mesh has {ranks}; a strategy's own "
+                             f"mesh keeps the rank count, so the rows compare one cluster")
     for name in cfg.strategies:
         strategy = Strategy.load(name)
-        dp = math.prod(mesh[axis] for axis in strategy.batch.all_axes() if axis in mesh)  # data-parallel ranks
+        mesh = meshes.get(name, plan_mesh)
+        dp = math.prod(mesh[axis] for axis in batch_axes(strategy) if axis in mesh)  # data-parallel ranks
         result = planner.plan_strategy(build_model, base.n_layers, strategy, mesh, cfg.micro_batch * dp, precision,
                                        cfg.depth, cfg.remat)
         t, sp = planner.model_axes(strategy, mesh)
         psi = result.figures["parameters"]
-        row = {"strategy": name, "t": t, "sp": sp, "figures": result.figures, "per_layer": result.per_layer,
+        row = {"strategy": name, "mesh": mesh, "t": t, "sp": sp, "figures": result.figures,
+               "per_layer": result.per_layer,
                "lowered_depths": list(result.lowered_depths), "seconds": round(result.seconds, 2),
                "memory_by_kind": planner.memory_by_kind(result.figures, cfg.offload)}
         stage = published.ZERO_STAGES.get(name)
@@ -103,14 +118,31 @@ def plan(cfg: PlanConfig, progress=None) -> dict[str, Any]:
             row["korthikanti_layer_bytes"] = published.korthikanti_layer_bytes(s, b, h, a, t, sp, cfg.remat)
             row["layer_differences"] = published.layer_differences(s, b, h, a, t, sp, act_bytes, cfg.remat,
                                                                    base.attention)
+        scheme = published.sequence_scheme(strategy.constrain_rules,
+                                           set(P(*strategy.param_axes.values()).all_axes()))
+        if scheme is not None:
+            seq_axes = strategy.constrain_rules["seq"]
+            row["sequence"] = _sequence_row(scheme, base, cfg.micro_batch * s, t, act_bytes) | {
+                "axes": [seq_axes] if isinstance(seq_axes, str) else list(seq_axes)}
         rows.append(row)
         if progress is not None:
             progress(row)
-    return {"model": {"arch": cfg.model.arch, "config": dataclasses.asdict(base)}, "mesh": mesh,
-            "ranks": math.prod(mesh.values()), "precision": dataclasses.asdict(precision) | {
+    return {"model": {"arch": cfg.model.arch, "config": dataclasses.asdict(base)}, "mesh": plan_mesh,
+            "ranks": ranks, "precision": dataclasses.asdict(precision) | {
                 "compute_dtype": str(precision.compute_dtype).replace("torch.", "")},
             "micro_batch": b, "global_batch": b * dp, "depth": cfg.depth, "offload": cfg.offload, "remat": cfg.remat,
             "strategies": rows}
+
+
+def _sequence_row(scheme: str, base, n_tokens: int, p: int, act_bytes: int) -> dict:
+    """The published traffic per layer and direction for a long-sequence scheme (`published`)."""
+    h = base.d_model
+    if scheme == "megatron_sp":
+        return {"scheme": scheme, "formula": "4Nh", "formula_bytes": published.megatron_sp_layer_bytes(
+            n_tokens, h, act_bytes), "kinds": ["all_gather", "reduce_scatter"]}
+    h_kv = getattr(base, "kv_heads", base.n_heads) * (h // base.n_heads)
+    return {"scheme": scheme, "formula": "4Nh/P" if h_kv == h else "(2h + 2h_kv)N/P",
+            "formula_bytes": published.ulysses_layer_bytes(n_tokens, h, h_kv, p, act_bytes), "kinds": ["all_to_all"]}
 
 
 def results_file(model_choice: str, root: Path) -> Path:

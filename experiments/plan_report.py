@@ -10,6 +10,10 @@ def _gb(value: float) -> str:
     return f"{value / GB:,.2f}"
 
 
+def _mb(value: float) -> str:
+    return f"{value / 1e6:,.1f}"
+
+
 def _delta(ours: float, formula: float) -> str:
     return f"{(ours - formula) / GB:+,.2f} ({(ours - formula) / formula:+.1%})" if formula else "—"
 
@@ -90,20 +94,41 @@ def activation_table(result: dict) -> tuple[str, list[str], list[list[str]]]:
     return title, headers, rows
 
 
+COLLECTIVE_KINDS = ("all_gather", "reduce_scatter", "all_reduce", "all_to_all")
+
+
+def sequence_table(result: dict) -> tuple[str, list[str], list[list[str]]]:
+    """Long sequences: what one layer moves forward on the sequence axis, next to the paper's formula."""
+    title = ("Long sequences, per layer per rank: activation memory and forward activation traffic on the "
+             "sequence axis, MB, ours (graph) vs Megatron SP's 4Nh and DeepSpeed-Ulysses' 4Nh/P")
+    headers = ["strategy", "mesh", "activations", "moved by", "ours", "formula", "paper", "ours − paper"]
+    rows = []
+    for row in result["strategies"]:
+        sequence = row.get("sequence")
+        if sequence is None:
+            continue
+        ours = sum(value for key, value in row["per_layer"].items() if key.startswith("comm/")
+                   and key.endswith("/forward/bytes") and key.split("/")[2] in sequence["kinds"]
+                   and key.split("/")[1] in sequence["axes"])
+        mesh = " × ".join(f"{axis}={size}" for axis, size in row["mesh"].items())
+        rows.append([row["strategy"], mesh, _mb(row["per_layer"]["activations"]), " + ".join(sequence["kinds"]),
+                     _mb(ours), sequence["formula"], _mb(sequence["formula_bytes"]),
+                     f"{(ours - sequence['formula_bytes']) / 1e6:+,.1f}"])
+    return title, headers, rows
+
+
 def comm_table(result: dict) -> tuple[str, list[str], list[list[str]]]:
     title = ("Bytes per step per rank by mesh axis, GB (collective buffer sizes; volume counts an all-reduce "
              "twice, as ZeRO §7)")
-    headers = ["strategy", "axis", "all_gather", "reduce_scatter", "all_reduce", "collectives", "volume",
-               "ZeRO volume formula"]
+    headers = ["strategy", "axis", "all_gather", "reduce_scatter", "all_reduce", "all_to_all", "collectives",
+               "volume", "ZeRO volume formula"]
     rows = []
     for row in result["strategies"]:
         f = row["figures"]
         axes = sorted({key.split("/")[1] for key in f if key.startswith("comm/")})
         for axis in axes or ["—"]:
-            cells = [_gb(f.get(f"comm/{axis}/{kind}/bytes", 0)) for kind in ("all_gather", "reduce_scatter",
-                                                                               "all_reduce")]
-            count = sum(f.get(f"comm/{axis}/{kind}/count", 0) for kind in ("all_gather", "reduce_scatter",
-                                                                            "all_reduce"))
+            cells = [_gb(f.get(f"comm/{axis}/{kind}/bytes", 0)) for kind in COLLECTIVE_KINDS]
+            count = sum(f.get(f"comm/{axis}/{kind}/count", 0) for kind in COLLECTIVE_KINDS)
             formula = row.get("zero_comm_formula_bytes") if axis == "dp" else None
             rows.append([row["strategy"], axis, *cells, f"{count:,}", _gb(f.get(f"comm/{axis}/volume", 0)),
                          _gb(formula) if formula else "—"])
@@ -183,7 +208,7 @@ def notes(result: dict) -> list[str]:
 
 def tables(result: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     return [t for t in (memory_table(result), offload_table(result), zero_table(result), activation_table(result),
-                        comm_table(result)) if t[2]]
+                        sequence_table(result), comm_table(result)) if t[2]]
 
 
 def markdown_table(table: tuple[str, list[str], list[list[str]]]) -> str:

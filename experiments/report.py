@@ -12,7 +12,7 @@ import pathlib
 
 from functional_parallel.parallel import Strategy
 
-KINDS = ("all_gather", "reduce_scatter", "all_reduce")
+KINDS = ("all_gather", "reduce_scatter", "all_reduce", "all_to_all")
 PLOTS = {"loss": "loss_curves.png", "memory": "memory.png", "collectives": "collectives.png",
          "step_time": "step_time.png"}
 
@@ -365,19 +365,21 @@ def write(output_dir: pathlib.Path, cfg: dict, results: dict) -> pathlib.Path:
     return path
 
 
-def publish(results: dict, output_dir: pathlib.Path, docs_dir: pathlib.Path) -> list[pathlib.Path]:
-    """What `write_readme=true` adds to docs/: the results the compare block is rendered from
-    (`docs/results/compare.json`, so its currency is checked without rerunning) and the plots."""
+def publish(results: dict, output_dir: pathlib.Path, docs_dir: pathlib.Path,
+            prefix: str = "compare") -> list[pathlib.Path]:
+    """What `write_readme=true` adds to docs/: the results the block is rendered from
+    (`docs/results/<prefix>.json`, so its currency is checked without rerunning) and the plots
+    (`docs/figures/<prefix>_*.png`)."""
     import json
     import shutil
 
     (docs_dir / "results").mkdir(parents=True, exist_ok=True)
     (docs_dir / "figures").mkdir(parents=True, exist_ok=True)
-    results_path = docs_dir / "results" / "compare.json"
+    results_path = docs_dir / "results" / f"{prefix}.json"
     results_path.write_text(json.dumps(results, indent=1, default=str) + "\n")
     written = [results_path]
     for name, file in PLOTS.items():
-        target = docs_dir / "figures" / f"compare_{file}"
+        target = docs_dir / "figures" / f"{prefix}_{file}"
         shutil.copyfile(output_dir / file, target)
         written.append(target)
     return written

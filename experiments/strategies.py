@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 
 from experiments.cli import one_line_errors
 from experiments.docs import write_block
-from experiments.config import TABLE_STRATEGIES
+from experiments.config import SEQUENCE_STRATEGIES, TABLE_STRATEGIES
 from functional_parallel.parallel import available_strategies, example_mesh, lower_abstract
 from sharding.cost import collective_counts
 DOC_BLOCK = "strategies"  # README.md (experiments.docs)
@@ -32,7 +32,7 @@ class StrategiesConfig:
     arch: str = "gpt"
     size: str = "tiny"
     global_batch: int = 8
-    strategies: list = field(default_factory=lambda: list(TABLE_STRATEGIES))  # each on its example_mesh
+    strategies: list = field(default_factory=lambda: TABLE_STRATEGIES + SEQUENCE_STRATEGIES)  # each on its example_mesh
     write_readme: bool = False
 
 
@@ -40,7 +40,7 @@ ConfigStore.instance().store(name="strategies_config", node=StrategiesConfig)
 
 
 def table(arch: str, size: str, global_batch: int, strategies, progress=None) -> str:
-    kinds = ("all_gather", "reduce_scatter", "all_reduce")
+    kinds = ("all_gather", "reduce_scatter", "all_reduce", "all_to_all")
     lines = [f"Train step of `{arch}/{size}` (AdamW, global batch {global_batch}), per rank; "
              f"cells are count × kind on a mesh axis (dp+tp: one collective over both), with bytes.", "",
              "| strategy | mesh | " + " | ".join(kinds) + " | bytes moved | peak bytes |",

@@ -32,7 +32,7 @@ import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from sharding import Mesh, shard
+from sharding import Mesh, P, shard
 from sharding.cost import VIEW_OPS
 from sharding.layout import Layout, layout_from_spec, layout_of
 from sharding.tree import leaf_paths
@@ -202,6 +202,8 @@ def account(lowered, params, opt_state, strategy: Strategy, mesh: Mesh, precisio
         out[f"comm/{axis}/{record['kind']}/bytes"] += record["bytes"]
         out[f"comm/{axis}/{record['kind']}/count"] += 1
         out[f"comm/{axis}/volume"] += VOLUME_FACTOR.get(record["kind"], 1) * record["bytes"]
+        if record.get("phase") == "forward":
+            out[f"comm/{axis}/{record['kind']}/forward/bytes"] += record["bytes"]
     out["graph_nodes"] = len(lowered.graph.graph.nodes)
     return dict(out)
 
@@ -237,8 +239,12 @@ def mesh_padded_vocab(vocab_size: int, mesh_shape: Mapping[str, int], multiple: 
 
 def model_axes(strategy: Strategy, mesh_shape: Mapping[str, int]) -> tuple[int, bool]:
     """(t, sp) in Korthikanti's terms, read from the strategy's data: t is the product of the mesh
-    axes that split parameters but not the batch; sp is whether the sequence dim is split."""
-    t = math.prod(mesh_shape[axis] for axis in strategy.model_axes() if axis in mesh_shape)
+    axes that split a layer's activations beyond the batch (TP's heads and MLP features, Ulysses'
+    sequence and heads); sp is whether the residual stream's sequence dim is split."""
+    rules = strategy.constrain_rules
+    split = P(*(axes for name, axes in rules.items() if name != "batch" and axes)).all_axes()
+    batch = set(strategy.batch.axes_of(0)) if len(strategy.batch) else set()
+    t = math.prod(mesh_shape[axis] for axis in set(split) if axis in mesh_shape and axis not in batch)
     return t, strategy.logical.get("seq") is not None
 
 

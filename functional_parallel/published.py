@@ -96,3 +96,32 @@ def our_layer_bytes(s: int, b: int, h: int, a: int, t: int = 1, sp: bool = False
                     remat: str = "none", attention: str = "sdpa") -> float:
     return korthikanti_layer_bytes(s, b, h, a, t, sp, remat) + sum(
         v for _, v in layer_differences(s, b, h, a, t, sp, act_bytes, remat, attention))
+
+
+# Activation traffic per transformer layer and direction on the sequence axis (Jacobs et al. 2023,
+# "DeepSpeed Ulysses", section 3.2): N tokens per data-parallel rank (b·s), hidden size h, P ranks.
+# As the planner records it (a collective's per-rank buffer), Megatron SP's 2 all-gathers and
+# 2 reduce-scatters of the full N×h stream are 4Nh; Ulysses' 4 all-to-alls of a rank's N/P tokens
+# are 4Nh/P, with grouped-query k and v moving their kv heads only (h_kv = kv heads × head dim).
+def megatron_sp_layer_bytes(n_tokens: int, h: int, dtype_bytes: int) -> int:
+    return 4 * n_tokens * h * dtype_bytes
+
+
+def ulysses_layer_bytes(n_tokens: int, h: int, h_kv: int, p: int, dtype_bytes: int) -> int:
+    return (2 * h + 2 * h_kv) * n_tokens // p * dtype_bytes
+
+
+def sequence_scheme(rules: dict, weight_axes: set) -> str | None:
+    """Which long-sequence scheme a strategy's constrain rules are: "megatron_sp" (the sequence on
+    an axis that splits the weights' heads and features, `param_axes`), "ulysses" (the sequence and
+    the heads on one axis that splits no weight that way; ZeRO over it is fine), or None."""
+    def axes(name):
+        value = rules.get(name)
+        return set((value,) if isinstance(value, str) else value or ())
+
+    seq = axes("seq")
+    if not seq:
+        return None
+    if seq & weight_axes:
+        return "megatron_sp"
+    return "ulysses" if seq == axes("heads") else None

@@ -1,4 +1,5 @@
-"""Stage 4, localize: rewrite the global sizes baked into shape arguments to this rank's sizes.
+"""Stage 4, localize: rewrite the global sizes baked into shape arguments to this rank's sizes
+(and drop the `constrain` marks, whose layouts insert has already made true).
 
 The traced graph records `view [256, 32]`, `expand [16, 4, 16, 16]`, `new_zeros [64, 32]`;
 after partitioning each must say the local size. The local size of a node's output is its
@@ -45,7 +46,17 @@ def _localize_split(node, layouts, axis_sizes) -> None:
     node.args = tuple(args)
 
 
+def _drop_constraints(graph: fx.Graph) -> None:
+    """A `constrain` has done its work once its input is redistributed (insert): it is an identity,
+    so its users read that input (no copy per constraint at run time)."""
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is torch.ops.fp.constrain.default:
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+
+
 def localize(graph_module: fx.GraphModule, axis_sizes) -> fx.GraphModule:
+    _drop_constraints(graph_module.graph)
     for node in graph_module.graph.nodes:
         if node.op != "call_function":
             continue

@@ -41,15 +41,16 @@ def test_write_block_replaces_only_its_block(tmp_path):
         docs.write_block("c", "text", tmp_path)
 
 
-def test_compare_block_is_rendered_from_its_saved_results():
-    results = json.loads((docs.ROOT / "docs" / "results" / "compare.json").read_text())
-    assert docs.read_block("compare") == compare_report.readme_block(results).strip(), \
-        "docs/compare.md's block is stale: rerun `python -m experiments.compare write_readme=true`"
+@pytest.mark.parametrize("block", ["compare", "long_sequences"])
+def test_compare_block_is_rendered_from_its_saved_results(block):
+    results = json.loads((docs.ROOT / "docs" / "results" / f"{block}.json").read_text())
+    assert docs.read_block(block) == compare_report.readme_block(results).strip(), \
+        f"the {block} block is stale: rerun `{docs.GENERATED[block]}`"
     for name in compare_report.PLOTS.values():
-        assert (docs.ROOT / "docs" / "figures" / f"compare_{name}").stat().st_size > 0
+        assert (docs.ROOT / "docs" / "figures" / f"{block}_{name}").stat().st_size > 0
 
 
-@pytest.mark.parametrize("model", ["gpt_7_5b", "gpt3_175b"])
+@pytest.mark.parametrize("model", ["gpt_7_5b", "gpt3_175b", "llama2_7b"])
 def test_plan_block_is_rendered_from_its_saved_results(model):
     results = json.loads(plan_cli.results_file(model, docs.ROOT).read_text())
     assert docs.read_block(plan_cli.doc_block(model)) == markdown(results).strip(), \

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from experiments import builders, train
 from sharding import SpecError
 
-from tests.sharding.equivalence import PROJECT_STRATEGIES
+from experiments.config import TABLE_STRATEGIES
 
 CONF_DIR = str(pathlib.Path(__file__).resolve().parents[1] / "conf")
 
@@ -47,7 +47,7 @@ def test_mesh_is_a_file_name_or_axes_in_order():
     assert builders.mesh_shape(compose_config(["mesh=dp2_tp2"]).mesh) == {"dp": 2, "tp": 2}
     shape = builders.mesh_shape(compose_config(["mesh={tp: 2, dp: 1, pp: 2}"]).mesh)
     assert list(shape.items()) == [("tp", 2), ("dp", 1), ("pp", 2)]
-    with pytest.raises(ValueError, match=r"unknown meshes 'dp3'; expected one of \['dp2', 'dp2_tp2'"):
+    with pytest.raises(ValueError, match=r"unknown meshes 'dp3'; expected one of \['dp2', 'dp2_sp2', 'dp2_tp2'"):
         builders.mesh_shape("dp3")
     with pytest.raises(ValueError, match=r"mesh.pp='two'"):
         builders.mesh_shape(compose_config(["mesh={dp: 2, pp: two}"]).mesh)
@@ -69,7 +69,7 @@ def test_unknown_strategy_lists_the_known_ones():
     assert "base_" not in str(info.value)
 
 
-STRATEGIES = sorted(PROJECT_STRATEGIES)
+STRATEGIES = sorted(TABLE_STRATEGIES)  # the sequence strategies need an sp axis: below
 MESHES = ("dp2", "dp4", "dp2_tp2")
 MODELS = ("gpt_tiny", "gpt_small", "llama_tiny", "llama_small")
 ALL_MODELS = tuple(sorted(p.stem for p in pathlib.Path(CONF_DIR, "model").glob("*.yaml")))  # + published sizes
@@ -106,6 +106,12 @@ def test_every_strategy_mesh_and_model_composes_and_validates():
         assert builders.validate(cfg).name == strategy
 
 
+def test_a_sequence_strategy_validates_on_a_mesh_with_its_axis():
+    for model in MODELS:
+        cfg = compose_config(["strategy=ulysses", "mesh=dp2_sp2", f"model={model}"])
+        assert builders.validate(cfg).name == "ulysses"
+
+
 def test_every_model_and_optimizer_builds():
     for model in MODELS:
         cfg = compose_config([f"model={model}"])
@@ -119,6 +125,9 @@ def test_every_model_and_optimizer_builds():
     (["data.global_batch=7"], ValueError, r"global_batch=7 must be divisible by the dp = 2 ranks"),
     (["mesh=dp4", "data.global_batch=6"], ValueError, r"e\.g\. data\.global_batch=8"),
     (["strategy.batch=[pp]"], ValueError, r"names mesh axes \['pp'\]"),
+    (["strategy=ulysses", "mesh=dp4"], ValueError, r"names mesh axes \['sp'\]"),
+    (["strategy=ulysses", "mesh={dp: 1, sp: 4}", "model=llama_tiny"], ValueError,
+     r"splits the model's kv_heads \(kv_heads=2\) over sp = 4 ranks"),
     (["strategy=tp", "mesh={dp: 1, tp: 3}"], SpecError, r"blocks/0/attn/wq: dim 1 .* not divisible by 3"),
     (["strategy=zero3", "model.vocab_multiple=1"], SpecError, r"wte: dim 0 has size 103, not divisible by 2"),
     (["mesh={dp: 0}"], ValueError, r"mesh.dp=0"),

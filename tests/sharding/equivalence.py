@@ -5,7 +5,7 @@ import time
 
 import torch
 
-from experiments.config import TABLE_STRATEGIES
+from experiments.config import SEQUENCE_STRATEGIES, TABLE_STRATEGIES
 from functional_parallel import optim
 from functional_parallel.models import build
 from functional_parallel.parallel import Strategy, example_mesh, param_logical_axes, param_specs, state_specs
@@ -13,7 +13,7 @@ from sharding import Mesh, P, jit, shard, unshard
 
 GLOBAL_BATCH = 8
 # The project's strategy files, each tested on its example_mesh.
-PROJECT_STRATEGIES = list(TABLE_STRATEGIES)
+PROJECT_STRATEGIES = TABLE_STRATEGIES + SEQUENCE_STRATEGIES
 MESHES = {name: example_mesh(name) for name in PROJECT_STRATEGIES}
 
 
