@@ -30,6 +30,10 @@ def memory_table(result: dict) -> tuple[str, list[str], list[list[str]]]:
              + f" ({result['ranks']} ranks), {result['precision']['name']}, micro-batch {result['micro_batch']}"
              f" × seq {cfg['seq_len']}"
              + ("" if result.get("remat", "none") == "none" else f", remat={result['remat']}"))
+    own = [row for row in result["strategies"] if row.get("mesh", result["mesh"]) != result["mesh"]]
+    if own:
+        title += "; " + ", ".join(f"{row['strategy']} on " + " × ".join(f"{a}={n}" for a, n in row["mesh"].items())
+                                  for row in own)
     headers = ["strategy", "params", "grads", "optimizer", "activations", "gathered params", "total",
                "ZeRO formula (model states)", "ours − formula"]
     rows = []

@@ -204,3 +204,20 @@ def test_math_attention_rows_follow_the_formula(strategy, mesh, t, sp):
     regathered = sum(v for what, v in published.layer_differences(s, b, h, a, t, sp, 2, "none", "math")
                      if what.startswith("SP:"))
     assert per_layer["none"] - per_layer["selective"] == 2 * a * s * s * b // t + regathered
+
+
+def test_long_sequence_traffic_per_layer_is_megatron_4Nh_and_ulysses_4Nh_over_P():
+    """Llama-2 7B at 32K on 8 ranks (docs/long_sequences.md): one layer's forward activation traffic
+    on the sequence axis, read off the lowered graph, equals Megatron SP's 4Nh and Ulysses' 4Nh/P."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        cfg = OmegaConf.to_object(compose(config_name="plan_long_sequence",
+                                          overrides=["strategies=[tp_sp, ulysses]"]))
+    result = plan_cli.plan(cfg)
+    n_tokens, h, p = 32768, 4096, 8
+    expected = {"tp_sp": 4 * n_tokens * h * 2, "ulysses": 4 * n_tokens * h // p * 2}  # bf16
+    for row in result["strategies"]:
+        sequence = row["sequence"]
+        moved = sum(row["per_layer"].get(f"comm/{axis}/{kind}/forward/bytes", 0)
+                    for axis in sequence["axes"] for kind in sequence["kinds"])
+        assert moved == sequence["formula_bytes"] == expected[row["strategy"]], row["strategy"]
+    assert "4Nh/P" in markdown(result)

@@ -1,8 +1,9 @@
 """Views and shape ops: shards follow their dim through reshapes, transposes, slices and concatenations.
 
 A reshape keeps a shard when the sharded dim leads its group of merged/split dims (then each
-rank's block is still contiguous); otherwise the dim is gathered first. Partials pass through
-every view (they are linear).
+rank's block is still contiguous); merged behind leading dims into one dim ([b, s, d] -> [b*s, d]
+with s split) it becomes a chunked split of that dim (each leading piece holds its block); any other
+group gathers the dim first. Partials pass through every view (they are linear).
 """
 from __future__ import annotations
 
@@ -55,8 +56,9 @@ def _local_sizes(ctx, shape, axis, placements_of) -> list[int]:
 @rule(aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.view.dtype)
 def reshape(ctx, node, axis):
     """A split follows its dim through a reshape when the dim leads its group of merged or split
-    dims (else the dim is gathered first); a chunked dim keeps its chunks through a reshape that
-    leaves it whole, and a chunked dim split into its pieces is a plain split of the piece dim."""
+    dims, or becomes chunked where it is merged behind others into one dim (else the dim is gathered
+    first); a chunked dim keeps its chunks through a reshape that leaves it whole, and a chunked dim
+    split into its pieces is a plain split of the piece dim."""
     x = node.args[0]
     placement = ctx.placement(x, axis)
     dim = split_dim(placement)
@@ -102,7 +104,7 @@ def reshape(ctx, node, axis):
                 break
             running *= out_local[out_dim]
         break
-    ctx.gathers_by_rule(node, axis)  # rule 4's reshape clause (SP's gather before a column matmul)
+    ctx.gathers_by_rule(node, axis)  # a group no chunked split describes (rule 9 names it)
     return Choice(REPLICATE, {x: REPLICATE})
 
 
