@@ -110,7 +110,7 @@ class Config:
 # the project's own strategy files; any other file is listed with `strategies=[..]`. The table
 # strategies share dp x tp meshes; the sequence strategies need a sequence axis (sp) instead.
 TABLE_STRATEGIES = ["dp", "zero1", "zero2", "zero3", "tp", "tp_sp", "fsdp_tp"]
-SEQUENCE_STRATEGIES = ["ulysses", "ulysses_zero3"]
+SEQUENCE_STRATEGIES = ["ulysses", "ulysses_zero3", "ring", "tp_cp"]
 
 PRIVATE_DIR_PREFIX = "functional-parallel-rank"
 

@@ -140,6 +140,9 @@ def _sequence_row(scheme: str, base, n_tokens: int, p: int, act_bytes: int) -> d
     if scheme == "megatron_sp":
         return {"scheme": scheme, "formula": "4Nh", "formula_bytes": published.megatron_sp_layer_bytes(
             n_tokens, h, act_bytes), "kinds": ["all_gather", "reduce_scatter"]}
+    if scheme == "ring":  # k and v reach SDPA expanded to every query head (GQA's repeat precedes it)
+        return {"scheme": scheme, "formula": "2(P−1)Nh/P", "formula_bytes": published.ring_layer_bytes(
+            n_tokens, h, p, act_bytes), "kinds": ["p2p"]}
     h_kv = getattr(base, "kv_heads", base.n_heads) * (h // base.n_heads)
     return {"scheme": scheme, "formula": "4Nh/P" if h_kv == h else "(2h + 2h_kv)N/P",
             "formula_bytes": published.ulysses_layer_bytes(n_tokens, h, h_kv, p, act_bytes), "kinds": ["all_to_all"]}

@@ -98,13 +98,14 @@ def activation_table(result: dict) -> tuple[str, list[str], list[list[str]]]:
     return title, headers, rows
 
 
-COLLECTIVE_KINDS = ("all_gather", "reduce_scatter", "all_reduce", "all_to_all")
+COLLECTIVE_KINDS = ("all_gather", "reduce_scatter", "all_reduce", "all_to_all", "p2p")
 
 
 def sequence_table(result: dict) -> tuple[str, list[str], list[list[str]]]:
     """Long sequences: what one layer moves forward on the sequence axis, next to the paper's formula."""
     title = ("Long sequences, per layer per rank: activation memory and forward activation traffic on the "
-             "sequence axis, MB, ours (graph) vs Megatron SP's 4Nh and DeepSpeed-Ulysses' 4Nh/P")
+             "sequence axis, MB, ours (graph) vs Megatron SP's 4Nh, DeepSpeed-Ulysses' 4Nh/P and ring attention's "
+             "k, v blocks")
     headers = ["strategy", "mesh", "activations", "moved by", "ours", "formula", "paper", "ours − paper"]
     rows = []
     for row in result["strategies"]:
@@ -124,7 +125,7 @@ def sequence_table(result: dict) -> tuple[str, list[str], list[list[str]]]:
 def comm_table(result: dict) -> tuple[str, list[str], list[list[str]]]:
     title = ("Bytes per step per rank by mesh axis, GB (collective buffer sizes; volume counts an all-reduce "
              "twice, as ZeRO §7)")
-    headers = ["strategy", "axis", "all_gather", "reduce_scatter", "all_reduce", "all_to_all", "collectives",
+    headers = ["strategy", "axis", "all_gather", "reduce_scatter", "all_reduce", "all_to_all", "p2p", "collectives",
                "volume", "ZeRO volume formula"]
     rows = []
     for row in result["strategies"]:

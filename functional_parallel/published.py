@@ -111,10 +111,16 @@ def ulysses_layer_bytes(n_tokens: int, h: int, h_kv: int, p: int, dtype_bytes: i
     return (2 * h + 2 * h_kv) * n_tokens // p * dtype_bytes
 
 
+def ring_layer_bytes(n_tokens: int, h_kv: int, p: int, dtype_bytes: int) -> int:
+    """Ring attention's forward per layer: this rank's k and v blocks (N/P tokens each) passed on P-1 times."""
+    return (p - 1) * 2 * n_tokens * h_kv // p * dtype_bytes
+
+
 def sequence_scheme(rules: dict, weight_axes: set) -> str | None:
     """Which long-sequence scheme a strategy's constrain rules are: "megatron_sp" (the sequence on
     an axis that splits the weights' heads and features, `param_axes`), "ulysses" (the sequence and
-    the heads on one axis that splits no weight that way; ZeRO over it is fine), or None."""
+    the heads on one axis that splits no weight that way; ZeRO over it is fine), "ring" (the
+    sequence split inside attention too, the heads not on that axis), or None."""
     def axes(name):
         value = rules.get(name)
         return set((value,) if isinstance(value, str) else value or ())
@@ -124,4 +130,6 @@ def sequence_scheme(rules: dict, weight_axes: set) -> str | None:
         return None
     if seq & weight_axes:
         return "megatron_sp"
-    return "ulysses" if seq == axes("heads") else None
+    if seq == axes("heads"):
+        return "ulysses"
+    return "ring" if seq == axes("attention_seq") else None

@@ -23,7 +23,8 @@ VIEW_OPS = frozenset(op for op, entry in REGISTRY.items() if entry.view)
 
 def collective_log(graph_module: fx.GraphModule) -> list[dict]:
     """Every collective, in program order (of its issue): kind, axes, bytes per rank, source line."""
-    return [dict(node.meta["fp_collective"]) for node in graph_module.graph.nodes if "fp_collective" in node.meta]
+    return [dict(node.meta.get("fp_collective") or node.meta["fp_p2p"]) for node in graph_module.graph.nodes
+            if "fp_collective" in node.meta or "fp_p2p" in node.meta]
 
 
 def collective_counts(records: list[dict]) -> list[dict]:

@@ -14,12 +14,14 @@ import math
 import torch
 import torch.fx as fx
 
-from . import collectives
+from . import collectives, ring_attention
 from .bind import AxisGroup, RankIndex
 from .random_ops import RANDOM_OPS, rank_seeded
 from .layout import PARTIAL, REPLICATE, Layout, Strided, annotate, annotation, is_partial, nested_as_plain, split_dim
 from .ops import facts
+from .errors import PropagationError
 from .phases import describe
+from .source import source_line
 
 aten = torch.ops.aten
 
@@ -115,6 +117,8 @@ class Inserter:
                 self._seed_by_block(node, new)
             if found is not None and "vocab_parallel" in found.local.values():
                 self._vocab_parallel(node, new, requires)
+            if found is not None and "ring_attention" in found.local.values():
+                self._ring_attention(node, new, found, requires)
             self.env[node] = new
         return fx.GraphModule(self.old, self.graph)
 
@@ -135,6 +139,35 @@ class Inserter:
             self.cache[key] = (self._gather_through_view(old, layout, target, consumer)
                                or self.redistribute(old, layout, target, consumer))
         return self.cache[key]
+
+    def _ring_attention(self, node: fx.Node, new: fx.Node, found, requires: dict) -> None:
+        """SDPA split on the sequence over one axis becomes the ring (`sharding.ring_attention`); its
+        point-to-point traffic is logged like a collective (`fp_p2p`)."""
+        axes = [axis for axis, local in found.local.items() if local == "ring_attention"]
+        if len(axes) != 1:
+            raise PropagationError(f"ring attention over several mesh axes at once ({axes}) is not supported "
+                                   f"(at {source_line(node)}); split the sequence over one axis")
+        (axis,) = axes
+        size = self.mesh.axis_sizes[axis]
+        backward = node.target is ring_attention.BACKWARD
+        q_at = 1 if backward else 0
+        dropout = (node.args[6] if backward else (node.args[3] if len(node.args) > 3 else 0.0))
+        is_causal = node.args[7] if backward else (node.args[4] if len(node.args) > 4 else False)
+        tensors = new.args[:6] if backward else new.args[:3]
+        rank = RankIndex((axis,))
+        function = ring_attention.ring_attention_backward if backward else ring_attention.ring_attention_forward
+        new.target = function
+        new.args = (*tensors, dropout, is_causal, node.kwargs.get("scale"), rank, size, AxisGroup((axis,)))
+        new.kwargs = {}
+        key = node.args[q_at + 1]
+        key_layout = requires.get(key, self.ctx.layouts[key])
+        local = key_layout.local_shape(key.meta["val"].shape, self.mesh.axis_sizes)
+        kv_bytes = 2 * math.prod(local) * key.meta["val"].element_size()
+        new.meta["fp_p2p"] = {
+            "kind": "p2p", "axes": (self.mesh.axis_names[axis],),
+            "bytes": ring_attention.bytes_sent(kv_bytes, size, backward),
+            "shape": tuple(key.meta["val"].shape), "dtype": str(key.meta["val"].dtype).replace("torch.", ""),
+            "value": key.name, "ring": "backward" if backward else "forward", **describe(key, node)}
 
     def _vocab_parallel(self, node: fx.Node, new: fx.Node, requires: dict) -> None:
         """A lookup, gather or scatter of whole indices into this rank's block of the indexed dim."""

@@ -94,8 +94,36 @@ def _attention(ctx, node, axis, count):
     return Choice(tuple(outputs), choice.inputs)
 
 
+RING = {aten._scaled_dot_product_flash_attention_for_cpu.default: 0,  # op -> index of its queries
+        aten._scaled_dot_product_flash_attention_for_cpu_backward.default: 1}
+
+
+def _ring(ctx, node, axis):
+    """Queries split on the sequence (dim 2 of [b, h, s, d]) over `axis`: ring attention there
+    (`sharding.ring_attention`): every operand split alike (keys, values, in the backward the
+    output, its gradient and the log-sum-exp), each result split on the sequence; None otherwise."""
+    placement = ctx.placement(node.args[RING[node.target]], axis)
+    if not (is_shard(placement) and placement == 2):
+        return None
+    if node.kwargs.get("attn_mask") is not None:
+        raise ctx.error(node, "ring attention (queries split on the sequence) supports a causal or no mask, "
+                              "not an explicit attn_mask; pass is_causal=True, or constrain the queries "
+                              "whole on the sequence")
+    dropout = node.args[3] if node.target in (aten._scaled_dot_product_flash_attention_for_cpu.default,) and \
+        len(node.args) > 3 else node.args[6] if len(node.args) > 6 else 0.0
+    if dropout:
+        raise ctx.error(node, "ring attention does not support attention dropout; set it to 0")
+    required = {i: 2 for i in tensor_inputs(node) if ctx.ndim(i) >= 3}
+    count = len(node.meta["val"])
+    return Choice(tuple(2 for _ in range(count)), required, local="ring_attention")
+
+
 def _attention_rule(ctx, node, axis):
     count = len(node.meta["val"]) if isinstance(node.meta["val"], (list, tuple)) else 1
+    if node.target in RING:
+        ring = _ring(ctx, node, axis)
+        if ring is not None:
+            return ring
     return _attention(ctx, node, axis, count)
 
 

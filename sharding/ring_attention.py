@@ -1,0 +1,98 @@
+"""Ring attention: SDPA whose queries, keys and values are split on the sequence over one mesh axis.
+
+Each rank keeps its block of queries and passes its key/value block around the ring (point-to-point
+sends to the next rank, receives from the previous), so no rank ever holds more than two key/value
+blocks: memory O(s/P). A block's partial result is merged with the online-softmax rescaling, using
+the log-sum-exp the SDPA kernel already returns. Under a causal mask a rank skips the blocks after
+its own and masks the diagonal one. The backward passes the key/value blocks around again, each
+with the gradient of its keys and values accumulating on the way, and sends that gradient home at
+the end; the kernel's own backward, given the merged output and log-sum-exp, gives each block's
+exact share. These are the per-rank functions the insert stage puts in place of the aten ops
+(`Choice.local == "ring_attention"`); the rule is `sharding.rules.nn`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.distributed.distributed_c10d import _resolve_process_group
+
+aten = torch.ops.aten
+FORWARD = aten._scaled_dot_product_flash_attention_for_cpu.default
+BACKWARD = aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+
+
+def _exchange(tensors: list[torch.Tensor], rank: int, size: int, group_name: str) -> list[torch.Tensor]:
+    """Send `tensors` to the next rank of the ring and return the previous rank's."""
+    group = _resolve_process_group(group_name)
+    send_to = dist.get_global_rank(group, (rank + 1) % size)
+    receive_from = dist.get_global_rank(group, (rank - 1) % size)
+    received = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]
+    requests = [dist.isend(t.contiguous(), send_to, group=group) for t in tensors]
+    requests += [dist.irecv(buffer, receive_from, group=group) for buffer in received]
+    for request in requests:
+        request.wait()
+    return received
+
+
+def _strided_like(template: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """`value` in `template`'s memory layout (the kernel's outputs are views the traced graph reshapes)."""
+    if value.stride() == template.stride():
+        return value
+    out = torch.empty_strided(template.shape, template.stride(), dtype=template.dtype, device=template.device)
+    return out.copy_(value)
+
+
+def _visible(block: int, rank: int, is_causal: bool) -> bool | None:
+    """Whether queries of block `rank` see keys of `block`: True (all), "diagonal" (causally), None (none)."""
+    if not is_causal or block < rank:
+        return True
+    return "diagonal" if block == rank else None
+
+
+def ring_attention_forward(q, k, v, dropout_p: float, is_causal: bool, scale, rank: int, size: int,
+                           group_name: str):
+    """(out, logsumexp) of this rank's queries against every rank's keys and values."""
+    out = lse = layout = None
+    for step in range(size):
+        block = (rank - step) % size
+        incoming = _exchange([k, v], rank, size, group_name) if step < size - 1 else None
+        seen = _visible(block, rank, is_causal)
+        if seen is not None:
+            part, part_lse = FORWARD(q, k, v, dropout_p, seen == "diagonal", scale=scale)[:2]
+            if out is None:
+                out, lse = part, part_lse
+            else:
+                merged = torch.logaddexp(lse, part_lse)
+                out = out * torch.exp(lse - merged).unsqueeze(-1).to(out.dtype) + \
+                    part * torch.exp(part_lse - merged).unsqueeze(-1).to(out.dtype)
+                lse = merged
+        if layout is None:
+            layout = part
+        if incoming is not None:
+            k, v = incoming
+    return _strided_like(layout, out), lse
+
+
+def ring_attention_backward(grad_out, q, k, v, out, lse, dropout_p: float, is_causal: bool, scale,
+                            rank: int, size: int, group_name: str):
+    """(dq, dk, dv) for this rank's blocks: each key/value block collects its gradient as it travels."""
+    dq = dk = dv = layouts = None
+    for step in range(size):  # step 0 is this rank's own block, which it always sees
+        block = (rank - step) % size
+        seen = _visible(block, rank, is_causal)
+        if seen is not None:
+            parts = BACKWARD(grad_out, q, k, v, out, lse, dropout_p, seen == "diagonal", scale=scale)
+            if layouts is None:
+                layouts, (dq, dk, dv) = parts, parts
+            else:
+                dq, dk, dv = dq + parts[0], dk + parts[1], dv + parts[2]
+        if step < size - 1:
+            k, v, dk, dv = _exchange([k, v, dk, dv], rank, size, group_name)
+    dk, dv = _exchange([dk, dv], rank, size, group_name)  # each block's gradient goes home
+    return tuple(_strided_like(template, value) for template, value in zip(layouts, (dq, dk, dv)))
+
+
+def bytes_sent(kv_bytes: int, size: int, backward: bool) -> int:
+    """What one rank sends per call: the forward passes k and v on P-1 times; the backward passes k,
+    v and their gradients on P-1 times, then the gradients once more (home)."""
+    return (size - 1) * kv_bytes * (2 if backward else 1) + (kv_bytes if backward else 0)
