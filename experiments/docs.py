@@ -19,7 +19,8 @@ GENERATED = {
     "plan model=gpt_7_5b": "python -m experiments.plan model=gpt_7_5b write_readme=true",
     "plan model=gpt3_175b": "python -m experiments.plan write_readme=true",
     "plan model=llama2_7b": "python -m experiments.plan --config-name plan_long_sequence write_readme=true",
-    "long_sequences": "python -m experiments.compare 'strategies=[tp_sp, ulysses, ulysses_zero3]' model=gpt_small "
+    "long_sequences": "python -m experiments.compare 'strategies=[tp_sp, ulysses, ulysses_zero3, ring, tp_cp]' "
+                      "model=gpt_small "
                       "model.dtype=float64 steps=10 doc_block=long_sequences write_readme=true",
 }
 _MARKER = re.compile(r"<!-- (.+?):begin -->")

@@ -43,7 +43,7 @@ class PlanConfig:
 
     model: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig(arch="gpt", size="gpt3_175b"))
     mesh: Any = "dp64_tp8"  # a conf/meshes name or axis sizes in order: mesh='{dp: 32, tp: 8}'; never started
-    meshes: Dict[str, Any] = dataclasses.field(default_factory=dict)  # strategy -> its mesh (same ranks): ulysses needs sp
+    meshes: Dict[str, Any] = dataclasses.field(default_factory=dict)  # strategy -> its own mesh (same ranks)
     strategies: List[str] = dataclasses.field(default_factory=lambda: list(TABLE_STRATEGIES))
     precision: str = "bf16"  # bf16: ZeRO's mixed precision (2 + 2 + 12 bytes/param) | fp32 (4 + 4 + 8)
     remat: str = "none"  # activation checkpointing: none | selective (attention core) | full (keep layer inputs)

@@ -12,7 +12,7 @@ import pathlib
 
 from functional_parallel.parallel import Strategy
 
-KINDS = ("all_gather", "reduce_scatter", "all_reduce", "all_to_all")
+KINDS = ("all_gather", "reduce_scatter", "all_reduce", "all_to_all", "p2p")
 PLOTS = {"loss": "loss_curves.png", "memory": "memory.png", "collectives": "collectives.png",
          "step_time": "step_time.png"}
 

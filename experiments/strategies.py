@@ -40,7 +40,7 @@ ConfigStore.instance().store(name="strategies_config", node=StrategiesConfig)
 
 
 def table(arch: str, size: str, global_batch: int, strategies, progress=None) -> str:
-    kinds = ("all_gather", "reduce_scatter", "all_reduce", "all_to_all")
+    kinds = ("all_gather", "reduce_scatter", "all_reduce", "all_to_all", "p2p")
     lines = [f"Train step of `{arch}/{size}` (AdamW, global batch {global_batch}), per rank; "
              f"cells are count × kind on a mesh axis (dp+tp: one collective over both), with bytes.", "",
              "| strategy | mesh | " + " | ".join(kinds) + " | bytes moved | peak bytes |",

@@ -24,21 +24,27 @@ _LIBRARY.impl("batched_matmul", lambda a, b: torch.matmul(a, b), "CompositeExpli
 BATCHED_MATMUL = torch.ops.fp.batched_matmul.default
 
 
-class _BatchedMatmul(torch.autograd.Function):
-    @staticmethod
-    def forward(a, b):
-        return BATCHED_MATMUL(a, b)
+def _contraction(name: str, op, gradients):
+    """An autograd.Function computing `op(a, b)`; `gradients(a, b, grad)` gives (grad_a, grad_b) as
+    thunks, each called only when its input needs a gradient."""
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
+    class Contraction(torch.autograd.Function):
+        @staticmethod
+        def forward(a, b):
+            return op(a, b)
 
-    @staticmethod
-    def backward(ctx, grad):
-        a, b = ctx.saved_tensors
-        grad_a = _BatchedMatmul.apply(grad, b.transpose(-1, -2)) if ctx.needs_input_grad[0] else None
-        grad_b = _BatchedMatmul.apply(a.transpose(-1, -2), grad) if ctx.needs_input_grad[1] else None
-        return grad_a, grad_b
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.save_for_backward(*inputs)
+
+        @staticmethod
+        def backward(ctx, grad):
+            a, b = ctx.saved_tensors
+            grad_a, grad_b = gradients(a, b, grad)
+            return (grad_a() if ctx.needs_input_grad[0] else None, grad_b() if ctx.needs_input_grad[1] else None)
+
+    Contraction.__name__ = Contraction.__qualname__ = name
+    return Contraction
 
 
 def _leading_contract(a, b):
@@ -54,43 +60,15 @@ LEADING_CONTRACT = torch.ops.fp.leading_contract.default
 # Ops recorded from inside an autograd.Function's forward (their backward is the Function's).
 FUNCTION_OPS = frozenset({BATCHED_MATMUL, LEADING_MATMUL, LEADING_CONTRACT})
 
-
-class _LeadingContract(torch.autograd.Function):
-    """[..., k] x [..., n] -> [k, n], summed over every leading dim (a projection's weight gradient)."""
-
-    @staticmethod
-    def forward(a, b):
-        return LEADING_CONTRACT(a, b)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
-
-    @staticmethod
-    def backward(ctx, grad):
-        a, b = ctx.saved_tensors
-        grad_a = _LeadingMatmul.apply(b, grad.t()) if ctx.needs_input_grad[0] else None
-        grad_b = _LeadingMatmul.apply(a, grad) if ctx.needs_input_grad[1] else None
-        return grad_a, grad_b
-
-
-class _LeadingMatmul(torch.autograd.Function):
-    """[..., k] @ [k, n] -> [..., n] with the leading dims kept apart."""
-
-    @staticmethod
-    def forward(a, b):
-        return LEADING_MATMUL(a, b)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
-
-    @staticmethod
-    def backward(ctx, grad):
-        a, b = ctx.saved_tensors
-        grad_a = _LeadingMatmul.apply(grad, b.t()) if ctx.needs_input_grad[0] else None
-        grad_b = _LeadingContract.apply(a, grad) if ctx.needs_input_grad[1] else None
-        return grad_a, grad_b
+# [b..., m, k] @ [b..., k, n] with the batch dims kept apart.
+_BatchedMatmul = _contraction("_BatchedMatmul", BATCHED_MATMUL, lambda a, b, grad: (
+    lambda: _BatchedMatmul.apply(grad, b.transpose(-1, -2)), lambda: _BatchedMatmul.apply(a.transpose(-1, -2), grad)))
+# [..., k] @ [k, n] -> [..., n] with the leading dims kept apart.
+_LeadingMatmul = _contraction("_LeadingMatmul", LEADING_MATMUL, lambda a, b, grad: (
+    lambda: _LeadingMatmul.apply(grad, b.t()), lambda: _LeadingContract.apply(a, grad)))
+# [..., k] x [..., n] -> [k, n], summed over every leading dim (a projection's weight gradient).
+_LeadingContract = _contraction("_LeadingContract", LEADING_CONTRACT, lambda a, b, grad: (
+    lambda: _LeadingMatmul.apply(b, grad.t()), lambda: _LeadingMatmul.apply(a, grad)))
 
 
 def keeps_leading_dims(a, b) -> bool:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.distributed.distributed_c10d import _resolve_process_group
 
 aten = torch.ops.aten
@@ -22,7 +23,10 @@ BACKWARD = aten._scaled_dot_product_flash_attention_for_cpu_backward.default
 
 
 def _exchange(tensors: list[torch.Tensor], rank: int, size: int, group_name: str) -> list[torch.Tensor]:
-    """Send `tensors` to the next rank of the ring and return the previous rank's."""
+    """Send `tensors` to the next rank of the ring and return the previous rank's (on fake tensors,
+    as the memory and cost walks run a program, buffers of the same shapes)."""
+    if any(isinstance(t, FakeTensor) for t in tensors):
+        return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]
     group = _resolve_process_group(group_name)
     send_to = dist.get_global_rank(group, (rank + 1) % size)
     receive_from = dist.get_global_rank(group, (rank - 1) % size)

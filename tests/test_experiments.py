@@ -106,10 +106,12 @@ def test_every_strategy_mesh_and_model_composes_and_validates():
         assert builders.validate(cfg).name == strategy
 
 
-def test_a_sequence_strategy_validates_on_a_mesh_with_its_axis():
+@pytest.mark.parametrize("strategy,mesh", [("ulysses", "dp2_sp2"), ("ulysses_zero3", "dp2_sp2"),
+                                           ("ring", "{dp: 2, cp: 2}"), ("tp_cp", "{dp: 1, cp: 2, tp: 2}")])
+def test_a_sequence_strategy_validates_on_a_mesh_with_its_axis(strategy, mesh):
     for model in MODELS:
-        cfg = compose_config(["strategy=ulysses", "mesh=dp2_sp2", f"model={model}"])
-        assert builders.validate(cfg).name == "ulysses"
+        cfg = compose_config([f"strategy={strategy}", f"mesh={mesh}", f"model={model}"])
+        assert builders.validate(cfg).name == strategy
 
 
 def test_every_model_and_optimizer_builds():

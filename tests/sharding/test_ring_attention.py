@@ -33,6 +33,7 @@ def test_attention_moves_key_value_blocks_point_to_point_and_nothing_gathers_the
     layers = model.cfg.n_layers
     rings = [r for r in on_cp if r["kind"] == "p2p"]
     assert [r["ring"] for r in rings].count("forward") == layers == [r["ring"] for r in rings].count("backward")
+    assert lowered.cost["bytes_by_kind"]["p2p"] == sum(r["bytes"] for r in rings)  # the cost walk runs the ring
 
 
 @pytest.mark.parametrize("arch", ["gpt", "llama"])
