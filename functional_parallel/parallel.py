@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import optree
 
-from sharding import Mesh, P, chunked, jit
+from sharding import Mesh, P, chunked, jit, striped
 from sharding.tree import NAMESPACE, leaf_paths
 
 from . import config_dirs
@@ -36,7 +36,7 @@ class StrategyConfig:
     against it, and `Strategy.from_dict` accepts its keys only.
 
     `params` rules are `[leaf-path regex, spec]`; a spec lists one entry per tensor dim: a mesh
-    axis, a list of axes, or null (replicated). `param_axes` maps the model's logical parameter
+    axis, a list of axes, `{striped: axis}` (the dim dealt out element by element), or null (replicated). `param_axes` maps the model's logical parameter
     axes to mesh axes; `fsdp` splits what those leave whole. `example_mesh` is the mesh the
     strategy is shown, compared and tested on.
     """
@@ -65,10 +65,19 @@ def example_mesh(name: str) -> dict[str, int]:
     return dict(Strategy.load(name).example_mesh)
 
 
+def _entry(value):
+    """A spec entry from YAML: an axis, a list of axes, or `{striped: axis}` (`sharding.striped`)."""
+    if isinstance(value, Mapping):
+        if set(value) != {"striped"}:
+            raise ValueError(f"a spec entry given as a mapping must be {{striped: <axis>}}, got {dict(value)}")
+        return striped(value["striped"])
+    return tuple(_entry(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
 def _spec(entries) -> P:
     if isinstance(entries, P):
         return entries
-    return P(*[tuple(e) if isinstance(e, (list, tuple)) else e for e in (entries or [])])
+    return P(*[_entry(e) for e in (entries or [])])
 
 
 def _rules(raw) -> list[tuple[str, P]]:
@@ -106,7 +115,7 @@ class Strategy:
         if unknown:
             raise ValueError(f"strategy {d.get('name')!r}: unknown keys {sorted(unknown)}; "
                              f"expected {list(STRATEGY_KEYS)}")
-        logical = {k: (tuple(v) if isinstance(v, list) else v) for k, v in dict(d.get("logical") or {}).items()}
+        logical = {k: _entry(v) for k, v in dict(d.get("logical") or {}).items()}
         mesh = dict(d.get("example_mesh") or {})
         bad = {axis: size for axis, size in mesh.items() if not isinstance(size, int) or size < 1}
         if bad:

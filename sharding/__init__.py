@@ -10,9 +10,9 @@ from .constrain import constrain
 from .layout import Partial, Replicate, Shard, Strided
 from .errors import CollectiveError, MeshError, PropagationError, RematError, ShardingError, SpecError, TraceError
 from .mesh import Mesh
-from .spec import P, chunked
+from .spec import P, chunked, striped
 from .tree import match, shard, unshard
 
-__all__ = ["Mesh", "P", "chunked", "Shard", "Replicate", "Partial", "Strided", "match", "shard", "unshard", "constrain", "checkpoint_name", "jit", "Lowered",
+__all__ = ["Mesh", "P", "chunked", "striped", "Shard", "Replicate", "Partial", "Strided", "match", "shard", "unshard", "constrain", "checkpoint_name", "jit", "Lowered",
            "ShardingError", "CollectiveError", "SpecError", "MeshError", "PropagationError", "RematError",
            "TraceError"]

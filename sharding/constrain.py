@@ -13,7 +13,7 @@ from typing import Mapping, Sequence
 import torch
 
 from .marker_ops import define_identity
-from .spec import P
+from .spec import P, chunked, striped
 
 # The active trace: logical-axis rules and mesh axis names, set only while `jit` traces.
 _TRACE_CONTEXT: contextvars.ContextVar[dict | None] = contextvars.ContextVar("fp_trace_context", default=None)
@@ -29,9 +29,21 @@ def tracing_context(logical_rules: Mapping[str, object] | None, axis_names: Sequ
         _TRACE_CONTEXT.reset(token)
 
 
+def _encode_axis(axis: str) -> str:
+    return f"{axis}@{axis.chunks}" if isinstance(axis, chunked) else str(axis)
+
+
+def _decode_axis(text: str) -> str:
+    axis, _, chunks = text.partition("@")
+    if not chunks:
+        return axis
+    return striped(axis) if chunks == "0" else chunked(axis, int(chunks))
+
+
 def encode_spec(spec: P) -> str:
-    """P -> the custom op's string argument: dims joined by ",", "" replicated, "dp+tp" a tuple."""
-    return ",".join("+".join(spec.axes_of(d)) for d in range(len(spec)))
+    """P -> the custom op's string argument: dims joined by ",", "" replicated, "dp+tp" a tuple,
+    "tp@3" chunked("tp", 3), "cp@0" striped("cp")."""
+    return ",".join("+".join(_encode_axis(a) for a in spec.axes_of(d)) for d in range(len(spec)))
 
 
 KEEP_OTHER_AXES = ";keep"  # suffix: mesh axes the spec does not name keep their propagated layout
@@ -45,7 +57,7 @@ def decode_spec(encoded: str) -> P:
     encoded = encoded.removesuffix(KEEP_OTHER_AXES)
     if not encoded:
         return P()
-    return P(*[tuple(e.split("+")) if e else None for e in encoded.split(",")])
+    return P(*[tuple(_decode_axis(a) for a in e.split("+")) if e else None for e in encoded.split(",")])
 
 
 def resolve_logical(axes: Sequence[str | None], logical_rules: Mapping[str, object]) -> P:

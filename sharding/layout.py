@@ -182,6 +182,7 @@ def layout_from_spec(spec: P, shape: Sequence[int], axis_names: Sequence[str], a
     seen: set[str] = set()
     for dim in range(len(spec)):
         axes = spec.axes_of(dim)
+        axes = tuple(_resolve_striped(axis, axes, shape[dim], axis_names, axis_sizes, spec, where) for axis in axes)
         positions = []
         for axis in axes:
             if axis not in axis_names:
@@ -210,6 +211,21 @@ def layout_from_spec(spec: P, shape: Sequence[int], axis_names: Sequence[str], a
                             f"{tuple(axis_sizes[axis_names.index(a)] for a in axes)}); spec {spec}, "
                             f"shape {tuple(shape)}")
     return Layout(tuple(placements))
+
+
+def _resolve_striped(axis, axes, size: int, axis_names, axis_sizes, spec, where: str):
+    """A `striped` axis as the `chunked` one it is on a dim of this size (one element per rank per piece)."""
+    if getattr(axis, "chunks", 1) != 0:
+        return axis
+    if len(axes) != 1:
+        raise SpecError(f"{where}: spec {spec} stripes a dim over {axes}; a striped dim has one mesh axis")
+    if axis not in axis_names:
+        return axis  # reported by the caller with the mesh's axes
+    count = axis_sizes[axis_names.index(axis)]
+    if size % count:
+        raise SpecError(f"{where}: dim of size {size} cannot be striped over mesh axis {str(axis)!r} of size "
+                        f"{count}; spec {spec}")
+    return chunked(str(axis), size // count) if size // count > 1 else str(axis)
 
 
 def _nest_out_of_mesh_order(placements: list, dim: int, axes, axis_names, axis_sizes) -> None:

@@ -118,7 +118,7 @@ def propagate(graph: torch.fx.Graph, in_layouts: Sequence[Layout], out_layouts: 
     data_nodes = [n for n, is_data in zip(placeholders, data_inputs) if is_data]
     if data_axes is None:
         data_axes = [name for axis, name in enumerate(axis_names)
-                     if any(is_shard(layout.placements[axis])
+                     if any(split_dim(layout.placements[axis]) is not None
                             for node, layout in zip(placeholders, in_layouts) if node in data_nodes)]
     hints = Hints(graph, in_layouts, out_layouts, axis_names, axis_sizes)
     ctx = Context(axis_names, axis_sizes, data_axes, hints)
@@ -266,7 +266,8 @@ def _as_plain_split(ctx: Context, node, axis: int, rule_fn, strided_inputs: dict
 
 def _rechunk(ctx: Context, node, choice: Choice, chunked: dict, chunks: int, sizes: set) -> Choice | None:
     """`choice` (made for plain splits) with the chunked splits restored, or None where it does not
-    carry them position for position."""
+    carry them position for position. An output the rule does not split (a Partial sum or max over
+    the dim, a metadata read) is the same for any split of the dim's positions."""
     if choice.local is not None or len(sizes) != 1:
         return None
     (size,) = sizes
@@ -287,8 +288,6 @@ def _rechunk(ctx: Context, node, choice: Choice, chunked: dict, chunks: int, siz
             output = tuple(restore(o, s) for o, s in zip(outputs, shapes))
         else:
             output = restore(outputs, ctx.shape(node))
-        if not any(isinstance(o, Strided) for o in (output if isinstance(output, tuple) else (output,))):
-            return None
         inputs = {inp: Strided(p.dim, chunks) for inp, p in chunked.items()}
         for inp, placement in choice.inputs.items():
             if inp not in chunked:

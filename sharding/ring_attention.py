@@ -4,7 +4,8 @@ Each rank keeps its block of queries and passes its key/value block around the r
 sends to the next rank, receives from the previous), so no rank ever holds more than two key/value
 blocks: memory O(s/P). A block's partial result is merged with the online-softmax rescaling, using
 the log-sum-exp the SDPA kernel already returns. Under a causal mask a rank skips the blocks after
-its own and masks the diagonal one. The backward passes the key/value blocks around again, each
+its own and masks the diagonal one; with the sequence striped over the ranks (`sharding.striped`)
+every block is a triangle and every rank does the same work. The backward passes the key/value blocks around again, each
 with the gradient of its keys and values accumulating on the way, and sends that gradient home at
 the end; the kernel's own backward, given the merged output and log-sum-exp, gives each block's
 exact share. These are the per-rank functions the insert stage puts in place of the aten ops
@@ -46,23 +47,52 @@ def _strided_like(template: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return out.copy_(value)
 
 
-def _visible(block: int, rank: int, is_causal: bool) -> bool | None:
-    """Whether queries of block `rank` see keys of `block`: True (all), "diagonal" (causally), None (none)."""
-    if not is_causal or block < rank:
-        return True
-    return "diagonal" if block == rank else None
+def _visible(block: int, rank: int, is_causal: bool, striped: bool = False) -> str | None:
+    """Which of this rank's queries see which keys of rank `block`'s block: "all", "causal" (query i
+    sees keys 0..i), "strict" (keys 0..i-1), or None (none).
+
+    In blocks (rank r holds positions [r·L, (r+1)·L)) a causal rank r sees earlier blocks whole, its
+    own causally and none after: rank r does r + 1 blocks' work. Striped (rank r holds r, r + P,
+    r + 2P, ...) every block is a triangle, causal from ranks up to r and strict from the ranks
+    after: every rank does the same work."""
+    if not is_causal:
+        return "all"
+    if striped:
+        return "causal" if block <= rank else "strict"
+    return "all" if block < rank else "causal" if block == rank else None
+
+
+def _strict_mask(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Additive mask letting query i see keys 0..i-1 (its first row sees none)."""
+    seen = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril(-1)
+    return torch.zeros(seen.shape, dtype=q.dtype, device=q.device).masked_fill(~seen, float("-inf"))
+
+
+def _attend(q, k, v, dropout_p, seen: str, scale):
+    """(out, lse) of the queries against one key/value block; a row that sees nothing has lse -inf."""
+    if seen == "strict":
+        out, lse = FORWARD(q, k, v, dropout_p, False, attn_mask=_strict_mask(q, k), scale=scale)[:2]
+        lse = lse.clone()
+        lse[..., 0] = float("-inf")  # the kernel reports 0 for a row with no key; nothing is there to merge
+        return out, lse
+    return FORWARD(q, k, v, dropout_p, seen == "causal", scale=scale)[:2]
+
+
+def _attend_backward(grad_out, q, k, v, out, lse, dropout_p, seen: str, scale):
+    mask = _strict_mask(q, k) if seen == "strict" else None
+    return BACKWARD(grad_out, q, k, v, out, lse, dropout_p, seen == "causal", attn_mask=mask, scale=scale)
 
 
 def ring_attention_forward(q, k, v, dropout_p: float, is_causal: bool, scale, rank: int, size: int,
-                           group_name: str):
+                           group_name: str, striped: bool = False):
     """(out, logsumexp) of this rank's queries against every rank's keys and values."""
     out = lse = layout = None
     for step in range(size):
         block = (rank - step) % size
         incoming = _exchange([k, v], rank, size, group_name) if step < size - 1 else None
-        seen = _visible(block, rank, is_causal)
+        seen = _visible(block, rank, is_causal, striped)
         if seen is not None:
-            part, part_lse = FORWARD(q, k, v, dropout_p, seen == "diagonal", scale=scale)[:2]
+            part, part_lse = _attend(q, k, v, dropout_p, seen, scale)
             if out is None:
                 out, lse = part, part_lse
             else:
@@ -78,14 +108,14 @@ def ring_attention_forward(q, k, v, dropout_p: float, is_causal: bool, scale, ra
 
 
 def ring_attention_backward(grad_out, q, k, v, out, lse, dropout_p: float, is_causal: bool, scale,
-                            rank: int, size: int, group_name: str):
+                            rank: int, size: int, group_name: str, striped: bool = False):
     """(dq, dk, dv) for this rank's blocks: each key/value block collects its gradient as it travels."""
     dq = dk = dv = layouts = None
     for step in range(size):  # step 0 is this rank's own block, which it always sees
         block = (rank - step) % size
-        seen = _visible(block, rank, is_causal)
+        seen = _visible(block, rank, is_causal, striped)
         if seen is not None:
-            parts = BACKWARD(grad_out, q, k, v, out, lse, dropout_p, seen == "diagonal", scale=scale)
+            parts = _attend_backward(grad_out, q, k, v, out, lse, dropout_p, seen, scale)
             if layouts is None:
                 layouts, (dq, dk, dv) = parts, parts
             else:

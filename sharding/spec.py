@@ -19,6 +19,21 @@ class chunked(str):
     # Equal to (and hashed as) its axis name, so mesh-axis lookups treat it as that axis.
 
 
+class striped(chunked):
+    """A mesh axis that deals a dim out element by element: rank r of n holds elements r, r + n,
+    r + 2n, ... (`chunked` with one element per rank in each piece; the count of pieces follows
+    from the dim's size). Striped attention's sequence layout: under a causal mask every rank of a
+    ring then does the same work."""
+
+    def __new__(cls, axis: str):
+        value = str.__new__(cls, axis)
+        value.chunks = 0  # resolved from the dim's size by `layout_from_spec`
+        return value
+
+    def __repr__(self) -> str:
+        return f"striped({str(self)!r})"
+
+
 class P(tuple):
     """PartitionSpec. Each entry is `None`, a mesh axis name, or a tuple of axis names.
 

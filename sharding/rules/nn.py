@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from . import Choice, rule, tensor_inputs
+from ..layout import Strided
+from . import Choice, handles_strided, rule, tensor_inputs
 from .choose import PARTIAL, REPLICATE, is_shard
 
 aten = torch.ops.aten
@@ -99,11 +100,15 @@ RING = {aten._scaled_dot_product_flash_attention_for_cpu.default: 0,  # op -> in
 
 
 def _ring(ctx, node, axis):
-    """Queries split on the sequence (dim 2 of [b, h, s, d]) over `axis`: ring attention there
-    (`sharding.ring_attention`): every operand split alike (keys, values, in the backward the
-    output, its gradient and the log-sum-exp), each result split on the sequence; None otherwise."""
-    placement = ctx.placement(node.args[RING[node.target]], axis)
-    if not (is_shard(placement) and placement == 2):
+    """Queries split on the sequence (dim 2 of [b, h, s, d]) over `axis`, in blocks or striped (one
+    token per rank in turn): ring attention there (`sharding.ring_attention`): every operand split
+    alike (keys, values, in the backward the output, its gradient and the log-sum-exp), each result
+    split on the sequence; None otherwise."""
+    query = node.args[RING[node.target]]
+    placement = ctx.placement(query, axis)
+    striped = isinstance(placement, Strided) and placement.dim == 2 and \
+        placement.chunks * ctx.axis_sizes[axis] == ctx.shape(query)[2]
+    if not (striped or (is_shard(placement) and placement == 2)):
         return None
     if node.kwargs.get("attn_mask") is not None:
         raise ctx.error(node, "ring attention (queries split on the sequence) supports a causal or no mask, "
@@ -113,17 +118,22 @@ def _ring(ctx, node, axis):
         len(node.args) > 3 else node.args[6] if len(node.args) > 6 else 0.0
     if dropout:
         raise ctx.error(node, "ring attention does not support attention dropout; set it to 0")
-    required = {i: 2 for i in tensor_inputs(node) if ctx.ndim(i) >= 3}
+    required = {i: placement for i in tensor_inputs(node) if ctx.ndim(i) >= 3}
     count = len(node.meta["val"])
-    return Choice(tuple(2 for _ in range(count)), required, local="ring_attention")
+    return Choice(tuple(placement for _ in range(count)), required,
+                  local="ring_attention_striped" if striped else "ring_attention")
 
 
+@handles_strided
 def _attention_rule(ctx, node, axis):
     count = len(node.meta["val"]) if isinstance(node.meta["val"], (list, tuple)) else 1
     if node.target in RING:
         ring = _ring(ctx, node, axis)
         if ring is not None:
             return ring
+    for operand in tensor_inputs(node):  # no other attention rule places a chunked split: seen whole
+        if isinstance(ctx.placement(operand, axis), Strided):
+            ctx.effective[operand] = ctx.layout(operand).with_axis(axis, REPLICATE)
     return _attention(ctx, node, axis, count)
 
 

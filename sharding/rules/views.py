@@ -234,6 +234,10 @@ def _concatenate(ctx, node, axis, dim, shift):
         # Equal pieces each split along the joined dim: the result is chunked (q, k, v grads -> qkv).
         return Choice(Strided(dim, len(inputs)))
     if any(isinstance(p, Strided) for p in placements):
+        (placement,) = placements if len(placements) == 1 else (None,)
+        if isinstance(placement, Strided) and (placement.dim != dim or shift):
+            # Pieces chunked alike along another dim join into the same chunks (RoPE's halves).
+            return Choice(Strided(placement.dim + (1 if shift and placement.dim >= dim else 0), placement.chunks))
         return Choice(REPLICATE, {i: REPLICATE for i in inputs})
     if len(placements) == 1:
         (placement,) = placements

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from functional_parallel.launch import spawn
-from sharding import Mesh, P, jit, shard, unshard
+from sharding import Mesh, P, jit, shard, striped, unshard
 from sharding import ring_attention
 from sharding.errors import PropagationError
 
@@ -58,9 +58,9 @@ def _sdpa_problem():
     return [torch.randn(2, 2, 12, 4, generator=g, dtype=torch.float64) for _ in range(3)]
 
 
-def _ring_ranks(rank, world):
+def _ring_ranks(rank, world, layout):
     mesh = Mesh({"cp": world})
-    spec = P(None, None, "cp")
+    spec = P(None, None, striped("cp") if layout == "striped" else "cp")
     step = jit(torch.func.grad_and_value(_attention, argnums=(0, 1, 2)), mesh=mesh, in_specs=(spec,) * 3,
                out_specs=((spec,) * 3, P()), data_argnums=(0, 1, 2), bucket_bytes=0)
     local = [shard(x, spec, mesh) for x in _sdpa_problem()]
@@ -68,12 +68,14 @@ def _ring_ranks(rank, world):
     return [unshard(g, spec, mesh) for g in grads], value
 
 
+@pytest.mark.parametrize("layout", ["blocks", "striped"])
 @pytest.mark.parametrize("world", [2, 3])
-def test_causal_ring_attention_equals_sdpa_on_every_rank(world):
-    """Three ranks as well as two: every block order (before, diagonal, after) is met."""
+def test_causal_ring_attention_equals_sdpa_on_every_rank(world, layout):
+    """Three ranks as well as two: every block order (before, diagonal, after) is met; in blocks
+    (rank r holds one run of the sequence) and striped (rank r holds tokens r, r + P, ...)."""
     q, k, v = _sdpa_problem()
     expected = torch.func.grad_and_value(_attention, argnums=(0, 1, 2))(q, k, v)
-    for grads, value in spawn(_ring_ranks, world, timeout_s=120):
+    for grads, value in spawn(_ring_ranks, world, layout, timeout_s=120):
         torch.testing.assert_close(value, expected[1], rtol=0, atol=1e-12)
         for got, want in zip(grads, expected[0]):
             torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
@@ -110,3 +112,31 @@ def test_no_rank_holds_a_whole_sequence_of_attention_activations():
                 if size == seq:
                     assert local[dim] == seq // cp, (node.name, tuple(value.shape), local)
     assert four_dim > 0
+
+
+def _work(rank: int, size: int, tokens: int, striped: bool) -> int:
+    """(query, key) pairs rank `rank` computes in one causal ring pass, `tokens` per rank."""
+    pairs = {"all": tokens * tokens, "causal": tokens * (tokens + 1) // 2, "strict": tokens * (tokens - 1) // 2,
+             None: 0}
+    return sum(pairs[ring_attention._visible(block, rank, True, striped)] for block in range(size))
+
+
+@pytest.mark.parametrize("size", [2, 4, 8])
+def test_striped_causal_ring_gives_every_rank_the_same_work(size):
+    """In blocks, rank r computes r + 1 of the P blocks; striped, every block is a triangle and the
+    ranks differ by their diagonals only (one pair per query)."""
+    tokens = 64
+    blocks = [_work(r, size, tokens, striped=False) for r in range(size)]
+    dealt = [_work(r, size, tokens, striped=True) for r in range(size)]
+    assert sum(blocks) == sum(dealt) == (size * tokens) * (size * tokens + 1) // 2  # the causal triangle
+    assert max(blocks) - min(blocks) == (size - 1) * tokens * tokens
+    assert max(dealt) - min(dealt) == (size - 1) * tokens
+
+
+def test_the_ring_strategies_stripe_the_sequence():
+    """ring and tp_cp load every cp-th token on each rank, so their causal rings are balanced."""
+    for strategy in ("ring", "tp_cp"):
+        model, _, lowered = lower(strategy, "gpt", bucket_bytes=0)
+        assert lowered.graph.graph is not None
+        rings = [n for n in lowered.graph.graph.nodes if n.target is ring_attention.ring_attention_forward]
+        assert rings and all(n.args[-1] is True for n in rings), strategy  # striped=True

@@ -201,3 +201,10 @@ def test_a_partial_before_an_unflattening_view_is_reduce_scattered_into_the_view
         shard(x, P(None, None, "tp"), mesh), shard(w, P("tp"), mesh), bias, residual)
     assert [(c["kind"], tuple(c["shape"])) for c in lowered.collectives] == [("reduce_scatter", (b * s, d)),
                                                                            ("all_reduce", ())]
+
+
+def test_pieces_chunked_alike_along_another_dim_concatenate_without_communication():
+    """RoPE's halves under a striped sequence: cat along the feature dim keeps the chunked rows."""
+    lowered = _lower(lambda x: torch.cat([x[:, :4] * 2, x[:, 4:]], dim=-1), (_x(8, 8),), (P(chunked("tp", 2)),),
+                     P(chunked("tp", 2)))
+    assert _kinds(lowered) == []
