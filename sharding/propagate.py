@@ -228,11 +228,12 @@ def _check_no_model_gather(ctx: Context, node, required: dict) -> None:
 def _as_plain_split(ctx: Context, node, axis: int, rule_fn, strided_inputs: dict) -> Choice:
     """A rule written for plain splits, applied where inputs are chunked on `axis`.
 
-    The rule decides as if each chunked split were plain. Where it carries that split unchanged to
-    an output dim of the same size (the op keeps positions along the dim: a row-wise max, a gather
-    along another dim), the output is chunked alike and replicated operands are sliced to the same
-    chunks; any other outcome (a Partial, a local computation, a moved split) sees the chunked
-    inputs whole instead: correct, at the price of a gather (rule 9 names it where it is one)."""
+    The rule decides as if each chunked split were plain. Where it leaves that split in place and
+    carries it to output dims of the same size (the op keeps positions along the dim: a row-wise
+    max, a gather along another dim) or to no split at all (a Partial sum over the dim), the output
+    is chunked alike and replicated operands are sliced to the same chunks; any other outcome (a
+    local computation, a moved split) sees the chunked inputs whole instead: correct, at the price
+    of a gather (rule 9 names it where it is one)."""
     chunked = {i: layout.placements[axis] for i, layout in strided_inputs.items()
                if isinstance(layout.placements[axis], Strided)}
     if not chunked:
@@ -277,14 +278,14 @@ def _rechunk(ctx: Context, node, choice: Choice, chunked: dict, chunks: int, siz
     def restore(placement, shape):
         if not is_shard(placement):
             return placement
-        if shape[placement] != size:
+        if placement >= len(shape) or shape[placement] != size:
             raise _NotCarried
         return Strided(int(placement), chunks)
 
     try:
         outputs = choice.output
         if isinstance(outputs, tuple):
-            shapes = [tuple(v.shape) for v in node.meta["val"]]
+            shapes = [tuple(getattr(v, "shape", ())) for v in node.meta["val"]]
             output = tuple(restore(o, s) for o, s in zip(outputs, shapes))
         else:
             output = restore(outputs, ctx.shape(node))

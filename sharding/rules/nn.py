@@ -114,8 +114,8 @@ def _ring(ctx, node, axis):
         raise ctx.error(node, "ring attention (queries split on the sequence) supports a causal or no mask, "
                               "not an explicit attn_mask; pass is_causal=True, or constrain the queries "
                               "whole on the sequence")
-    dropout = node.args[3] if node.target in (aten._scaled_dot_product_flash_attention_for_cpu.default,) and \
-        len(node.args) > 3 else node.args[6] if len(node.args) > 6 else 0.0
+    forward = RING[node.target] == 0
+    dropout = (node.args[3] if len(node.args) > 3 else 0.0) if forward else node.args[6]
     if dropout:
         raise ctx.error(node, "ring attention does not support attention dropout; set it to 0")
     required = {i: placement for i in tensor_inputs(node) if ctx.ndim(i) >= 3}
