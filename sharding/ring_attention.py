@@ -8,7 +8,7 @@ its own and masks the diagonal one; with the sequence striped over the ranks (`s
 every block is a triangle and every rank does the same work. The backward passes the key/value blocks around again, each
 with the gradient of its keys and values accumulating on the way, and sends that gradient home at
 the end; the kernel's own backward, given the merged output and log-sum-exp, gives each block's
-exact share. These are the per-rank functions the insert stage puts in place of the aten ops
+exact share. Each next block is on its way while the current one is computed. These are the per-rank functions the insert stage puts in place of the aten ops
 (`Choice.local == "ring_attention"`); the rule is `sharding.rules.nn`.
 """
 from __future__ import annotations
@@ -23,17 +23,23 @@ FORWARD = aten._scaled_dot_product_flash_attention_for_cpu.default
 BACKWARD = aten._scaled_dot_product_flash_attention_for_cpu_backward.default
 
 
-def _exchange(tensors: list[torch.Tensor], rank: int, size: int, group_name: str) -> list[torch.Tensor]:
-    """Send `tensors` to the next rank of the ring and return the previous rank's (on fake tensors,
-    as the memory and cost walks run a program, buffers of the same shapes)."""
+def _start_exchange(tensors: list[torch.Tensor], rank: int, size: int, group_name: str) -> tuple[list, list]:
+    """Start sending `tensors` to the next rank of the ring and receiving the previous rank's;
+    returns (the buffers they arrive in, the requests `_finish` waits on). On fake tensors, as the
+    memory and cost walks run a program, only the buffers."""
+    received = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]
     if any(isinstance(t, FakeTensor) for t in tensors):
-        return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]
+        return received, []
     group = _resolve_process_group(group_name)
     send_to = dist.get_global_rank(group, (rank + 1) % size)
     receive_from = dist.get_global_rank(group, (rank - 1) % size)
-    received = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]
     requests = [dist.isend(t.contiguous(), send_to, group=group) for t in tensors]
     requests += [dist.irecv(buffer, receive_from, group=group) for buffer in received]
+    return received, requests
+
+
+def _finish(started: tuple[list, list]) -> list[torch.Tensor]:
+    received, requests = started
     for request in requests:
         request.wait()
     return received
@@ -89,7 +95,8 @@ def ring_attention_forward(q, k, v, dropout_p: float, is_causal: bool, scale, ra
     out = lse = layout = None
     for step in range(size):
         block = (rank - step) % size
-        incoming = _exchange([k, v], rank, size, group_name) if step < size - 1 else None
+        # The next block travels while this one is computed.
+        incoming = _start_exchange([k, v], rank, size, group_name) if step < size - 1 else None
         seen = _visible(block, rank, is_causal, striped)
         if seen is not None:
             part, part_lse = _attend(q, k, v, dropout_p, seen, scale)
@@ -103,7 +110,7 @@ def ring_attention_forward(q, k, v, dropout_p: float, is_causal: bool, scale, ra
         if layout is None:
             layout = part
         if incoming is not None:
-            k, v = incoming
+            k, v = _finish(incoming)
     return _strided_like(layout, out), lse
 
 
@@ -113,6 +120,7 @@ def ring_attention_backward(grad_out, q, k, v, out, lse, dropout_p: float, is_ca
     dq = dk = dv = layouts = None
     for step in range(size):  # step 0 is this rank's own block, which it always sees
         block = (rank - step) % size
+        blocks = _start_exchange([k, v], rank, size, group_name) if step < size - 1 else None
         seen = _visible(block, rank, is_causal, striped)
         if seen is not None:
             parts = _attend_backward(grad_out, q, k, v, out, lse, dropout_p, seen, scale)
@@ -120,9 +128,10 @@ def ring_attention_backward(grad_out, q, k, v, out, lse, dropout_p: float, is_ca
                 layouts, (dq, dk, dv) = parts, parts
             else:
                 dq, dk, dv = dq + parts[0], dk + parts[1], dv + parts[2]
-        if step < size - 1:
-            k, v, dk, dv = _exchange([k, v, dk, dv], rank, size, group_name)
-    dk, dv = _exchange([dk, dv], rank, size, group_name)  # each block's gradient goes home
+        if blocks is not None:  # the block's gradient follows it once this rank has added its share
+            gradients = _start_exchange([dk, dv], rank, size, group_name)
+            (k, v), (dk, dv) = _finish(blocks), _finish(gradients)
+    dk, dv = _finish(_start_exchange([dk, dv], rank, size, group_name))  # each block's gradient goes home
     return tuple(_strided_like(template, value) for template, value in zip(layouts, (dq, dk, dv)))
 
 
