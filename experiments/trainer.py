@@ -149,8 +149,10 @@ def setup(cfg: Any, rank: int, device: torch.device, output_dir: pathlib.Path | 
 
 # The step is measured this many times and the least peak kept: gloo's worker thread can free a
 # finished collective's buffers a little late, which only ever adds to a measurement (as in
-# tests/sharding/test_offload.py, which keeps the least of 3).
-MEASURED_RUNS = 2
+# tests/sharding/test_offload.py, which keeps the least of 3). With constrain marks dropped from
+# the per-rank graph (no copy per constraint), a small buffer's late free meets the peak more
+# often: one measured run in ten read 4 bytes high on the zero3 + offload test, so 3 runs.
+MEASURED_RUNS = 3
 
 
 def measured_step(session: Session, batch: dict):
