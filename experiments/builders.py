@@ -158,7 +158,7 @@ def validate(cfg: Any, world_size: int | None = None) -> Strategy:
     if world_size is not None and world != world_size:
         raise ValueError(f"mesh {describe_mesh(shape)} = {world} ranks, but the job has {world_size}; "
                          f"set the mesh so that the product of its sizes is the world size")
-    batch_axes = strategy.batch.axes_of(0) if len(strategy.batch) else []  # a later dim (the sequence) is not the batch
+    batch_axes = strategy.batch_dim_axes()
     unknown = sorted(strategy.mesh_axes() - set(shape))
     if unknown:
         raise ValueError(f"strategy {strategy.name!r} names mesh axes {unknown}, but the mesh has {list(shape)}")

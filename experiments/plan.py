@@ -57,11 +57,6 @@ class PlanConfig:
 ConfigStore.instance().store(name="plan_config", node=PlanConfig)
 
 
-def batch_axes(strategy: Strategy) -> list[str]:
-    """The mesh axes that split the batch dim (Ulysses' sp splits the sequence dim, not the batch)."""
-    return list(strategy.batch.axes_of(0)) if len(strategy.batch) else []
-
-
 def _model_builder(cfg: PlanConfig):
     arch_only = {"n_kv_heads": cfg.model.n_kv_heads} if cfg.model.arch == "llama" else {
         "fused_qkv": cfg.model.fused_qkv, "attention": cfg.model.attention}
@@ -99,7 +94,7 @@ def plan(cfg: PlanConfig, progress=None) -> dict[str, Any]:
     for name in cfg.strategies:
         strategy = Strategy.load(name)
         mesh = meshes.get(name, plan_mesh)
-        dp = math.prod(mesh[axis] for axis in batch_axes(strategy) if axis in mesh)  # data-parallel ranks
+        dp = math.prod(mesh[axis] for axis in strategy.batch_dim_axes() if axis in mesh)  # data-parallel ranks
         result = planner.plan_strategy(build_model, base.n_layers, strategy, mesh, cfg.micro_batch * dp, precision,
                                        cfg.depth, cfg.remat)
         t, sp = planner.model_axes(strategy, mesh)

@@ -141,6 +141,11 @@ class Strategy:
             return self.param_mesh_axes()
         return sorted({axis for _, spec in self.opt_state for axis in spec.all_axes()})
 
+    def batch_dim_axes(self) -> tuple[str, ...]:
+        """The mesh axes that split the batch dim (a later dim of `batch`, the sequence under
+        Ulysses or ring attention, is not the batch)."""
+        return self.batch.axes_of(0) if len(self.batch) else ()
+
     def model_axes(self) -> list[str]:
         """The mesh axes that split the model (parameters or activations) but not the batch, sorted."""
         activations = P(*(axes for name, axes in self.logical.items() if name != "batch")).all_axes()

@@ -243,7 +243,7 @@ def model_axes(strategy: Strategy, mesh_shape: Mapping[str, int]) -> tuple[int, 
     sequence and heads); sp is whether the residual stream's sequence dim is split."""
     rules = strategy.constrain_rules
     split = P(*(axes for name, axes in rules.items() if name != "batch" and axes)).all_axes()
-    batch = set(strategy.batch.axes_of(0)) if len(strategy.batch) else set()
+    batch = set(strategy.batch_dim_axes())
     t = math.prod(mesh_shape[axis] for axis in set(split) if axis in mesh_shape and axis not in batch)
     return t, strategy.logical.get("seq") is not None
 

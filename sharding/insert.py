@@ -117,7 +117,7 @@ class Inserter:
                 self._seed_by_block(node, new)
             if found is not None and "vocab_parallel" in found.local.values():
                 self._vocab_parallel(node, new, requires)
-            if found is not None and any(str(local).startswith("ring_attention") for local in found.local.values()):
+            if found is not None and "ring_attention" in found.local.values():
                 self._ring_attention(node, new, found, requires)
             self.env[node] = new
         return fx.GraphModule(self.old, self.graph)
@@ -143,7 +143,7 @@ class Inserter:
     def _ring_attention(self, node: fx.Node, new: fx.Node, found, requires: dict) -> None:
         """SDPA split on the sequence over one axis becomes the ring (`sharding.ring_attention`); its
         point-to-point traffic is logged like a collective (`fp_p2p`)."""
-        axes = [axis for axis, local in found.local.items() if str(local).startswith("ring_attention")]
+        axes = [axis for axis, local in found.local.items() if local == "ring_attention"]
         if len(axes) != 1:
             raise PropagationError(f"ring attention over several mesh axes at once ({axes}) is not supported "
                                    f"(at {source_line(node)}); split the sequence over one axis")
@@ -151,14 +151,12 @@ class Inserter:
         size = self.mesh.axis_sizes[axis]
         backward = node.target is ring_attention.BACKWARD
         q_at = 1 if backward else 0
-        dropout = (node.args[6] if backward else (node.args[3] if len(node.args) > 3 else 0.0))
-        is_causal = node.args[7] if backward else (node.args[4] if len(node.args) > 4 else False)
-        tensors = new.args[:6] if backward else new.args[:3]
-        rank = RankIndex((axis,))
-        function = ring_attention.ring_attention_backward if backward else ring_attention.ring_attention_forward
-        new.target = function
-        striped = found.local[axis] == "ring_attention_striped"
-        new.args = (*tensors, dropout, is_causal, node.kwargs.get("scale"), rank, size, AxisGroup((axis,)), striped)
+        operands, dropout, is_causal = ring_attention.arguments(node)
+        query = node.args[q_at]
+        striped = isinstance(requires.get(query, self.ctx.layouts[query]).placements[axis], Strided)
+        new.target = ring_attention.ring_attention_backward if backward else ring_attention.ring_attention_forward
+        new.args = (*new.args[:len(operands)], dropout, is_causal, node.kwargs.get("scale"), RankIndex((axis,)),
+                    size, AxisGroup((axis,)), striped)
         new.kwargs = {}
         key = node.args[q_at + 1]
         key_layout = requires.get(key, self.ctx.layouts[key])

@@ -5,10 +5,11 @@ sends to the next rank, receives from the previous), so no rank ever holds more 
 blocks: memory O(s/P). A block's partial result is merged with the online-softmax rescaling, using
 the log-sum-exp the SDPA kernel already returns. Under a causal mask a rank skips the blocks after
 its own and masks the diagonal one; with the sequence striped over the ranks (`sharding.striped`)
-every block is a triangle and every rank does the same work. The backward passes the key/value blocks around again, each
-with the gradient of its keys and values accumulating on the way, and sends that gradient home at
-the end; the kernel's own backward, given the merged output and log-sum-exp, gives each block's
-exact share. Each next block is on its way while the current one is computed. These are the per-rank functions the insert stage puts in place of the aten ops
+every block is a triangle and every rank does the same work. The backward passes the key/value
+blocks around again, each with the gradient of its keys and values accumulating on the way, and
+sends that gradient home at the end; the kernel's own backward, given the merged output and
+log-sum-exp, gives each block's exact share. Each next block is on its way while the current one
+is computed. These are the per-rank functions the insert stage puts in place of the aten ops
 (`Choice.local == "ring_attention"`); the rule is `sharding.rules.nn`.
 """
 from __future__ import annotations
@@ -21,6 +22,14 @@ from torch.distributed.distributed_c10d import _resolve_process_group
 aten = torch.ops.aten
 FORWARD = aten._scaled_dot_product_flash_attention_for_cpu.default
 BACKWARD = aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+
+
+def arguments(node) -> tuple[tuple, float, bool]:
+    """(the tensor operands, dropout_p, is_causal) of a traced FORWARD or BACKWARD call."""
+    if node.target is BACKWARD:  # grad_out, q, k, v, out, lse, dropout_p, is_causal
+        return tuple(node.args[:6]), node.args[6], node.args[7]
+    args = list(node.args) + [0.0, False][len(node.args) - 3:]  # q, k, v[, dropout_p[, is_causal]]
+    return tuple(args[:3]), args[3], args[4]
 
 
 def _start_exchange(tensors: list[torch.Tensor], rank: int, size: int, group_name: str) -> tuple[list, list]:
@@ -92,7 +101,7 @@ def _attend_backward(grad_out, q, k, v, out, lse, dropout_p, seen: str, scale):
 def ring_attention_forward(q, k, v, dropout_p: float, is_causal: bool, scale, rank: int, size: int,
                            group_name: str, striped: bool = False):
     """(out, logsumexp) of this rank's queries against every rank's keys and values."""
-    out = lse = layout = None
+    out = lse = layout = None  # layout: the kernel's first output, whose memory layout the result keeps
     for step in range(size):
         block = (rank - step) % size
         # The next block travels while this one is computed.
@@ -101,14 +110,12 @@ def ring_attention_forward(q, k, v, dropout_p: float, is_causal: bool, scale, ra
         if seen is not None:
             part, part_lse = _attend(q, k, v, dropout_p, seen, scale)
             if out is None:
-                out, lse = part, part_lse
+                out, lse, layout = part, part_lse, part
             else:
                 merged = torch.logaddexp(lse, part_lse)
                 out = out * torch.exp(lse - merged).unsqueeze(-1).to(out.dtype) + \
                     part * torch.exp(part_lse - merged).unsqueeze(-1).to(out.dtype)
                 lse = merged
-        if layout is None:
-            layout = part
         if incoming is not None:
             k, v = _finish(incoming)
     return _strided_like(layout, out), lse

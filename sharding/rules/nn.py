@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import ring_attention
 from ..layout import Strided
 from . import Choice, handles_strided, rule, tensor_inputs
 from .choose import PARTIAL, REPLICATE, is_shard
@@ -95,8 +96,7 @@ def _attention(ctx, node, axis, count):
     return Choice(tuple(outputs), choice.inputs)
 
 
-RING = {aten._scaled_dot_product_flash_attention_for_cpu.default: 0,  # op -> index of its queries
-        aten._scaled_dot_product_flash_attention_for_cpu_backward.default: 1}
+RING = {ring_attention.FORWARD: 0, ring_attention.BACKWARD: 1}  # op -> index of its queries
 
 
 def _ring(ctx, node, axis):
@@ -114,14 +114,12 @@ def _ring(ctx, node, axis):
         raise ctx.error(node, "ring attention (queries split on the sequence) supports a causal or no mask, "
                               "not an explicit attn_mask; pass is_causal=True, or constrain the queries "
                               "whole on the sequence")
-    forward = RING[node.target] == 0
-    dropout = (node.args[3] if len(node.args) > 3 else 0.0) if forward else node.args[6]
+    _, dropout, _ = ring_attention.arguments(node)
     if dropout:
         raise ctx.error(node, "ring attention does not support attention dropout; set it to 0")
     required = {i: placement for i in tensor_inputs(node) if ctx.ndim(i) >= 3}
     count = len(node.meta["val"])
-    return Choice(tuple(placement for _ in range(count)), required,
-                  local="ring_attention_striped" if striped else "ring_attention")
+    return Choice(tuple(placement for _ in range(count)), required, local="ring_attention")
 
 
 @handles_strided
