@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import optree
 
-from sharding import Mesh, P, chunked, jit, striped
+from sharding import Mesh, P, Pipeline, chunked, jit, striped
 from sharding.tree import NAMESPACE, leaf_paths
 
 from . import config_dirs
@@ -50,6 +50,9 @@ class StrategyConfig:
     params: List[Any] = field(default_factory=list)
     opt_state: Optional[List[Any]] = None  # null: optimizer state follows the parameter rules
     grads: Optional[List[Any]] = None  # the gradient buffer's layout (read by the planner); null: as opt_state
+    # A pipeline over a mesh axis: {axis: pp, layers: <regex whose group 1 is a leaf's layer index>,
+    # first: <regex of the leaves before the first layer (embeddings)>}; null: no pipeline.
+    pipeline: Optional[Dict[str, Any]] = None
 
 
 STRATEGY_KEYS = tuple(f.name for f in fields(StrategyConfig))
@@ -101,6 +104,11 @@ class Strategy:
     param_axes: Mapping[str, tuple] = field(default_factory=dict)  # logical parameter axis -> mesh axes
     fsdp: tuple = ()  # mesh axes that split what the rules leave whole (ZeRO-3)
     example_mesh: Mapping[str, int] = field(default_factory=dict)
+    pipeline: Mapping[str, str] | None = None  # {axis, layers, first}: see StrategyConfig
+
+    @property
+    def pipeline_axis(self) -> str | None:
+        return self.pipeline["axis"] if self.pipeline else None
 
     @property
     def constrain_rules(self) -> dict:
@@ -124,7 +132,7 @@ class Strategy:
                    opt_state=None if d.get("opt_state") is None else tuple(_rules(d["opt_state"])),
                    grads=None if d.get("grads") is None else tuple(_rules(d["grads"])),
                    param_axes={k: _axes_list(v) for k, v in dict(d.get("param_axes") or {}).items()},
-                   fsdp=_axes_list(d.get("fsdp")), example_mesh=mesh)
+                   fsdp=_axes_list(d.get("fsdp")), example_mesh=mesh, pipeline=_pipeline(d))
 
     @classmethod
     def load(cls, name: str) -> "Strategy":
@@ -154,11 +162,51 @@ class Strategy:
     def mesh_axes(self) -> set[str]:
         """Every mesh axis the strategy names (its batch, logical and parameter rules)."""
         named = set(self.batch.all_axes()) | set(P(*self.logical.values()).all_axes()) | set(self.fsdp)
+        named |= {self.pipeline_axis} if self.pipeline_axis else set()
         for axes in self.param_axes.values():
             named.update(axes)
         for _, spec in (*self.params, *(self.opt_state or ()), *(self.grads or ())):
             named.update(spec.all_axes())
         return named
+
+
+PIPELINE_KEYS = ("axis", "layers", "first")
+
+
+def _pipeline(d: Mapping) -> dict | None:
+    raw = d.get("pipeline")
+    if raw is None:
+        return None
+    raw = dict(raw)
+    if set(raw) != set(PIPELINE_KEYS):
+        raise ValueError(f"strategy {d.get('name')!r}: pipeline must give exactly {list(PIPELINE_KEYS)}, got "
+                         f"{sorted(raw)}")
+    for key in ("layers", "first"):
+        try:
+            pattern = re.compile(raw[key])
+        except re.error as error:
+            raise ValueError(f"strategy {d.get('name')!r}: pipeline.{key} is not a regex: {error}") from None
+        if key == "layers" and pattern.groups < 1:
+            raise ValueError(f"strategy {d.get('name')!r}: pipeline.layers needs a group that captures the "
+                             f"layer index, e.g. 'blocks/(\\d+)/'")
+    return raw
+
+
+def param_stages(strategy: Strategy, paths: list[str], stages: int) -> list[int]:
+    """Each parameter's pipeline stage: a leaf of layer i (of L, `pipeline.layers`) on stage
+    floor(i * stages / L); a leaf before the layers (`pipeline.first`, the embeddings) on stage 0;
+    every other leaf (the final norm, the head) on the last stage."""
+    layers = re.compile(strategy.pipeline["layers"])
+    first = re.compile(strategy.pipeline["first"])
+    index = {path: int(found.group(1)) for path in paths if (found := layers.search(path))}
+    count = len(set(index.values()))
+    if count < stages:
+        raise ValueError(f"strategy {strategy.name!r} pipelines the model over {stages} stages, but it has "
+                         f"{count} layers (leaves matching pipeline.layers {strategy.pipeline['layers']!r}); "
+                         f"use at most {count} stages (pipeline axis x virtual stages)")
+    order = {layer: rank for rank, layer in enumerate(sorted(set(index.values())))}
+    return [order[index[path]] * stages // count if path in index else 0 if first.search(path) else stages - 1
+            for path in paths]
 
 
 def _first_match(rules, path: str) -> P | None:
@@ -215,12 +263,19 @@ def leaf_spec(strategy: Strategy, path: str, ndim: int, names: tuple | None) -> 
     return P(*entries)
 
 
-def param_specs(strategy: Strategy, params, axes=None):
+def param_specs(strategy: Strategy, params, axes=None, stages: int | None = None):
     """Every parameter's spec; `axes`: the model's logical axes (`Model.axes(params)`), needed when
-    the strategy has `param_axes`."""
+    the strategy has `param_axes`; `stages`: the pipeline's stage count (its axis size times the
+    virtual stages per rank), needed when the strategy has a pipeline."""
     paths, leaves, treedef = leaf_paths(params)
     names = _axes_by_path(strategy, params, axes)
     specs = [leaf_spec(strategy, path, leaf.dim(), names.get(path)) for path, leaf in zip(paths, leaves)]
+    if strategy.pipeline:
+        if stages is None:
+            raise ValueError(f"strategy {strategy.name!r} is a pipeline over {strategy.pipeline_axis!r}: give "
+                             f"its stage count (the axis size x virtual stages per rank)")
+        axis = strategy.pipeline_axis
+        specs = [spec.on_stage((axis, stage)) for spec, stage in zip(specs, param_stages(strategy, paths, stages))]
     return tree_unflatten(treedef, specs)
 
 
@@ -256,16 +311,18 @@ def grad_specs(strategy: Strategy, params) -> list[P | None]:
     return [_first_match(strategy.grads, path) or P() for path in paths]
 
 
-def state_specs(strategy: Strategy, opt_state, params, axes=None):
+def state_specs(strategy: Strategy, opt_state, params, axes=None, stages: int | None = None):
     """Specs for the optimizer state: a leaf that mirrors a parameter (its path ends with the
-    parameter's, same shape) takes the `opt_state` rules, or without them the parameter's spec."""
+    parameter's, same shape) takes the `opt_state` rules, or without them the parameter's spec;
+    under a pipeline it lives on its parameter's stage."""
     param_paths, param_leaves, _ = leaf_paths(params)
     shapes = {path: tuple(leaf.shape) for path, leaf in zip(param_paths, param_leaves)}
+    pspecs = dict(zip(param_paths, leaf_paths(param_specs(strategy, params, axes, stages))[1]))
     if strategy.opt_state is None:
-        pspecs = dict(zip(param_paths, leaf_paths(param_specs(strategy, params, axes))[1]))
         spec_of = pspecs.__getitem__
     else:
-        spec_of = lambda path: _first_match(strategy.opt_state, path) or P()  # noqa: E731
+        spec_of = lambda path: (_first_match(strategy.opt_state, path) or P()).on_stage(  # noqa: E731
+            pspecs[path].stage)
     paths, leaves, treedef = leaf_paths(opt_state)
     specs = []
     for path, leaf in zip(paths, leaves):
@@ -290,7 +347,7 @@ def state_memory_kind(offload: str) -> str:
 
 
 def compile_step(step: Callable, strategy: Strategy, mesh: Mesh, params, opt_state, offload: str = "none",
-                 axes=None, **jit_options):
+                 axes=None, schedule: str = "1f1b", virtual: int = 1, **jit_options):
     """`jit` of `step(params, opt_state, batch) -> (params, opt_state, metrics)` under `strategy`.
 
     `jit_options` go to `jit` (the schedule passes' settings, `remat`: the activation-checkpointing
@@ -300,16 +357,29 @@ def compile_step(step: Callable, strategy: Strategy, mesh: Mesh, params, opt_sta
     collective runs). `offload="optimizer"` gives every optimizer-state leaf, in and out, the
     memory kind "host": the state stays in CPU memory and its update runs there
     (`sharding.placement`); pass the state as CPU tensors. `axes`: the model's logical parameter
-    axes (`Model.axes(params)`), read by the strategy's `param_axes`.
+    axes (`Model.axes(params)`), read by the strategy's `param_axes`. A strategy with a pipeline
+    runs the step's micro-batches (its `grad_accum`) by `schedule` with `virtual` stages per rank.
     """
     state_kind = state_memory_kind(offload)
-    pspecs, sspecs = param_specs(strategy, params, axes), state_specs(strategy, opt_state, params, axes)
+    stages, pipelined = pipeline_of(strategy, mesh, schedule, virtual)
+    pspecs = param_specs(strategy, params, axes, stages)
+    sspecs = state_specs(strategy, opt_state, params, axes, stages)
     step = _with_local_batch_check(step, strategy.batch, mesh)
     kinds = ("device", state_kind, "device")
     compiled = jit(step, mesh=mesh, in_specs=(pspecs, sspecs, strategy.batch), out_specs=(pspecs, sspecs, P()),
                    logical_rules=strategy.constrain_rules, in_memory_kinds=kinds, out_memory_kinds=kinds,
-                   data_argnums=2, **jit_options)
+                   data_argnums=2, pipeline=pipelined, **jit_options)
     return compiled, (pspecs, sspecs, strategy.batch)
+
+
+def pipeline_of(strategy: Strategy, mesh: Mesh, schedule: str = "1f1b", virtual: int = 1):
+    """(stage count, `sharding.Pipeline`) of a pipelined strategy on `mesh`; (None, None) otherwise."""
+    if not strategy.pipeline:
+        return None, None
+    axis = strategy.pipeline_axis
+    if axis not in mesh.axis_names:
+        raise ValueError(f"strategy {strategy.name!r} pipelines over {axis!r}, which is not a mesh axis {mesh.axis_names}")
+    return mesh.axis_size(axis) * virtual, Pipeline(axis=axis, schedule=schedule, virtual=virtual)
 
 
 def _with_local_batch_check(step: Callable, batch_spec: P, mesh: Mesh) -> Callable:

@@ -9,12 +9,16 @@ one optimizer update from the mean of their gradients. Each rank's micro-batch i
 i, i+N, i+2N, ... of its own local batch (a reshape that keeps the batch split, see
 `microbatches`), so under the compiler every micro-batch gradient is a Partial sum over the
 data axes; the Partials add up locally and are reduced once per step, not once per micro-batch.
+Each micro-batch runs under `sharding.microbatch(i)`, so a pipeline (`sharding.Pipeline`) can
+schedule its forward and backward on every stage.
 """
 from __future__ import annotations
 
 from typing import Callable
 
 import torch
+
+from sharding import microbatch
 
 from . import optim
 from .precision import Precision, update_loss_scale, where_finite
@@ -89,11 +93,12 @@ def make_train_step(loss_fn: LossFn, optimizer: optim.GradientTransformation, gr
 
     def accumulated_grad_and_loss(low, master, batch, scale):
         grads, loss = None, None
-        for micro in microbatches(batch, grad_accum) if grad_accum > 1 else [batch]:
-            g, l = grad_and_loss(low, micro, scale)
-            g = policy.to_master(g, master)
-            grads = g if grads is None else tree_map(torch.add, grads, g)
-            loss = l if loss is None else loss + l
+        for index, micro in enumerate(microbatches(batch, grad_accum) if grad_accum > 1 else [batch]):
+            with microbatch(index):  # what a pipeline schedules (`sharding.microbatch`); else nothing
+                g, l = grad_and_loss(low, micro, scale)
+                g = policy.to_master(g, master)
+                grads = g if grads is None else tree_map(torch.add, grads, g)
+                loss = l if loss is None else loss + l
         if grad_accum > 1 or policy.loss_scaling:
             divisor = scale * grad_accum if policy.loss_scaling else grad_accum
             grads, loss = tree_map(lambda g: g / divisor, grads), loss / grad_accum

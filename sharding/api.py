@@ -14,13 +14,14 @@ from .cost import collective_log, estimate
 from .errors import SpecError
 from .memory_kinds import DEVICE, HOST, check_kind, flat_kinds
 from .mesh import Mesh
-from .pipeline import Options, Program, run_stages
+from .pipeline import Options, Program, run_stages, stage_indices
 from .placement import transfer_log
 from .propagate import is_integer
 from .remat import check_policy
 from .schedule import DEFAULT_BUCKET_BYTES
 from .spec import P
-from .tree import NAMESPACE, leaf_paths
+from .pipelining import Pipeline
+from .tree import NAMESPACE, flat_specs, leaf_paths
 
 
 @dataclass
@@ -106,14 +107,25 @@ class jit:
     also for None) or "host", as a tree prefix like the specs (a str for a whole argument). A
     host input is a CPU tensor that stays there; the placement pass (`sharding.placement`) runs
     the ops that update it on host and inserts the device<->host copies (ZeRO-Offload).
+
+    `pipeline` (`sharding.Pipeline`) runs the step as a pipeline over one mesh axis: specs place
+    values on its stages (`P(..., stage=("pp", k))`), each op runs on the stage of its inputs, a
+    value read on another rank is sent there, and the step's `sharding.microbatch` blocks run in
+    the schedule's order (`sharding.stages`). A rank passes, and gets back, a meta tensor for a
+    value another stage holds (what `shard` gives it).
     """
 
     def __init__(self, fn: Callable, *, mesh: Mesh, in_specs: Sequence, out_specs,
                  logical_rules: Mapping[str, Any] | None = None, data_axes: Sequence[str] | None = None,
                  data_argnums: int | Sequence[int] | None = None,
                  regather: bool = True, bucket_bytes: int = DEFAULT_BUCKET_BYTES, overlap: bool = True,
-                 in_memory_kinds: Sequence | None = None, out_memory_kinds=None, remat: str = "none"):
+                 in_memory_kinds: Sequence | None = None, out_memory_kinds=None, remat: str = "none",
+                 pipeline: Pipeline | None = None):
         self.fn = fn
+        self.pipeline = pipeline
+        if pipeline is not None and pipeline.axis not in mesh.axis_names:
+            raise SpecError(f"the pipeline runs over axis {pipeline.axis!r}, which is not a mesh axis "
+                            f"{mesh.axis_names}")
         self.remat = check_policy(remat)
         self.mesh = mesh
         self.in_specs = tuple(in_specs) if isinstance(in_specs, (list, tuple)) and not isinstance(in_specs, P) \
@@ -159,11 +171,17 @@ class jit:
         in_kinds = (flat_kinds(self.in_memory_kinds, tuple(args), "in_memory_kinds") if HOST in given else
                     [DEVICE] * len(optree.tree_leaves(tuple(args), namespace=NAMESPACE, none_is_leaf=False)))
         compute_device = _compute_device(args, in_kinds)
+        in_stages = stage_indices(flat_in_specs(self.in_specs, args), self.pipeline, "in_specs")
+        leaves = optree.tree_leaves(tuple(args), namespace=NAMESPACE, none_is_leaf=False)
+        meta_inputs = any(isinstance(x, torch.Tensor) and x.device.type == "meta" for x in leaves)
+        if HOST in in_kinds and self.pipeline is not None:
+            raise SpecError("memory kind 'host' (offload) under a pipeline is not supported yet; "
+                            "use in_memory_kinds='device' with a pipeline")
         options = Options(
             in_specs=self.in_specs, out_specs=self.out_specs, logical_rules=self.logical_rules,
             data_axes=self.data_axes, data_leaves=data_leaves(args, self.data_argnums), remat=self.remat,
             schedule=self.schedule_options, in_kinds=in_kinds, out_memory_kinds=self.out_memory_kinds,
-            compute_device=compute_device)
+            compute_device=compute_device, pipeline=self.pipeline, in_stages=in_stages, meta_inputs=meta_inputs)
         return Program(fn=self.fn, args=tuple(args), mesh=self.mesh, options=options)
 
     def _lower(self, args) -> Lowered:
@@ -195,10 +213,17 @@ def _compute_device(args, in_kinds: list[str]) -> torch.device:
     """
     leaves = optree.tree_leaves(tuple(args), namespace=NAMESPACE, none_is_leaf=False)
     paths = leaf_paths(tuple(args))[0]
-    devices = {x.device for x, kind in zip(leaves, in_kinds) if kind == DEVICE and isinstance(x, torch.Tensor)}
+    devices = {x.device for x, kind in zip(leaves, in_kinds)
+               if kind == DEVICE and isinstance(x, torch.Tensor) and x.device.type != "meta"}
     for path, x, kind in zip(paths, leaves, in_kinds):
         if kind == HOST and isinstance(x, torch.Tensor) and x.device.type != "cpu":
             raise SpecError(f"input {path!r} has memory kind 'host' but lives on {x.device}; host "
                             f"tensors are CPU tensors (move it with .cpu())")
     accelerators = {d for d in devices if d.type != "cpu"}
     return next(iter(accelerators)) if accelerators else torch.device("cpu")
+
+
+def flat_in_specs(in_specs: tuple, args) -> list:
+    """One spec per flat input leaf."""
+    return [spec for position, (arg, specs) in enumerate(zip(args, in_specs))
+            for spec in flat_specs(specs, arg, f"argument {position}")]

@@ -55,7 +55,8 @@ def estimate(graph_module: fx.GraphModule, inputs) -> dict:
         for part in record.get("members") or (record,):  # a bucket's bytes by each member's phase
             phase = part.get("phase") or "forward"
             by_phase[phase] = by_phase.get(phase, 0) + part["bytes"]
-    input_bytes = sum({x.untyped_storage()._cdata: x.untyped_storage().nbytes() for x in inputs}.values())
+    input_bytes = sum({x.untyped_storage()._cdata: x.untyped_storage().nbytes() for x in inputs
+                       if x.device.type != "meta"}.values())  # a meta input: held by another pipeline stage
     peaks = peaks_by_kind(graph_module, inputs)
     transfers = {"d2h": 0, "h2d": 0}
     for record in transfer_log(graph_module):

@@ -88,6 +88,8 @@ def storages(graph_module: fx.GraphModule, inputs) -> list[Storage]:
         else:
             end = max((index[user] for user in node.users), default=i)
         for tensor in _tensors(values.get(node)):
+            if tensor.device.type == "meta":  # a value another pipeline stage holds: no storage here
+                continue
             storage = tensor.untyped_storage()
             key = storage._cdata
             if key not in found:

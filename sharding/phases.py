@@ -119,6 +119,19 @@ def _same_gradient(node: fx.Node) -> str | None:
     return None
 
 
+def forward_nodes(nodes: list) -> dict[int, fx.Node]:
+    """Autograd sequence number -> the forward node it numbers (what a backward node's
+    `meta["seq_nr"]` points at)."""
+    forward_of: dict[int, fx.Node] = {}
+    for node in nodes:
+        if node.op == "call_function" and not node.meta.get("autograd_backward") and "seq_nr" in node.meta:
+            forward_of.setdefault(node.meta["seq_nr"], node)
+    for node in nodes:  # an op run inside an autograd.Function's forward is numbered one past the Function
+        if node.target in FUNCTION_OPS and not node.meta.get("autograd_backward") and "seq_nr" in node.meta:
+            forward_of.setdefault(node.meta["seq_nr"] - 1, node)
+    return forward_of
+
+
 def annotate(graph_module: fx.GraphModule, leaf_names: list[str]) -> None:
     """Set `meta["phase"]`, `meta["forward_stack_trace"]` (backward nodes), `meta["leaf"]`
     (inputs) and `meta["grad_of"]` (an input leaf's gradient) on every node."""
@@ -127,13 +140,7 @@ def annotate(graph_module: fx.GraphModule, leaf_names: list[str]) -> None:
     names = dict(zip(placeholders, leaf_names))
     for node, name in names.items():
         node.meta["leaf"] = name
-    forward_of: dict[int, fx.Node] = {}
-    for node in nodes:
-        if node.op == "call_function" and not node.meta.get("autograd_backward") and "seq_nr" in node.meta:
-            forward_of.setdefault(node.meta["seq_nr"], node)
-    for node in nodes:  # an op run inside an autograd.Function's forward is numbered one past the Function
-        if node.target in FUNCTION_OPS and not node.meta.get("autograd_backward") and "seq_nr" in node.meta:
-            forward_of.setdefault(node.meta["seq_nr"] - 1, node)
+    forward_of = forward_nodes(nodes)
     backward = [i for i, n in enumerate(nodes) if n.meta.get("autograd_backward")]
     last_backward = backward[-1] if backward else len(nodes)
     for index, node in enumerate(nodes):

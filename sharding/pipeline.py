@@ -1,6 +1,6 @@
 """The compiler as a value: `STAGES`, in order, each a `Program -> Program`.
 
-trace -> remat -> propagate -> insert -> localize -> schedule -> place -> bind. Every stage but
+trace -> remat -> propagate -> insert -> localize -> split -> schedule -> place -> bind. Every stage but
 `bind` reads only the mesh's axis names and sizes (`Program.shape`, an abstract mesh), so a step
 lowered for any rank, or on `Mesh.abstract`, is one program; `bind` writes in this rank's
 position and process groups (`Program.mesh`). Each stage's module can be used and tested alone;
@@ -29,6 +29,7 @@ from .placement import place
 from .propagate import propagate
 from .remat import remat
 from .schedule import schedule
+from .pipelining import Pipeline, select_rank, split_stages
 from .trace import Traced, trace
 from .tree import NAMESPACE, flat_specs
 
@@ -47,12 +48,16 @@ class Options:
     in_kinds: list[str]
     out_memory_kinds: Any
     compute_device: torch.device
+    pipeline: Pipeline | None = None
+    in_stages: list = field(default_factory=list)
+    meta_inputs: bool = False
 
     @property
     def fake_device(self) -> torch.device | None:
         """Where to trace every input: the compute device when some inputs live on host (placement
-        decides later what runs there), else each input's own device."""
-        return self.compute_device if HOST in self.in_kinds else None
+        decides later what runs there) or on another pipeline stage (meta tensors here), else each
+        input's own device."""
+        return self.compute_device if HOST in self.in_kinds or self.meta_inputs else None
 
 
 @dataclass(frozen=True)
@@ -107,6 +112,23 @@ def localize_stage(p: Program) -> Program:
     return dataclasses.replace(p, graph=localize(p.graph, p.shape.axis_sizes))
 
 
+def split_stage(p: Program) -> Program:
+    """With a pipeline: every op on its stage, sends and receives, the schedule's order (`sharding.pipelining`)."""
+    pipeline = p.options.pipeline
+    if pipeline is None:
+        return p
+    output = next(n for n in p.traced.graph_module.graph.nodes if n.op == "output")
+    vals = [n.meta["val"] if isinstance(n, fx.Node) else n for n in output.args[0]]
+    out_tree = optree.tree_unflatten(p.traced.out_treedef, vals)
+    out_specs = p.options.out_specs
+    if isinstance(out_tree, tuple) and isinstance(out_specs, list):
+        out_specs = tuple(out_specs)
+    out_stages = stage_indices(flat_specs(out_specs, out_tree, "out_specs"), pipeline, "out_specs")
+    axis = p.shape.axis_names.index(pipeline.axis)
+    graph = split_stages(p.graph, p.options.in_stages, out_stages, pipeline, axis, p.shape.axis_sizes)
+    return dataclasses.replace(p, graph=graph)
+
+
 def schedule_stage(p: Program) -> Program:
     return dataclasses.replace(p, graph=schedule(p.graph, p.shape.axis_sizes, **p.options.schedule))
 
@@ -122,12 +144,35 @@ def place_stage(p: Program) -> Program:
 
 
 def bind_stage(p: Program) -> Program:
-    return dataclasses.replace(p, graph=bind(p.graph, p.mesh))
+    graph = p.graph
+    pipeline = p.options.pipeline
+    if pipeline is not None:
+        axis = p.mesh.axis_names.index(pipeline.axis)
+        graph = select_rank(graph, p.mesh.coordinate[axis], p.mesh.axis_sizes[axis])
+    return dataclasses.replace(p, graph=bind(graph, p.mesh))
+
+
+def stage_indices(specs: list, pipeline: Pipeline | None, where: str) -> list:
+    """Each flat spec's model stage (None: every stage), checked against the pipeline's axis."""
+    found = []
+    for spec in specs:
+        stage = getattr(spec, "stage", None)
+        if stage is not None and pipeline is None:
+            raise SpecError(f"{where}: {spec!r} places a value on a pipeline stage, but jit was not given a "
+                            f"pipeline; pass pipeline=sharding.Pipeline(axis={stage.axis!r}, ...)")
+        if pipeline is not None and pipeline.axis in spec.all_axes():
+            raise SpecError(f"{where}: {spec!r} splits a dim over {pipeline.axis!r}, the pipeline axis; a value "
+                            f"lives on one stage of it (P(..., stage=({pipeline.axis!r}, k))), it is not split")
+        if stage is not None and stage.axis != pipeline.axis:
+            raise SpecError(f"{where}: {spec!r} names stage axis {stage.axis!r}, but the pipeline runs over "
+                            f"{pipeline.axis!r}")
+        found.append(stage.index if stage is not None else None)
+    return found
 
 
 STAGES: tuple[tuple[str, Callable[[Program], Program]], ...] = (
     ("trace", trace_stage), ("remat", remat_stage), ("propagate", propagate_stage),
-    ("insert", insert_stage), ("localize", localize_stage), ("schedule", schedule_stage),
+    ("insert", insert_stage), ("localize", localize_stage), ("split", split_stage), ("schedule", schedule_stage),
     ("place", place_stage), ("bind", bind_stage),
 )
 

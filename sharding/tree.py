@@ -6,6 +6,8 @@ from typing import Any, Sequence
 
 import optree
 import torch
+import torch.distributed as dist
+from torch.distributed.distributed_c10d import _resolve_process_group
 import torch.utils._cxx_pytree  # noqa: F401  (insertion-ordered dicts in optree's "torch" namespace, as make_fx)
 
 from . import collectives
@@ -59,7 +61,8 @@ def leaf_paths_of_specs(specs) -> list[str]:
 
 
 def shard(tree, specs, mesh: Mesh):
-    """This rank's slice of every global tensor in `tree`."""
+    """This rank's slice of every global tensor in `tree`; for a value on another pipeline stage
+    (`P(..., stage=...)`), a meta tensor of the slice's shape (no storage)."""
     paths, leaves, treedef = leaf_paths(tree)
     out = []
     for path, leaf, spec in zip(paths, leaves, flat_specs(specs, tree, "shard")):
@@ -71,8 +74,35 @@ def shard(tree, specs, mesh: Mesh):
                 leaf = collectives.strided_slice(leaf, placement.dim, placement.chunks, index, size)
             elif isinstance(placement, int):
                 leaf = collectives.local_slice(leaf, placement, index, size)
+        if not holds(spec, mesh):
+            leaf = torch.empty(leaf.shape, dtype=leaf.dtype, device="meta")
         out.append(leaf)
     return optree.tree_unflatten(treedef, out)
+
+
+def holds(spec: P, mesh: Mesh) -> bool:
+    """Whether this rank holds a value of `spec`: every rank does, but for a value on a pipeline
+    stage, only that stage's ranks."""
+    stage = getattr(spec, "stage", None)
+    if stage is None:
+        return True
+    if stage.axis not in mesh.axis_names:
+        raise SpecError(f"{spec!r} is on a stage of axis {stage.axis!r}, which is not a mesh axis {mesh.axis_names}")
+    axis = mesh.axis_index(stage.axis)
+    return mesh.coordinate[axis] == stage.rank(mesh.axis_sizes[axis])
+
+
+def _from_stage(leaf: torch.Tensor, shape, spec: P, mesh: Mesh) -> torch.Tensor:
+    """A value of one pipeline stage on every rank: its rank broadcasts it along the pipeline axis."""
+    axis = mesh.axis_index(spec.stage.axis)
+    group = _resolve_process_group(mesh.group_name(axis))
+    owner = dist.get_global_rank(group, spec.stage.rank(mesh.axis_sizes[axis]))
+    if leaf.device.type == "meta":
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        leaf = torch.empty(shape, dtype=leaf.dtype, device=device)
+    leaf = leaf.contiguous()
+    dist.broadcast(leaf, owner, group=group)
+    return leaf
 
 
 def unshard(tree, specs, mesh: Mesh):
@@ -81,6 +111,9 @@ def unshard(tree, specs, mesh: Mesh):
     out = []
     for path, leaf, spec in zip(paths, leaves, flat_specs(specs, tree, "unshard")):
         layout = layout_from_spec(spec, mesh.global_shape(leaf.shape, spec), mesh.axis_names, mesh.axis_sizes, where=path or "value")
+        if not holds(spec, mesh):  # another stage's value: only its shape here, then its owner's bytes
+            out.append(_from_stage(leaf, mesh.global_shape(leaf.shape, spec), spec, mesh))
+            continue
         # Gather inner axes first so nested blocks reassemble in mesh order.
         for axis_index in reversed(range(len(mesh.axis_names))):
             placement = layout.placements[axis_index]
@@ -92,5 +125,7 @@ def unshard(tree, specs, mesh: Mesh):
                 leaf = collectives.interleave(collectives.all_gather(leaf, placement.dim, size,
                                                                      mesh.group_name(axis_index)),
                                               placement.dim, placement.chunks, size)
+        if getattr(spec, "stage", None) is not None:
+            leaf = _from_stage(leaf, leaf.shape, spec, mesh)
         out.append(leaf)
     return optree.tree_unflatten(treedef, out)

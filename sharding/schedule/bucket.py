@@ -15,6 +15,7 @@ import torch.fx as fx
 
 from .. import collectives
 from ..layout import layout_of
+from ..pipelining import STAGE
 from .chain import Chain, chains, positions
 
 DEFAULT_BUCKET_BYTES = 25 * 2**20  # as DDP's default bucket
@@ -84,6 +85,9 @@ def _merge(graph: fx.Graph, members: list[Chain], axis_sizes, order: dict) -> No
             item = graph.call_function(operator.getitem, (unpack, index))
             item.meta = dict(chain.result.meta)
             chain.result.replace_all_uses_with(item)
+    if STAGE in first.meta:  # a pipeline's bucket runs on its members' stage
+        for node in (pack, issue, wait, unpack, *unpack.users):
+            node.meta[STAGE] = first.meta[STAGE]
     for chain in members:
         for node in dict.fromkeys((chain.result, chain.wait, chain.issue, chain.front)):
             graph.erase_node(node)

@@ -12,6 +12,7 @@ import torch
 import torch.fx as fx
 
 from .. import collectives
+from ..pipelining import STAGE
 
 
 @dataclass(eq=False)
@@ -44,8 +45,9 @@ class Chain:
 
     @property
     def stream(self) -> tuple:
-        """Collectives of one kind on one process group run one at a time, in program order."""
-        return (self.kind, self.issue.args[-1])
+        """Collectives of one kind on one process group run one at a time, in program order (a
+        pipeline stage's own: each stage's ranks run only their stages' collectives)."""
+        return (self.kind, self.issue.args[-1], self.issue.meta.get(STAGE))
 
     def consumers(self) -> list[fx.Node]:
         """The nodes that read the result (through a bucket's per-member getitems)."""

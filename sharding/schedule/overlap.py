@@ -78,7 +78,7 @@ def overlap(graph_module: fx.GraphModule) -> fx.GraphModule:
     for chain in chains(graph):
         streams.setdefault(chain.stream, []).append(chain)
     order = Order(graph)
-    for (kind, _), stream in streams.items():
+    for (kind, *_), stream in streams.items():
         (_prefetch if kind == "all_gather" else _reduce_early)(graph, stream, order)
     graph.lint()
     graph_module.recompile()

@@ -19,7 +19,7 @@ def _program(mesh: Mesh):
 
 
 def test_the_stages_run_in_the_documented_order():
-    assert [name for name, _ in STAGES] == ["trace", "remat", "propagate", "insert", "localize", "schedule",
+    assert [name for name, _ in STAGES] == ["trace", "remat", "propagate", "insert", "localize", "split", "schedule",
                                             "place", "bind"]
 
 

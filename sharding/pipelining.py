@@ -1,0 +1,421 @@
+"""Stage 6 with a pipeline, split: each op on one pipeline stage, a value read on another rank
+sent there, and the program ordered as the schedule runs it.
+
+The rules (README, "Pipelines"):
+1. An input lives where its spec's `stage` says (`P(..., stage=Stage("pp", k))`); an input
+   without a stage (the batch, a step counter) is on every stage.
+2. A forward op runs on the latest stage among its inputs (activations flow forward); a backward
+   op on the stage of the forward op it differentiates (else the earliest of its inputs); an
+   optimizer op on the latest stage of its tensor inputs (an update stays with its parameter; a
+   0-dim norm or scale moves). An op none of whose inputs has a stage is on no stage: every
+   stage that reads it computes it (a mask, a position index).
+3. A value read on a rank other than the one that makes it is sent once to each reading rank
+   (`sharding.p2p`). An output whose spec has a stage is returned by that stage's rank (others
+   return a meta tensor of its shape); an output without one (the loss) by every rank.
+4. Ops of micro-batch i (`sharding.microbatch`) are its forward F(i) or, from the first backward
+   op on, its backward B(i). The program is sorted by the start time of each op's action in the
+   schedule's simulated timeline (`sharding.schedules`); an op outside every micro-batch runs just
+   before its first reader (a parameter cast or gather) or just after its last input (the update).
+
+Every rank lowers this same program; `select_rank` (at bind) keeps one rank's stages.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from . import p2p
+from .bind import AxisGroup
+from .errors import SpecError
+from .layout import Layout, annotate, annotation, layout_of
+from .microbatch import microbatch_of
+from .phases import BACKWARD, OPTIMIZER, forward_nodes
+from .schedules import SCHEDULES, Action, build, simulate
+from .source import source_line
+
+STAGE = "pp_stage"  # node.meta key: the model stage a node runs on
+OUTPUTS = "pp_outputs"  # output node meta: per output position, per rank, an index into the outputs (or None)
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """`jit(pipeline=Pipeline(...))`: run the step as a pipeline over mesh axis `axis`.
+
+    `schedule` is one of `sharding.schedules.SCHEDULES`; `virtual` model chunks per rank
+    (interleaved schedules). The micro-batches are the step's `sharding.microbatch` blocks.
+    """
+
+    axis: str = "pp"
+    schedule: str = "1f1b"
+    virtual: int = 1
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise SpecError(f"pipeline schedule {self.schedule!r} is not one of {SCHEDULES}")
+        if not isinstance(self.virtual, int) or self.virtual < 1:
+            raise SpecError(f"pipeline virtual stages per rank must be an int >= 1, got {self.virtual!r}")
+        if self.virtual > 1 and self.schedule != "interleaved_1f1b":
+            raise SpecError(f"virtual={self.virtual} stages per rank need schedule 'interleaved_1f1b', "
+                            f"got {self.schedule!r}")
+
+
+def _ndim(node) -> int:
+    value = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return value.dim() if isinstance(value, torch.Tensor) else 0
+
+
+def assign_stages(graph: fx.Graph, in_stages: list) -> dict:
+    """Rules 1 and 2: every node's model stage, or None (on every stage that reads it)."""
+    stage: dict = {}
+    placeholders = iter(in_stages)
+    forward_of = forward_nodes(list(graph.nodes))
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            stage[node] = next(placeholders)
+            continue
+        if node.op != "call_function":
+            stage[node] = None
+            continue
+        inputs = [stage[a] for a in node.all_input_nodes if stage[a] is not None]
+        phase = node.meta.get("phase")
+        if phase == BACKWARD:
+            forward = forward_of.get(node.meta.get("seq_nr"))
+            own = stage.get(forward) if forward is not None else None
+            stage[node] = own if own is not None else min(inputs, default=None)
+        elif phase == OPTIMIZER:
+            tensors = [stage[a] for a in node.all_input_nodes if stage[a] is not None and _ndim(a) > 0]
+            stage[node] = max(tensors or inputs, default=None)
+        else:
+            stage[node] = max(inputs, default=None)
+    return stage
+
+
+def assign_actions(graph: fx.Graph) -> dict:
+    """Rule 4: each node's (kind, micro-batch): "F" or "B"; a node outside every micro-batch block
+    (an inserted collective) takes its inputs' action when they agree."""
+    action: dict = {}
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        index = microbatch_of(node)
+        given = [action[a] for a in node.all_input_nodes if a in action]
+        if index is None:
+            if given and all(g == given[0] for g in given):
+                action[node] = given[0]
+            continue
+        backward = node.meta.get("phase") == BACKWARD or ("B", index) in given
+        action[node] = ("B" if backward else "F", index)
+    return action
+
+
+class _Splitter:
+    def __init__(self, graph_module: fx.GraphModule, in_stages: list, out_stages: list, pipeline: Pipeline,
+                 axis_sizes: tuple):
+        self.old = graph_module
+        self.axis_sizes = tuple(axis_sizes)
+        self.pipeline = pipeline
+        self.in_stages, self.out_stages = in_stages, out_stages
+
+    def finish(self) -> None:
+        graph = self.old.graph
+        size = self.size
+        self.order = {node: i for i, node in enumerate(graph.nodes)}
+        self._check_stages(self.in_stages)
+        self._check_stages(self.out_stages)
+        self.stage = assign_stages(graph, self.in_stages)
+        self.action = assign_actions(graph)
+        microbatches = sorted({a[1] for a in self.action.values()})
+        if not microbatches:
+            raise SpecError("a pipeline schedules the step's micro-batches, but no op is marked with one: run "
+                            "each micro-batch under `sharding.microbatch(i)` (the project's train step does, "
+                            "with grad_accum = the number of micro-batches)")
+        if microbatches != list(range(len(microbatches))):
+            raise SpecError(f"micro-batches must be numbered 0..m-1, got {microbatches}")
+        self.schedule = build(self.pipeline.schedule, size, len(microbatches), self.pipeline.virtual)
+        self.start = {(rank, span[0]): span[1] for rank, spans in enumerate(simulate(self.schedule).spans)
+                      for span in spans}
+
+    def _check_stages(self, in_stages) -> None:
+        bad = sorted({s for s in in_stages if s is not None and not 0 <= s < self.stages})
+        if bad:
+            raise SpecError(f"stages {bad} are not stages of the pipeline: axis {self.pipeline.axis!r} of size "
+                            f"{self.size} with {self.pipeline.virtual} virtual stage(s) per rank has stages "
+                            f"0..{self.stages - 1}")
+
+    def rank(self, stage: int) -> int:
+        return stage % self.size
+
+    def slot_of_action(self, node, stage: int) -> float | None:
+        kind, index = self.action[node]
+        return self.start[(self.rank(stage), Action(kind, index, stage // self.size))]
+
+
+def forward_needs(graph: fx.Graph, stage: dict, rank_of) -> dict:
+    """For each node on no stage: the stages of the ops that read it, one per rank (the first)."""
+    needed: dict = {}
+    for node in reversed(list(graph.nodes)):
+        if node.op != "call_function" or stage[node] is not None:
+            continue
+        found = set()
+        for user in node.users:
+            if user.op == "output":
+                continue
+            found |= {stage[user]} if stage[user] is not None else needed.get(user, set())
+        by_rank: dict = {}
+        for s in sorted(found):
+            by_rank.setdefault(rank_of(s), s)
+        needed[node] = set(by_rank.values())
+    return needed
+
+
+def split_stages(graph_module: fx.GraphModule, in_stages: list, out_stages: list, pipeline: Pipeline,
+                 axis: int, axis_sizes: tuple) -> fx.GraphModule:
+    """The pipelined program (rules 1-4): nodes tagged with their stage (`meta[STAGE]`), sends and
+    receives between ranks, sorted by the timeline; the output node lists every rank's results
+    and `meta[OUTPUTS]` says which are whose."""
+    s = _Splitter(graph_module, in_stages, out_stages, pipeline, axis_sizes)
+    s.axis, s.size = axis, axis_sizes[axis]
+    s.stages = s.size * pipeline.virtual
+    s.finish()
+    size = s.size
+    graph = graph_module.graph
+    output = next(n for n in graph.nodes if n.op == "output")
+    # The stages each value on no stage is needed on: its readers', and every rank's for an output.
+    extra: dict = {}
+    for value, out_stage in zip(output.args[0], out_stages):
+        if isinstance(value, fx.Node) and value.op == "call_function" and s.stage[value] is None:
+            wanted = [out_stage] if out_stage is not None else list(range(size))
+            extra.setdefault(value, set()).update(wanted)
+    needed = forward_needs(graph, s.stage, s.rank)
+    for value, wanted in extra.items():  # and what those values read
+        _add_needs(value, wanted, s, needed)
+
+    # Instances: (node, stage) for every op that runs; placeholders and constants are shared.
+    instances = []
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        for stage in ([s.stage[node]] if s.stage[node] is not None else sorted(needed.get(node, ()))):
+            instances.append((node, stage))
+
+    def source(value: fx.Node, reader_stage: int):
+        """How a reader on `reader_stage` gets `value`: ("local", key) or ("remote", producer key)."""
+        if value.op != "call_function":
+            if value.op == "placeholder" and s.stage[value] is not None and \
+                    s.rank(s.stage[value]) != s.rank(reader_stage):
+                return "remote", (value, s.stage[value])
+            return "shared", value
+        if s.stage[value] is None:
+            local = next(st for st in needed[value] if s.rank(st) == s.rank(reader_stage))
+            return "local", (value, local)
+        if s.rank(s.stage[value]) == s.rank(reader_stage):
+            return "local", (value, s.stage[value])
+        return "remote", (value, s.stage[value])
+
+    # Slots: when each instance runs (rule 4).
+    slot: dict = {}
+    readers: dict = {}
+    for key in instances:
+        node, stage = key
+        inputs = [source(a, stage) for a in node.all_input_nodes]
+        for how, producer in inputs:
+            if how != "shared":
+                readers.setdefault(producer, []).append(key)
+        if microbatch_of(node) is not None:  # in an action: when the schedule starts it
+            slot[key] = s.slot_of_action(node, stage)
+        else:
+            known = [slot.get(p) for how, p in inputs if how != "shared" and slot.get(p) is not None]
+            slot[key] = max(known) if known else None
+    for key in reversed(instances):  # an op outside every action: just before its first reader
+        if slot[key] is None:
+            later = [slot[r] for r in readers.get(key, ()) if slot[r] is not None]
+            slot[key] = min(later) if later else -math.inf
+    for key in instances:
+        for how, producer in (source(a, key[1]) for a in key[0].all_input_nodes):
+            if how == "shared" or slot.get(producer, -math.inf) <= slot[key]:
+                continue
+            raise SpecError(
+                f"pipeline schedule {pipeline.schedule!r}: {key[0].name} (at {source_line(key[0])}) on stage "
+                f"{key[1]} reads {producer[0].name} (at {source_line(producer[0])}) of stage {producer[1]}, "
+                f"which the schedule runs later; a value may only flow as the schedule's actions do "
+                f"(forward to the next stage, backward to the previous)")
+    return _emit(s, graph_module, instances, slot, readers, source, output)
+
+
+def _add_needs(value, wanted: set, s: _Splitter, needed: dict) -> None:
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if node.op != "call_function" or s.stage[node] is not None:
+            continue
+        have = needed.setdefault(node, set())
+        ranks = {s.rank(x) for x in have}
+        new = {w for w in wanted if s.rank(w) not in ranks}
+        if new:
+            have |= new
+            stack.extend(node.all_input_nodes)
+
+
+def _emit(s: _Splitter, graph_module: fx.GraphModule, instances, slot, readers, source, output):
+    """The new graph, in timeline order, with the sends and receives."""
+    graph = fx.Graph()
+    env: dict = {}
+    items = []  # (slot, position, tiebreak, what, payload)
+    for node in graph_module.graph.nodes:
+        if node.op in ("placeholder", "get_attr"):
+            env[node] = graph.node_copy(node, lambda a: env[a])
+    for key in instances:
+        items.append((slot[key], s.order[key[0]], 0, "op", key))
+    remote: dict = {}  # (producer key, reading rank) -> the readers there
+    for producer, keys in readers.items():
+        for reader in keys:
+            if s.rank(_stage_of(producer, s)) != s.rank(reader[1]):
+                remote.setdefault((producer, s.rank(reader[1])), []).append(reader)
+    out_positions: list = []  # per output position, per rank: ("key", key) / ("remote", producer) / None
+    for value, out_stage in zip(output.args[0], s.out_stages):
+        per_rank = []
+        for rank in range(s.size):
+            if out_stage is not None and rank != s.rank(out_stage):
+                per_rank.append(None)
+                continue
+            if not isinstance(value, fx.Node):
+                per_rank.append(("const", value))
+                continue
+            reader_stage = out_stage if out_stage is not None else rank
+            how, producer = source(value, reader_stage) if value.op == "call_function" or \
+                s.stage.get(value) is not None else ("shared", value)
+            if how == "remote" and s.rank(producer[1]) != rank:
+                remote.setdefault((producer, rank), [])
+            per_rank.append((how, producer))
+        out_positions.append(per_rank)
+    tag = 0
+    for (producer, rank), keys in remote.items():
+        produced = slot.get(producer, -math.inf)
+        reading = min((slot[k] for k in keys), default=math.inf)
+        first = min((s.order[k[0]] for k in keys), default=len(s.order))
+        reader_stage = min((k[1] for k in keys), default=rank)
+        items.append((produced, s.order[producer[0]], 1, "send", (producer, rank, tag)))
+        items.append((reading, first, -1, "recv", (producer, rank, tag, reader_stage)))
+        tag += 1
+    items.sort(key=lambda item: item[:3])
+    group = AxisGroup((s.axis,))
+    sends: dict = {}
+    received: dict = {}
+    for _, _, _, what, payload in items:
+        if what == "op":
+            node, stage = payload
+            reader_rank = s.rank(stage)
+
+            def mapped(arg, stage=stage, reader_rank=reader_rank):
+                how, producer = source(arg, stage)
+                if how == "shared":
+                    return env[arg]
+                if how == "remote":
+                    return received[(producer, reader_rank)]
+                return env[producer]
+
+            new = graph.node_copy(node, mapped)
+            new.meta = dict(node.meta)
+            new.meta[STAGE] = stage
+            env[payload] = new
+        elif what == "send":
+            producer, rank, number = payload
+            value = env[producer] if producer in env else env[producer[0]]
+            new = graph.call_function(p2p.send, (value, rank, number, group))
+            new.meta[STAGE] = producer[1]
+            new.meta["fp_p2p"] = _record(producer[0], s, rank)
+            sends.setdefault(s.rank(producer[1]), []).append((new, value))
+        else:
+            producer, rank, number, reader_stage = payload
+            val = producer[0].meta["val"]
+            new = graph.call_function(p2p.recv, (tuple(_local_shape(producer[0], s.axis_sizes)), val.dtype,
+                                                 val.device, s.rank(producer[1]), number, group))
+            new.meta["val"] = val
+            new.meta[STAGE] = reader_stage
+            if annotation(producer[0]) is not None:
+                annotate(new, layout_of(producer[0]))
+            received[(producer, rank)] = new
+    for rank, started in sorted(sends.items()):
+        done = graph.call_function(p2p.wait_sends, ([n for n, _ in started], [v for _, v in started]))
+        done.meta[STAGE] = rank
+    flat, table = [], []
+    for per_rank in out_positions:
+        row = []
+        for entry in per_rank:
+            if entry is None:
+                row.append(None)
+                continue
+            how, producer = entry
+            if how == "const":
+                node = producer
+            elif how == "shared":
+                node = env[producer]
+            elif how == "remote":
+                node = received[(producer, len(row))]
+            else:
+                node = env[producer]
+            row.append(len(flat))
+            flat.append(node)
+        table.append(row)
+    out = graph.output(tuple(flat))
+    out.meta[OUTPUTS] = table
+    out.meta["pp_values"] = [v.meta.get("val") if isinstance(v, fx.Node) else None for v in output.args[0]]
+    result = fx.GraphModule(graph_module, graph)
+    return result
+
+
+def _stage_of(producer, s: _Splitter) -> int:
+    return producer[1]
+
+
+def _local_shape(node: fx.Node, axis_sizes) -> list:
+    """This rank's shape of `node` (after localize `meta["val"]` is still the global value)."""
+    layout = layout_of(node)
+    shape = list(node.meta["val"].shape)
+    return layout.local_shape(shape, axis_sizes) if isinstance(layout, Layout) else shape
+
+
+def _record(node: fx.Node, s: _Splitter, to_rank: int) -> dict:
+    val = node.meta["val"]
+    local = math.prod(_local_shape(node, s.axis_sizes))
+    return {"kind": "p2p", "axes": [s.pipeline.axis], "bytes": local * val.element_size(),
+            "phase": node.meta.get("phase") or "forward", "source": source_line(node) or node.name,
+            "leaf": node.meta.get("leaf"), "value": node.name, "shape": tuple(val.shape),
+            "dtype": str(val.dtype).replace("torch.", ""), "to": to_rank}
+
+
+def select_rank(graph_module: fx.GraphModule, rank: int, size: int) -> fx.GraphModule:
+    """The pipelined program of one rank (coordinate `rank` of the pipeline axis): its stages'
+    nodes, its outputs, and a meta tensor for each output another stage holds."""
+    graph = fx.Graph()
+    env: dict = {}
+    for node in graph_module.graph.nodes:
+        if node.op == "output":
+            values = node.meta["pp_values"]
+            outputs = []
+            for position, row in enumerate(node.meta[OUTPUTS]):
+                index = row[rank]
+                if index is None:
+                    val = values[position]
+                    outputs.append(graph.call_function(absent, (tuple(val.shape), val.dtype)))
+                else:
+                    chosen = node.args[0][index]
+                    outputs.append(env[chosen] if isinstance(chosen, fx.Node) else chosen)
+            graph.output(tuple(outputs))
+            continue
+        if node.op == "call_function" and node.meta.get(STAGE) % size != rank:
+            continue
+        env[node] = graph.node_copy(node, lambda a: env[a])
+    return fx.GraphModule(graph_module, graph)
+
+
+def absent(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """What a rank returns for a value another stage holds: its shape and dtype, no storage."""
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+__all__ = ["Pipeline", "split_stages", "select_rank", "assign_stages", "assign_actions", "operator"]
