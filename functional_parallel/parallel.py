@@ -53,6 +53,9 @@ class StrategyConfig:
     # A pipeline over a mesh axis: {axis: pp, layers: <regex whose group 1 is a leaf's layer index>,
     # first: <regex of the leaves before the first layer (embeddings)>}; null: no pipeline.
     pipeline: Optional[Dict[str, Any]] = None
+    # Mesh axes that split each optimizer-state leaf further than its parameter's layout (on its first
+    # whole dim, as `fsdp` does for parameters): ZeRO-1 over any parameter layout (BLOOM: ZeRO-1 over TP).
+    state_fsdp: List[str] = field(default_factory=list)
 
 
 STRATEGY_KEYS = tuple(f.name for f in fields(StrategyConfig))
@@ -105,6 +108,7 @@ class Strategy:
     fsdp: tuple = ()  # mesh axes that split what the rules leave whole (ZeRO-3)
     example_mesh: Mapping[str, int] = field(default_factory=dict)
     pipeline: Mapping[str, str] | None = None  # {axis, layers, first}: see StrategyConfig
+    state_fsdp: tuple = ()  # mesh axes that split the optimizer state further than its parameter (ZeRO-1/2)
 
     @property
     def pipeline_axis(self) -> str | None:
@@ -132,7 +136,8 @@ class Strategy:
                    opt_state=None if d.get("opt_state") is None else tuple(_rules(d["opt_state"])),
                    grads=None if d.get("grads") is None else tuple(_rules(d["grads"])),
                    param_axes={k: _axes_list(v) for k, v in dict(d.get("param_axes") or {}).items()},
-                   fsdp=_axes_list(d.get("fsdp")), example_mesh=mesh, pipeline=_pipeline(d))
+                   fsdp=_axes_list(d.get("fsdp")), example_mesh=mesh, pipeline=_pipeline(d),
+                   state_fsdp=_axes_list(d.get("state_fsdp")))
 
     @classmethod
     def load(cls, name: str) -> "Strategy":
@@ -146,7 +151,7 @@ class Strategy:
     def state_mesh_axes(self) -> list[str]:
         """The mesh axes optimizer state may be split over, sorted."""
         if self.opt_state is None:
-            return self.param_mesh_axes()
+            return sorted(set(self.param_mesh_axes()) | set(self.state_fsdp))
         return sorted({axis for _, spec in self.opt_state for axis in spec.all_axes()})
 
     def batch_dim_axes(self) -> tuple[str, ...]:
@@ -162,7 +167,7 @@ class Strategy:
     def mesh_axes(self) -> set[str]:
         """Every mesh axis the strategy names (its batch, logical and parameter rules)."""
         named = set(self.batch.all_axes()) | set(P(*self.logical.values()).all_axes()) | set(self.fsdp)
-        named |= {self.pipeline_axis} if self.pipeline_axis else set()
+        named |= ({self.pipeline_axis} if self.pipeline_axis else set()) | set(self.state_fsdp)
         for axes in self.param_axes.values():
             named.update(axes)
         for _, spec in (*self.params, *(self.opt_state or ()), *(self.grads or ())):
@@ -236,9 +241,9 @@ def _from_logical(strategy: Strategy, names: tuple) -> list:
     return entries
 
 
-def _with_fsdp(strategy: Strategy, entries: list) -> list:
-    """`fsdp` axes on the first whole dim; where none is whole, nested inside dim 0's split."""
-    fsdp = tuple(a for a in strategy.fsdp if a not in P(*entries).all_axes())
+def _with_fsdp(strategy: Strategy, entries: list, axes: tuple | None = None) -> list:
+    """`fsdp` axes (or `axes`) on the first whole dim; where none is whole, nested inside dim 0's split."""
+    fsdp = tuple(a for a in (strategy.fsdp if axes is None else axes) if a not in P(*entries).all_axes())
     if not fsdp or not entries:
         return entries
     free = next((dim for dim, entry in enumerate(entries) if entry is None), None)
@@ -318,7 +323,11 @@ def state_specs(strategy: Strategy, opt_state, params, axes=None, stages: int | 
     param_paths, param_leaves, _ = leaf_paths(params)
     shapes = {path: tuple(leaf.shape) for path, leaf in zip(param_paths, param_leaves)}
     pspecs = dict(zip(param_paths, leaf_paths(param_specs(strategy, params, axes, stages))[1]))
-    if strategy.opt_state is None:
+    if strategy.opt_state is None and strategy.state_fsdp:
+        def spec_of(path):  # the parameter's layout, then split further over `state_fsdp` (ZeRO-1 over TP)
+            entries = list(pspecs[path]) + [None] * (len(shapes[path]) - len(pspecs[path]))
+            return P(*_with_fsdp(strategy, entries, strategy.state_fsdp), stage=pspecs[path].stage)
+    elif strategy.opt_state is None:
         spec_of = pspecs.__getitem__
     else:
         spec_of = lambda path: (_first_match(strategy.opt_state, path) or P()).on_stage(  # noqa: E731

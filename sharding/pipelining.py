@@ -33,12 +33,14 @@ from .bind import AxisGroup
 from .errors import SpecError
 from .layout import Layout, annotate, annotation, layout_of
 from .microbatch import microbatch_of
-from .phases import BACKWARD, OPTIMIZER, forward_nodes
+from .mincut import INFINITE, FlowGraph
+from .phases import BACKWARD, FORWARD, OPTIMIZER, forward_nodes
 from .schedules import SCHEDULES, Action, build, simulate
 from .source import source_line
 
 STAGE = "pp_stage"  # node.meta key: the model stage a node runs on
 OUTPUTS = "pp_outputs"  # output node meta: per output position, per rank, an index into the outputs (or None)
+ABSENT = "pp_absent"  # output node meta: per output position, this rank's (shape, dtype) of it
 
 
 @dataclass(frozen=True)
@@ -68,8 +70,11 @@ def _ndim(node) -> int:
     return value.dim() if isinstance(value, torch.Tensor) else 0
 
 
-def assign_stages(graph: fx.Graph, in_stages: list) -> dict:
-    """Rules 1 and 2: every node's model stage, or None (on every stage that reads it)."""
+def assign_stages(graph: fx.Graph, in_stages: list, chosen: dict | None = None) -> dict:
+    """Rules 1 and 2: every node's model stage, or None (on every stage that reads it); `chosen`
+    gives the stage of forward ops that read no parameter (`move_free_ops`)."""
+    chosen = chosen or {}
+    phase_of = phases_of(graph)
     stage: dict = {}
     placeholders = iter(in_stages)
     forward_of = forward_nodes(list(graph.nodes))
@@ -81,7 +86,7 @@ def assign_stages(graph: fx.Graph, in_stages: list) -> dict:
             stage[node] = None
             continue
         inputs = [stage[a] for a in node.all_input_nodes if stage[a] is not None]
-        phase = node.meta.get("phase")
+        phase = phase_of[node]
         if phase == BACKWARD:
             forward = forward_of.get(node.meta.get("seq_nr"))
             own = stage.get(forward) if forward is not None else None
@@ -90,13 +95,109 @@ def assign_stages(graph: fx.Graph, in_stages: list) -> dict:
             tensors = [stage[a] for a in node.all_input_nodes if stage[a] is not None and _ndim(a) > 0]
             stage[node] = max(tensors or inputs, default=None)
         else:
-            stage[node] = max(inputs, default=None)
+            stage[node] = chosen.get(node, max(inputs, default=None))
     return stage
+
+
+def _bytes(node, axis_sizes, depth: int = 8) -> int:
+    """This rank's bytes of a value; an inserted node without a recorded value (a collective's
+    wait) counts as its largest input."""
+    value = node.meta.get("val")
+    if isinstance(value, torch.Tensor):
+        return math.prod(_local_shape(node, axis_sizes)) * value.element_size()
+    if depth and node.all_input_nodes:
+        return max(_bytes(a, axis_sizes, depth - 1) for a in node.all_input_nodes)
+    return 0
+
+
+def phases_of(graph: fx.Graph) -> dict:
+    """Each node's phase (`sharding.phases`); a node the insert stage added (a collective's pieces)
+    takes its inputs': backward if any is, else optimizer if any is, else forward."""
+    phase: dict = {}
+    for node in graph.nodes:
+        own = node.meta.get("phase")
+        if own is None:
+            given = {phase.get(a) for a in node.all_input_nodes}
+            own = BACKWARD if BACKWARD in given else OPTIMIZER if OPTIMIZER in given else FORWARD
+        phase[node] = own
+    return phase
+
+
+def parameter_derived(graph: fx.Graph, stage: dict) -> set:
+    """Values made from inputs that have a stage (parameters, their casts and gathers) and from
+    constants only, not from the data: an op that reads one is bound to that parameter's stage."""
+    found, constant = set(), set()
+    for node in graph.nodes:
+        if node.op == "placeholder" and stage[node] is not None:
+            found.add(node)
+        elif node.op == "get_attr" or (node.op == "call_function" and
+                                       all(a in constant for a in node.all_input_nodes)):
+            constant.add(node)
+        elif node.op == "call_function" and all(a in found or a in constant for a in node.all_input_nodes):
+            found.add(node)
+    return found
+
+
+def move_free_ops(graph: fx.Graph, stage: dict, stages: int, axis_sizes) -> dict:
+    """Rule 2's choice for a forward op that reads no parameter (a norm's statistics, a residual
+    add): of the stage the max rule gives and later ones, the side of each stage boundary where
+    the fewest bytes cross it (a minimum cut; at equal bytes the later stage). Llama's RMS norm
+    then runs where its weight is, and only the residual stream crosses. Returns the moved ops'
+    stages (`stage` is updated for them only: `assign_stages` again updates what follows)."""
+    bound = parameter_derived(graph, stage)
+    phase = phases_of(graph)
+    _forward = lambda node: phase[node] == FORWARD  # noqa: E731
+    forward_of = forward_nodes(list(graph.nodes))
+    moved: dict = {}
+    for boundary in range(stages - 1):
+        free = [n for n in graph.nodes if n.op == "call_function" and stage[n] == boundary
+                and _forward(n) and n not in bound
+                and not any(a in bound and stage[a] == boundary for a in n.all_input_nodes)]
+        if not free:
+            continue
+        free_set = set(free)  # backward ops are left out: each follows its forward op (rule 2)
+        pinned = {n for n in graph.nodes if n.op == "call_function" and stage[n] == boundary
+                  and _forward(n)} - free_set
+        index = {node: i for i, node in enumerate(free_set | pinned)}
+        later = {u for n in index for u in n.users if u.op == "call_function" and stage.get(u) is not None
+                 and stage[u] > boundary and _forward(u)}
+        for node in later:
+            index.setdefault(node, len(index))
+        source, sink = len(index), len(index) + 1
+        flow = FlowGraph(2 * len(index) + 2)
+        for node, i in index.items():
+            if node in later:
+                flow.add_edge(i, sink, INFINITE)
+                continue
+            # A backward op reading the value moves with its forward op: the value is made no later.
+            # Kept: an op bound to this stage, or read by another op the cut leaves out (an
+            # optimizer op, the micro-batches' gradient sum).
+            outside = [forward_of.get(u.meta.get("seq_nr"), u) if phase[u] == BACKWARD else u
+                       for u in node.users if u not in index and u not in later]
+            for reader in outside:
+                if reader in index and reader not in later:
+                    flow.add_edge(index[reader], i, INFINITE)
+            if node in pinned or any(reader not in index for reader in outside):
+                flow.add_edge(source, i, INFINITE)
+            readers = [index[u] for u in node.users if u in index]
+            if not readers:
+                continue
+            sent = len(index) + 2 + i  # the value itself: its bytes cross once however many read it
+            flow.add_edge(i, sent, max(_bytes(node, axis_sizes), 1))
+            for reader in readers:
+                flow.add_edge(sent, reader, INFINITE)
+                flow.add_edge(reader, i, INFINITE)  # a value read on this stage cannot be made later
+        kept = flow.source_side(source, sink)
+        for node in free:
+            if index[node] not in kept:
+                stage[node] = moved[node] = boundary + 1
+    return moved
 
 
 def assign_actions(graph: fx.Graph) -> dict:
     """Rule 4: each node's (kind, micro-batch): "F" or "B"; a node outside every micro-batch block
     (an inserted collective) takes its inputs' action when they agree."""
+    phase = phases_of(graph)
     action: dict = {}
     for node in graph.nodes:
         if node.op != "call_function":
@@ -107,7 +208,7 @@ def assign_actions(graph: fx.Graph) -> dict:
             if given and all(g == given[0] for g in given):
                 action[node] = given[0]
             continue
-        backward = node.meta.get("phase") == BACKWARD or ("B", index) in given
+        backward = phase[node] == BACKWARD or ("B", index) in given
         action[node] = ("B" if backward else "F", index)
     return action
 
@@ -127,6 +228,9 @@ class _Splitter:
         self._check_stages(self.in_stages)
         self._check_stages(self.out_stages)
         self.stage = assign_stages(graph, self.in_stages)
+        moved = move_free_ops(graph, dict(self.stage), self.stages, self.axis_sizes)
+        if moved:
+            self.stage = assign_stages(graph, self.in_stages, moved)
         self.action = assign_actions(graph)
         microbatches = sorted({a[1] for a in self.action.values()})
         if not microbatches:
@@ -363,7 +467,8 @@ def _emit(s: _Splitter, graph_module: fx.GraphModule, instances, slot, readers, 
         table.append(row)
     out = graph.output(tuple(flat))
     out.meta[OUTPUTS] = table
-    out.meta["pp_values"] = [v.meta.get("val") if isinstance(v, fx.Node) else None for v in output.args[0]]
+    out.meta[ABSENT] = [(tuple(_local_shape(v, s.axis_sizes)), v.meta["val"].dtype) if isinstance(v, fx.Node)
+                        else None for v in output.args[0]]
     result = fx.GraphModule(graph_module, graph)
     return result
 
@@ -395,13 +500,11 @@ def select_rank(graph_module: fx.GraphModule, rank: int, size: int) -> fx.GraphM
     env: dict = {}
     for node in graph_module.graph.nodes:
         if node.op == "output":
-            values = node.meta["pp_values"]
             outputs = []
             for position, row in enumerate(node.meta[OUTPUTS]):
                 index = row[rank]
                 if index is None:
-                    val = values[position]
-                    outputs.append(graph.call_function(absent, (tuple(val.shape), val.dtype)))
+                    outputs.append(graph.call_function(absent, node.meta[ABSENT][position]))
                 else:
                     chosen = node.args[0][index]
                     outputs.append(env[chosen] if isinstance(chosen, fx.Node) else chosen)
