@@ -213,6 +213,25 @@ def assign_actions(graph: fx.Graph) -> dict:
     return action
 
 
+def split_weight_gradients(graph: fx.Graph, stage: dict, action: dict, rank_of) -> None:
+    """Zero-bubble schedules: a backward op that the gradient sent to the previous stage does not
+    need is weight-gradient work, action W(i) instead of B(i) (Qi et al. 2023's B/W split, read off
+    the joint graph)."""
+    phase = phases_of(graph)
+    needed: set = set()
+    for node in reversed(list(graph.nodes)):
+        if action.get(node, ("F",))[0] != "B" or stage.get(node) is None or \
+                (microbatch_of(node) is None and phase[node] != BACKWARD):  # not the optimizer's norm
+            continue
+        sent = any(u.op == "call_function" and stage.get(u) is not None and rank_of(stage[u]) != rank_of(stage[node])
+                   for u in node.users)
+        if sent or any(u in needed for u in node.users if stage.get(u) == stage[node] and action.get(u) == action[node]):
+            needed.add(node)
+    for node, (kind, index) in list(action.items()):
+        if kind == "B" and node not in needed and microbatch_of(node) is not None and stage.get(node) is not None:
+            action[node] = ("W", index)
+
+
 class _Splitter:
     def __init__(self, graph_module: fx.GraphModule, in_stages: list, out_stages: list, pipeline: Pipeline,
                  axis_sizes: tuple):
@@ -240,6 +259,8 @@ class _Splitter:
         if microbatches != list(range(len(microbatches))):
             raise SpecError(f"micro-batches must be numbered 0..m-1, got {microbatches}")
         self.schedule = build(self.pipeline.schedule, size, len(microbatches), self.pipeline.virtual)
+        if self.schedule.splits_backward:
+            split_weight_gradients(graph, self.stage, self.action, self.rank)
         self.start = {(rank, span[0]): span[1] for rank, spans in enumerate(simulate(self.schedule).spans)
                       for span in spans}
 
