@@ -7,7 +7,10 @@ what ZeRO-3 exists to avoid. Rule: the uses of one gathered parameter are split 
 a new window starts when, since its previous use, some other gathered parameter was used (the
 backward, or a weight shared by two layers). Each later window gets its own all-gather, just
 before its first use; views of the gathered value are copied into the window. A parameter used
-again right away (the output head's backward follows its forward) keeps its copy.
+again right away (the output head's backward follows its forward) keeps its copy. Under a pipeline
+(`sharding.pipelining`) the windows are a parameter's forward uses and its backward uses, over all
+micro-batches: each stage gathers its parameters once for its forwards and once for its backwards
+per step (2 x its parameters), whatever the number of micro-batches.
 
 `activations=True` does the same for every other all-gather: an activation gathered for a forward
 matmul and read again by its weight gradient (sequence parallelism's gathered norm output) keeps
@@ -23,6 +26,8 @@ import bisect
 import torch.fx as fx
 
 from ..cost import VIEW_OPS
+from ..phases import BACKWARD
+from ..pipelining import STAGE
 from .chain import Chain, chains, is_parameter_gather, positions
 
 
@@ -59,6 +64,18 @@ def _windows(gathers: list[Chain], order: dict, counted: list[Chain] | None = No
     return windows
 
 
+def _windows_by_phase(gathers: list[Chain], order: dict) -> dict:
+    """Under a pipeline: one window for a parameter's forward uses and one for its backward uses,
+    however many micro-batches each runs (a stage gathers its parameters twice per step)."""
+    windows = {}
+    for chain in gathers:
+        found = sorted(_uses(chain.result), key=lambda use: order[use[0]])
+        groups = [[use for use in found if use[0].meta.get("phase") != BACKWARD],
+                  [use for use in found if use[0].meta.get("phase") == BACKWARD]]
+        windows[chain] = [group for group in groups if group]
+    return windows
+
+
 def _gather_again(graph: fx.Graph, chain: Chain, before: fx.Node) -> fx.Node:
     """A copy of `chain` (same source, same record marked as a re-gather) placed before `before`."""
     copies = {}
@@ -77,7 +94,8 @@ def regather(graph_module: fx.GraphModule, params: bool = True, activations: boo
     order = positions(graph)
     all_gathers = [chain for chain in chains(graph) if chain.kind == "all_gather"]
     parameter_gathers = [chain for chain in all_gathers if is_parameter_gather(chain)]
-    windows = _windows(parameter_gathers, order) if params else {}
+    pipelined = any(STAGE in node.meta for node in graph.nodes)
+    windows = ((_windows_by_phase if pipelined else _windows)(parameter_gathers, order)) if params else {}
     if activations:
         others = [chain for chain in all_gathers if not is_parameter_gather(chain)]
         windows.update(_windows(others, order, counted=all_gathers))
