@@ -9,10 +9,11 @@ import torch
 from omegaconf import OmegaConf
 
 from functional_parallel import config_dirs, data, models, optim
-from functional_parallel.parallel import Strategy, check_offload, param_logical_axes, param_specs, state_specs
+from functional_parallel.parallel import (Strategy, check_offload, param_logical_axes, param_specs, pipeline_of,
+                                         state_specs)
 from functional_parallel.precision import Precision
 from functional_parallel.train import check_local_batch
-from sharding import Mesh, shard
+from sharding import Mesh, Pipeline, shard
 from sharding.remat import check_policy
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
@@ -113,8 +114,9 @@ def check_layouts(cfg: Any, strategy: Strategy) -> None:
         opt_state = build_optimizer(cfg.optim, build_schedule(cfg.optim, cfg.steps)).init(params)
     mesh = Mesh.abstract(mesh_shape(cfg.mesh))
     axes = param_logical_axes(model, params)
-    shard(params, param_specs(strategy, params, axes), mesh)
-    shard(opt_state, state_specs(strategy, opt_state, params, axes), mesh)
+    stages = pipeline_of(strategy, mesh, *pipeline_options(cfg))[0]
+    shard(params, param_specs(strategy, params, axes, stages), mesh)
+    shard(opt_state, state_specs(strategy, opt_state, params, axes, stages), mesh)
     check_activation_names(model, strategy, mesh_shape(cfg.mesh))
 
 
@@ -137,6 +139,34 @@ def check_activation_names(model: Any, strategy: Strategy, shape: dict) -> None:
             raise ValueError(f"strategy {strategy.name!r} splits the model's {name} ({field}={size}) over "
                              f"{' x '.join(axes)} = {count} ranks, which does not divide it; choose a mesh whose "
                              f"{' x '.join(axes)} divides {size}, or a model whose {field} it divides")
+
+
+def pipeline_options(cfg: Any) -> tuple[str, int]:
+    """(schedule, virtual stages per rank) of the config's `pipeline` (1f1b, 1 when absent)."""
+    pipeline = getattr(cfg, "pipeline", None)
+    return (pipeline.schedule, pipeline.virtual) if pipeline is not None else ("1f1b", 1)
+
+
+def micro_batches(cfg: Any, strategy: Strategy) -> int:
+    """Micro-batches per step: `pipeline.microbatches` under a pipelined strategy, else `grad_accum`."""
+    grad_accum = getattr(cfg, "grad_accum", 1)
+    if not strategy.pipeline:
+        return grad_accum
+    microbatches = cfg.pipeline.microbatches
+    if grad_accum not in (1, microbatches):
+        raise ValueError(f"strategy {strategy.name!r} is a pipeline: its micro-batches are pipeline.microbatches="
+                         f"{microbatches}, but grad_accum={grad_accum} asks for another count; leave grad_accum at 1")
+    return microbatches
+
+
+def check_pipeline(cfg: Any, strategy: Strategy, shape: dict) -> None:
+    """The schedule exists and fits the stages and micro-batches (named before any rank starts)."""
+    from sharding.schedules import build as build_schedule_of
+
+    axis = strategy.pipeline_axis
+    schedule, virtual = pipeline_options(cfg)
+    Pipeline(axis=axis, schedule=schedule, virtual=virtual)
+    build_schedule_of(schedule, shape[axis], cfg.pipeline.microbatches, virtual)
 
 
 def build_precision(cfg: Any) -> Precision:
@@ -170,7 +200,9 @@ def validate(cfg: Any, world_size: int | None = None) -> Strategy:
         raise ValueError(f"data.global_batch={cfg.data.global_batch} must be divisible by the "
                          f"{' x '.join(batch_axes)} = {split} ranks strategy {strategy.name!r} splits the batch over "
                          f"(e.g. data.global_batch={split * -(-cfg.data.global_batch // split)})")
-    check_local_batch(cfg.data.global_batch, split, getattr(cfg, "grad_accum", 1))
+    check_local_batch(cfg.data.global_batch, split, micro_batches(cfg, strategy))
+    if strategy.pipeline:
+        check_pipeline(cfg, strategy, shape)
     build_precision(cfg)
     check_policy(getattr(cfg, "remat", "none"))
     check_offload(getattr(cfg, "offload", "none"))

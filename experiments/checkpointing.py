@@ -83,19 +83,21 @@ def check_resumable(cfg: Any, root: pathlib.Path) -> pathlib.Path:
     return path
 
 
-def norm_of(specs: tuple, mesh) -> Callable:
-    """params -> global norm (a float every rank agrees on: one scalar all-reduce on a mesh)."""
+def norm_of(specs: tuple, mesh, pipeline=None) -> Callable:
+    """params -> global norm (a float every rank agrees on: one scalar all-reduce on a mesh; under a
+    pipeline, each stage's share sent on)."""
     if mesh is None:
         return lambda params: optim.global_norm(params).item()
-    compiled = jit(optim.global_norm, mesh=mesh, in_specs=(specs[0],), out_specs=P())
+    compiled = jit(optim.global_norm, mesh=mesh, in_specs=(specs[0],), out_specs=P(), pipeline=pipeline)
     return lambda params: compiled(params).item()
 
 
 class Checkpointer:
     """Saves and restores this rank's shards under `root`; every rank holds one and calls it together."""
 
-    def __init__(self, cfg: Any, root: pathlib.Path, specs: tuple, mesh, strategy: str = ""):
+    def __init__(self, cfg: Any, root: pathlib.Path, specs: tuple, mesh, strategy: str = "", pipeline=None):
         self.cfg, self.root, self.specs, self.mesh, self.strategy = cfg, pathlib.Path(root), specs, mesh, strategy
+        self.pipeline = pipeline
         self._norm = None
 
     def _trees_and_specs(self, params, opt_state):
@@ -117,7 +119,7 @@ class Checkpointer:
 
     def save(self, step: int, params, opt_state) -> pathlib.Path:
         """The state after `step` steps, if every parameter is finite (else `NonFiniteLossError`, nothing saved)."""
-        self._norm = self._norm or norm_of(self.specs, self.mesh)
+        self._norm = self._norm or norm_of(self.specs, self.mesh, self.pipeline)
         norm = self._norm(params)
         if not math.isfinite(norm):
             last = self.last_good()

@@ -74,6 +74,15 @@ class DataConfig:
 
 
 @dataclasses.dataclass
+class PipelineConfig:
+    """Pipeline parallelism, read under a strategy with a `pipeline` (pp, dp_tp_pp, zero1_tp_pp, zero3_pp)."""
+
+    microbatches: int = 4  # per optimizer step: the step's gradient accumulation, scheduled over the stages
+    schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b | zb_h1
+    virtual: int = 1  # model chunks per rank (interleaved_1f1b; the stage count is pp x virtual)
+
+
+@dataclasses.dataclass
 class Config:
     """The whole experiment."""
 
@@ -81,6 +90,7 @@ class Config:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     strategy: StrategyConfig = dataclasses.field(default_factory=StrategyConfig)
+    pipeline: PipelineConfig = dataclasses.field(default_factory=PipelineConfig)
     # The device mesh: axis name -> size, in order (the last axis varies fastest over ranks); the
     # world size is their product. A `conf/meshes/` file, or `mesh='{dp: 2, tp: 2}'` on the command line.
     mesh: Any = "dp2"

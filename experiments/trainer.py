@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from functional_parallel import data
-from functional_parallel.parallel import compile_step, param_logical_axes, state_memory_kind
+from functional_parallel.parallel import compile_step, param_logical_axes, pipeline_of, state_memory_kind
 from functional_parallel.precision import init_state
 from functional_parallel.train import make_train_step
 from functional_parallel.tree import tree_map
@@ -26,7 +26,8 @@ from sharding import Lowered, Mesh, P, jit, shard
 from sharding.cost import collective_counts
 from sharding.memory import MemoryTracker
 
-from .builders import DTYPES, build_model, build_optimizer, build_precision, build_schedule, mesh_shape, validate
+from .builders import (DTYPES, build_model, build_optimizer, build_precision, build_schedule, mesh_shape,
+                       micro_batches, pipeline_options, validate)
 from .checkpointing import Checkpointer, NonFiniteGuard, last_step
 from .metrics import MetricsWriter, bar_fields, new_task, plot_losses, progress_bar, status
 
@@ -100,8 +101,13 @@ def initial_state(params, opt_state, specs: tuple, mesh: Mesh, device: torch.dev
     """Step 0: this rank's shards of the freshly initialised global params and optimizer state
     (the state in host memory with `offload="optimizer"`; it stays there, step after step)."""
     where = state_device(offload, device)
-    return TrainState(params=tree_map(lambda x: x.to(device), shard(params, specs[0], mesh)),
-                      opt_state=tree_map(lambda x: x.to(where), shard(opt_state, specs[1], mesh)), step=0)
+    return TrainState(params=tree_map(lambda x: _placed(x, device), shard(params, specs[0], mesh)),
+                      opt_state=tree_map(lambda x: _placed(x, where), shard(opt_state, specs[1], mesh)), step=0)
+
+
+def _placed(x: torch.Tensor, device) -> torch.Tensor:
+    """`x` on `device`; a meta tensor (a leaf another pipeline stage holds) stays as it is."""
+    return x if x.device.type == "meta" else x.to(device)
 
 
 def setup(cfg: Any, rank: int, device: torch.device, output_dir: pathlib.Path | None) -> Session:
@@ -119,13 +125,17 @@ def setup(cfg: Any, rank: int, device: torch.device, output_dir: pathlib.Path | 
     precision = build_precision(cfg)
     params, opt_state = init_state(optimizer, params, precision)
     started = time.perf_counter()
-    compiled, specs = compile_step(make_train_step(model.loss, optimizer, cfg.grad_accum, precision), strategy, mesh,
-                                   params, opt_state, offload=cfg.offload, axes=param_logical_axes(model, params),
-                                   remat=cfg.remat)
+    schedule_name, virtual = pipeline_options(cfg)
+    step = make_train_step(model.loss, optimizer, micro_batches(cfg, strategy), precision)
+    compiled, specs = compile_step(step, strategy, mesh, params, opt_state, offload=cfg.offload,
+                                   axes=param_logical_axes(model, params), remat=cfg.remat,
+                                   schedule=schedule_name, virtual=virtual)
+    pipeline = pipeline_of(strategy, mesh, schedule_name, virtual)[1]
     compiled_eval = jit(model.eval_loss or model.loss, mesh=mesh, in_specs=(specs[0], specs[2]), out_specs=P(),
-                        logical_rules=strategy.constrain_rules)
+                        logical_rules=strategy.constrain_rules, pipeline=pipeline)
     state = initial_state(params, opt_state, specs, mesh, device, cfg.offload)
-    checkpointer = Checkpointer(cfg, cfg.checkpoint_dir, specs, mesh, strategy.name) if cfg.checkpoint_dir else None
+    checkpointer = Checkpointer(cfg, cfg.checkpoint_dir, specs, mesh, strategy.name, pipeline) \
+        if cfg.checkpoint_dir else None
     if cfg.resume:
         state = TrainState(*checkpointer.restore(state.params, state.opt_state))
     session = Session(cfg=cfg, rank=rank, mesh=mesh, device=device, dataset=dataset, seq_len=model.cfg.seq_len,

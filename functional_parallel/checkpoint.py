@@ -34,7 +34,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from sharding import Mesh, P
 from sharding.layout import REPLICATE, layout_from_spec
-from sharding.tree import flat_specs, leaf_paths
+from sharding.tree import flat_specs, holds, leaf_paths
 
 from .checkpoint_strided import from_stored, strided_axis, stored_spec, to_stored
 from .tree import tree_unflatten
@@ -97,6 +97,11 @@ def _flat(trees: Mapping[str, Any], specs: Mapping[str, Any] | None):
                 raise CheckpointError(f"{name}/{path}: checkpoints hold tensors only, got {type(leaf).__name__}")
             out.append((f"{name}/{path}", leaf, spec))
     return out
+
+
+def _held(spec: P, mesh: Mesh | None) -> bool:
+    """Whether this rank holds the leaf (under a pipeline, only its stage's ranks do)."""
+    return mesh is None or holds(spec, mesh)
 
 
 def _global_shape(leaf: torch.Tensor, spec: P, mesh: Mesh | None) -> tuple[int, ...]:
@@ -163,7 +168,8 @@ def save(root: str | os.PathLike, step: int, trees: Mapping[str, Any], specs: Ma
         raise CheckpointError(f"checkpoint {final} already exists; refusing to overwrite it (resume from it, "
                               f"or train into another checkpoint directory)")
     flat = _flat(trees, specs)
-    state = {key: _as_global(key, *_stored(key, leaf, spec, mesh), mesh) for key, leaf, spec in flat}
+    state = {key: _as_global(key, *_stored(key, leaf, spec, mesh), mesh) for key, leaf, spec in flat
+             if _held(spec, mesh)}  # a leaf on another pipeline stage is saved by that stage's ranks
     state[RNG_KEY] = torch.get_rng_state()
     leaves = {key: {"shape": list(_global_shape(leaf, spec, mesh)), "dtype": str(leaf.dtype).replace("torch.", "")}
               for key, leaf, spec in flat}
@@ -280,7 +286,7 @@ def load(path: str | os.PathLike, like: Mapping[str, Any], specs: Mapping[str, A
     record = read_record(path)
     flat = _flat(like, specs)
     check_compatible(record, flat, mesh, path)
-    targets = {key: _stored_like(key, leaf, spec, mesh) for key, leaf, spec in flat}
+    targets = {key: _stored_like(key, leaf, spec, mesh) for key, leaf, spec in flat if _held(spec, mesh)}
     state = {key: _as_global(key, block, kept, mesh) for key, (block, kept, _) in targets.items()}
     state[RNG_KEY] = torch.empty_like(torch.get_rng_state())
     with _quiet_single_process():
@@ -294,8 +300,8 @@ def load(path: str | os.PathLike, like: Mapping[str, Any], specs: Mapping[str, A
         paths, leaves, treedef = leaf_paths(tree)
         # each leaf where `like` keeps it (DCP hands back DTensors on the mesh's device type;
         # offloaded optimizer state stays in host memory)
-        trees[name] = tree_unflatten(treedef, [local[f"{name}/{p}"].to(leaf.device)
-                                               for p, leaf in zip(paths, leaves)])
+        trees[name] = tree_unflatten(treedef, [local[f"{name}/{p}"].to(leaf.device) if f"{name}/{p}" in local
+                                               else leaf for p, leaf in zip(paths, leaves)])  # else: another stage's
     return Restored(step=int(record["step"]), trees=trees, meta=record["meta"], rng_state=local[RNG_KEY], path=path)
 
 

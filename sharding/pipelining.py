@@ -35,7 +35,7 @@ from .layout import Layout, annotate, annotation, layout_of
 from .microbatch import microbatch_of
 from .mincut import INFINITE, FlowGraph
 from .phases import BACKWARD, FORWARD, OPTIMIZER, forward_nodes
-from .schedules import SCHEDULES, Action, build, simulate
+from .schedules import SCHEDULES, Action, Schedule, build, simulate, validate
 from .source import source_line
 
 STAGE = "pp_stage"  # node.meta key: the model stage a node runs on
@@ -47,22 +47,40 @@ ABSENT = "pp_absent"  # output node meta: per output position, this rank's (shap
 class Pipeline:
     """`jit(pipeline=Pipeline(...))`: run the step as a pipeline over mesh axis `axis`.
 
-    `schedule` is one of `sharding.schedules.SCHEDULES`; `virtual` model chunks per rank
-    (interleaved schedules). The micro-batches are the step's `sharding.microbatch` blocks.
+    `schedule` is one of `sharding.schedules.SCHEDULES`, or a `Schedule` (per rank, the ordered
+    actions; checked for deadlock here); `virtual` model chunks per rank (interleaved schedules).
+    The micro-batches are the step's `sharding.microbatch` blocks; a step without any runs its
+    stages in program order.
     """
 
     axis: str = "pp"
-    schedule: str = "1f1b"
+    schedule: str | Schedule = "1f1b"
     virtual: int = 1
 
     def __post_init__(self):
+        if isinstance(self.schedule, Schedule):
+            validate(self.schedule)  # a hand-written schedule that deadlocks fails here, before any rank runs
+            object.__setattr__(self, "virtual", self.schedule.virtual)
+            return
         if self.schedule not in SCHEDULES:
-            raise SpecError(f"pipeline schedule {self.schedule!r} is not one of {SCHEDULES}")
+            raise SpecError(f"pipeline schedule {self.schedule!r} is not one of {SCHEDULES} (or a "
+                            f"sharding.schedules.Schedule)")
         if not isinstance(self.virtual, int) or self.virtual < 1:
             raise SpecError(f"pipeline virtual stages per rank must be an int >= 1, got {self.virtual!r}")
         if self.virtual > 1 and self.schedule != "interleaved_1f1b":
             raise SpecError(f"virtual={self.virtual} stages per rank need schedule 'interleaved_1f1b', "
                             f"got {self.schedule!r}")
+
+
+def schedule_for(pipeline: Pipeline, stages: int, microbatches: int) -> Schedule:
+    """The pipeline's schedule for `stages` ranks and `microbatches` micro-batches."""
+    if not isinstance(pipeline.schedule, Schedule):
+        return build(pipeline.schedule, stages, microbatches, pipeline.virtual)
+    given = pipeline.schedule
+    if (given.stages, given.microbatches) != (stages, microbatches):
+        raise SpecError(f"the pipeline's schedule {given.name!r} is for {given.stages} ranks and {given.microbatches} "
+                        f"micro-batches, but the step runs {microbatches} micro-batches over {stages} ranks")
+    return given
 
 
 def _ndim(node) -> int:
@@ -251,14 +269,13 @@ class _Splitter:
         if moved:
             self.stage = assign_stages(graph, self.in_stages, moved)
         self.action = assign_actions(graph)
-        microbatches = sorted({a[1] for a in self.action.values()})
-        if not microbatches:
-            raise SpecError("a pipeline schedules the step's micro-batches, but no op is marked with one: run "
-                            "each micro-batch under `sharding.microbatch(i)` (the project's train step does, "
-                            "with grad_accum = the number of micro-batches)")
+        microbatches = sorted({microbatch_of(n) for n in graph.nodes if microbatch_of(n) is not None})
+        self.schedule, self.start = None, {}
+        if not microbatches:  # one pass in program order (an eval forward, a norm): no schedule to follow
+            return
         if microbatches != list(range(len(microbatches))):
             raise SpecError(f"micro-batches must be numbered 0..m-1, got {microbatches}")
-        self.schedule = build(self.pipeline.schedule, size, len(microbatches), self.pipeline.virtual)
+        self.schedule = schedule_for(self.pipeline, size, len(microbatches))
         if self.schedule.splits_backward:
             split_weight_gradients(graph, self.stage, self.action, self.rank)
         self.start = {(rank, span[0]): span[1] for rank, spans in enumerate(simulate(self.schedule).spans)
