@@ -34,8 +34,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from experiments import config as _config
 from experiments import report, train, trainer
-from experiments.builders import (DTYPES, build_model, build_optimizer, build_schedule, describe_mesh, mesh_shape,
-                                  validate)
+from experiments.builders import (DTYPES, build_model, build_optimizer, build_schedule, build_strategy, describe_mesh,
+                                  mesh_shape, micro_batches, validate)
 from experiments.cli import one_line_errors
 from experiments.metrics import read_metrics
 from experiments.docs import write_block
@@ -158,8 +158,11 @@ def train_config(cfg: DictConfig, run: Run | str) -> DictConfig:
 
 
 def reference_policy(train_cfg: DictConfig) -> tuple:
-    """The (key, value) pairs of `REFERENCE_POLICY` in a run's train config: its reference's identity."""
-    return tuple((key, train_cfg[key]) for key in REFERENCE_POLICY)
+    """The (key, value) pairs of `REFERENCE_POLICY` in a run's train config: its reference's identity
+    (a pipelined strategy's micro-batches are `pipeline.microbatches`)."""
+    values = {key: train_cfg[key] for key in REFERENCE_POLICY}
+    values["grad_accum"] = micro_batches(train_cfg, build_strategy(train_cfg.strategy))
+    return tuple(values.items())
 
 
 def tolerance(cfg: DictConfig, train_cfg: DictConfig) -> float:

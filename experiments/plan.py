@@ -29,7 +29,7 @@ from experiments.cli import one_line_errors
 from experiments.config import TABLE_STRATEGIES, ModelConfig
 from experiments.plan_report import markdown, print_tables
 from experiments.docs import write_block
-from functional_parallel import planner, published
+from functional_parallel import planner, planner_pipeline, published
 from functional_parallel.models import build, config as model_config
 from functional_parallel.parallel import Strategy, available_strategies, check_offload
 from sharding import P
@@ -52,6 +52,11 @@ class PlanConfig:
     vocab_multiple: int = 128  # the vocabulary is padded to a multiple of lcm(this, ranks), as Megatron does
     offload: str = "none"  # none | optimizer: the optimizer role (master copy, Adam m and v) in host memory
     write_readme: bool = False  # also write the tables and results into docs/plan.md, docs/results/
+    # Pipelined strategies (dp_tp_pp, zero1_tp_pp, ...): the schedule, micro-batches per step (null:
+    # global_batch / (micro_batch x data-parallel ranks)) and virtual stages per rank.
+    pipeline: Dict[str, Any] = dataclasses.field(default_factory=lambda: {"schedule": "1f1b", "microbatches": None,
+                                                                          "virtual": 1})
+    global_batch: Optional[int] = None  # sequences per step (pipelined rows); null: micro_batch x dp
 
 
 ConfigStore.instance().store(name="plan_config", node=PlanConfig)
@@ -95,6 +100,11 @@ def plan(cfg: PlanConfig, progress=None) -> dict[str, Any]:
         strategy = Strategy.load(name)
         mesh = meshes.get(name, plan_mesh)
         dp = math.prod(mesh[axis] for axis in strategy.batch_dim_axes() if axis in mesh)  # data-parallel ranks
+        if strategy.pipeline:
+            rows.append(_pipeline_row(cfg, strategy, mesh, dp, base, build_model, precision))
+            if progress is not None:
+                progress(rows[-1])
+            continue
         result = planner.plan_strategy(build_model, base.n_layers, strategy, mesh, cfg.micro_batch * dp, precision,
                                        cfg.depth, cfg.remat)
         t, sp = planner.model_axes(strategy, mesh)
@@ -127,6 +137,28 @@ def plan(cfg: PlanConfig, progress=None) -> dict[str, Any]:
                 "compute_dtype": str(precision.compute_dtype).replace("torch.", "")},
             "micro_batch": b, "global_batch": b * dp, "depth": cfg.depth, "offload": cfg.offload, "remat": cfg.remat,
             "strategies": rows}
+
+
+def _pipeline_row(cfg: PlanConfig, strategy, mesh: dict, dp: int, base, build_model, precision) -> dict:
+    """A pipelined strategy's first-rank figures (`planner_pipeline`) beside the published ones:
+    Megatron/ZeRO model states of that rank's layers and Korthikanti's activations of the micro-batches
+    the schedule keeps alive there (for 1F1B, p micro-batches of L/p layers: L layers' worth, whatever p)."""
+    options = {"schedule": "1f1b", "microbatches": None, "virtual": 1, **cfg.pipeline}
+    global_batch = cfg.global_batch or cfg.micro_batch * dp
+    microbatches = options["microbatches"] or global_batch // (cfg.micro_batch * dp)
+    row = planner_pipeline.plan_pipeline(build_model, base.n_layers, strategy, mesh, cfg.micro_batch, precision,
+                                         options["schedule"], microbatches, options["virtual"], cfg.depth, cfg.remat)
+    t, sp = planner.model_axes(strategy, {a: n for a, n in mesh.items() if a != strategy.pipeline_axis})
+    s, b, h, a = base.seq_len, cfg.micro_batch, base.d_model, base.n_heads
+    layer = published.our_layer_bytes(s, b, h, a, t, sp, precision.param_bytes, cfg.remat, base.attention)
+    chunk_layers = row["rank_layers"] // row["virtual"]
+    row.update({"t": t, "sp": sp, "pipeline": True, "seconds": row["stage_lowering_s"],
+                "global_batch": global_batch,
+                "korthikanti_layer_bytes": published.korthikanti_layer_bytes(s, b, h, a, t, sp, cfg.remat),
+                "our_layer_bytes": layer,
+                "activations_formula_bytes": row["chunks_alive_first_rank"] * chunk_layers * layer,
+                "activations_all_layers_bytes": base.n_layers * layer})
+    return row
 
 
 def _sequence_row(scheme: str, base, n_tokens: int, p: int, act_bytes: int) -> dict:

@@ -211,9 +211,32 @@ def notes(result: dict) -> list[str]:
     return out
 
 
+def pipeline_table(result: dict) -> tuple[str, list[str], list[list[str]]]:
+    """Pipelined strategies: the first rank's memory by role and what the formulas give for it."""
+    rows = [r for r in result["strategies"] if r.get("pipeline")]
+    title = ("Pipelines: the first stage's rank, GB (1e9 B); activations = micro-batches alive there (the "
+             "schedule's) x its layers x one layer's (lowered), beside Korthikanti's x the same counts")
+    headers = ["strategy", "mesh", "schedule", "m", "layers on rank", "alive", "params", "grads", "optimizer",
+               "activations", "formula activations", "L layers' worth", "total", "p2p MB/step", "bubble"]
+    body = []
+    for row in rows:
+        f = row["figures"]
+        body.append([row["strategy"], " × ".join(f"{a}={n}" for a, n in row["mesh"].items()), row["schedule"],
+                     str(row["microbatches"]), str(row["rank_layers"]), str(row["chunks_alive_first_rank"]),
+                     _gb(f["params"]), _gb(f["grads"]), _gb(f["optimizer"]), _gb(f["activations"]),
+                     _gb(row["activations_formula_bytes"]), _gb(row["activations_all_layers_bytes"]),
+                     _gb(row["total_bytes"]), _mb(f["comm/pp/p2p/bytes"]),
+                     f"{row['bubble_formula']:.3f}" if row.get("bubble_formula") is not None else "—"])
+    return title, headers, body
+
+
 def tables(result: dict) -> list[tuple[str, list[str], list[list[str]]]]:
-    return [t for t in (memory_table(result), offload_table(result), zero_table(result), activation_table(result),
-                        sequence_table(result), comm_table(result)) if t[2]]
+    flat = {**result, "strategies": [r for r in result["strategies"] if not r.get("pipeline")]}
+    found = [pipeline_table(result)]
+    if flat["strategies"]:
+        found = [memory_table(flat), offload_table(flat), zero_table(flat), activation_table(flat),
+                 sequence_table(flat), comm_table(flat)] + found
+    return [t for t in found if t[2]]
 
 
 def markdown_table(table: tuple[str, list[str], list[list[str]]]) -> str:
@@ -222,9 +245,27 @@ def markdown_table(table: tuple[str, list[str], list[list[str]]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
 
 
+def all_notes(result: dict) -> list[str]:
+    """The notes of the rows without a pipeline, then the pipelines' own."""
+    flat = {**result, "strategies": [r for r in result["strategies"] if not r.get("pipeline")]}
+    piped = [r for r in result["strategies"] if r.get("pipeline")]
+    out = notes(flat) if flat["strategies"] else []
+    for row in piped:
+        out.append(f"{row['strategy']}: lowered one stage (the strategy without its pipeline on the mesh without "
+                   f"pp) at {row['lowered_depths'][0]} and {row['lowered_depths'][1]} layers with one micro-batch "
+                   f"of {result['micro_batch']}; the first rank holds {row['rank_layers']} layers and, under "
+                   f"{row['schedule']}, {row['chunks_alive_first_rank']} micro-batches' activations at once "
+                   f"(the schedule's simulator), so {row['chunks_alive_first_rank'] * row['rank_layers']} layers' "
+                   f"worth: Korthikanti et al.'s first-stage statement (p micro-batches of L/p layers, L layers' "
+                   f"worth whatever p). One layer's activations: {row['our_layer_bytes'] / 1e6:,.1f} MB lowered and "
+                   f"by `published.our_layer_bytes` (Korthikanti's {row['korthikanti_layer_bytes'] / 1e6:,.1f} MB "
+                   f"with the documented differences: flash SDPA, no dropout).")
+    return out
+
+
 def markdown(result: dict) -> str:
     return "\n".join(markdown_table(t) for t in tables(result)) + "\n" + "".join(
-        f"- {note}\n" for note in notes(result))
+        f"- {note}\n" for note in all_notes(result))
 
 
 def print_tables(result: dict, console: Any) -> None:
@@ -237,5 +278,5 @@ def print_tables(result: dict, console: Any) -> None:
         for row in rows:
             table.add_row(*row)
         console.print(table)
-    for note in notes(result):
+    for note in all_notes(result):
         console.print(f"• {note}")

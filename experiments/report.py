@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pathlib
 
+from experiments import pipeline_report
 from functional_parallel.parallel import Strategy
 
 KINDS = ("all_gather", "reduce_scatter", "all_reduce", "all_to_all", "p2p")
@@ -355,6 +356,8 @@ def write(output_dir: pathlib.Path, cfg: dict, results: dict) -> pathlib.Path:
              "Bytes and predicted peaks come from the lowered step (`Lowered.cost`); measured peaks from "
              "`sharding.memory.MemoryTracker` around one step on each rank. Per-run details are in "
              "`<run>/summary.json` and `<run>/metrics.jsonl`.", ""]
+    if pipeline_report.plot_timeline(results, output_dir / pipeline_report.PLOT):
+        lines += pipeline_report.lines(results)
     errors = [s["error"] for s in results.values() if s.get("error")]
     if errors:
         lines += ["## Errors", "", *[f"- {e}" for e in errors], ""]
@@ -378,7 +381,9 @@ def publish(results: dict, output_dir: pathlib.Path, docs_dir: pathlib.Path,
     results_path = docs_dir / "results" / f"{prefix}.json"
     results_path.write_text(json.dumps(results, indent=1, default=str) + "\n")
     written = [results_path]
-    for name, file in PLOTS.items():
+    for name, file in {**PLOTS, "pipeline": pipeline_report.PLOT}.items():
+        if not (output_dir / file).exists():  # the timeline: only with pipelined runs
+            continue
         target = docs_dir / "figures" / f"{prefix}_{file}"
         shutil.copyfile(output_dir / file, target)
         written.append(target)

@@ -22,7 +22,8 @@ from functional_parallel.parallel import compile_step, param_logical_axes, pipel
 from functional_parallel.precision import init_state
 from functional_parallel.train import make_train_step
 from functional_parallel.tree import tree_map
-from sharding import Lowered, Mesh, P, jit, shard
+from sharding import Lowered, Mesh, P, jit, shard, timeline
+from sharding.pipelining import schedule_for
 from sharding.cost import collective_counts
 from sharding.memory import MemoryTracker
 
@@ -80,6 +81,8 @@ class Session:
     peak_bytes_measured: int | None = None
     device_peak_bytes_measured: int | None = None
     host_peak_bytes_measured: int | None = None
+    pipeline: Any = None  # the sharding.Pipeline of a pipelined strategy
+    timeline: list | None = None  # this rank's measured actions in the timed step (a pipeline's)
     started: float = dataclasses.field(default_factory=time.perf_counter)
 
 
@@ -138,7 +141,10 @@ def setup(cfg: Any, rank: int, device: torch.device, output_dir: pathlib.Path | 
         if cfg.checkpoint_dir else None
     if cfg.resume:
         state = TrainState(*checkpointer.restore(state.params, state.opt_state))
+    if pipeline is not None and rank == 0:  # the schedule, before anything runs
+        print(describe_schedule(pipeline, mesh.axis_size(pipeline.axis), cfg.pipeline.microbatches), flush=True)
     session = Session(cfg=cfg, rank=rank, mesh=mesh, device=device, dataset=dataset, seq_len=model.cfg.seq_len,
+                      pipeline=pipeline,
                       schedule=schedule, compiled_train=compiled, compiled_eval=compiled_eval, specs=specs,
                       lowered=None, compile_s=0.0, state=state, output_dir=output_dir, checkpointer=checkpointer,
                       guard=NonFiniteGuard(cfg, checkpointer.last_good if checkpointer else lambda: ""))
@@ -195,6 +201,10 @@ def train_step(session: Session) -> dict[str, float]:
     started = time.perf_counter()
     if session.peak_bytes_measured is None:
         params, opt_state, metrics = measured_step(session, batch)
+    elif session.pipeline is not None and session.timeline is None:  # the first step after the measured one
+        with timeline.recording() as records:
+            params, opt_state, metrics = session.compiled_train(state.params, state.opt_state, batch)
+        session.timeline = timeline.spans(records)
     else:
         params, opt_state, metrics = session.compiled_train(state.params, state.opt_state, batch)
     loss = metrics["loss"].item()  # also waits for the step (CUDA is asynchronous)
@@ -269,7 +279,40 @@ def rank_report(session: Session) -> dict:
             "device_peak_bytes_predicted": session.lowered.cost["device_peak_bytes"],
             "device_peak_bytes_measured": session.device_peak_bytes_measured,
             "host_bytes_predicted": session.lowered.cost["host_bytes"],
-            "host_bytes_measured": session.host_peak_bytes_measured}
+            "host_bytes_measured": session.host_peak_bytes_measured,
+            **({"pipeline_timeline": session.timeline} if session.timeline is not None else {})}
+
+
+def describe_schedule(pipeline, stages: int, microbatches: int) -> str:
+    """The schedule each pipeline rank runs, and its bubble by the formula."""
+    from sharding.schedules import bubble_formula, render
+
+    formula = bubble_formula(pipeline.schedule, stages, microbatches, pipeline.virtual)
+    return render(schedule_for(pipeline, stages, microbatches)) + (
+        f"\nbubble (formula): {formula:.3f} of each rank's step" if formula is not None else "")
+
+
+def pipeline_summary(session: Session, ranks: list[dict]) -> dict:
+    """The schedule, its formula bubble, and the measured timeline of the first pipeline (the ranks at
+    coordinate 0 of every other axis), times from its first action, with its measured bubble."""
+    from sharding.schedules import bubble_formula, render
+
+    pipeline, cfg = session.pipeline, session.cfg
+    axis = session.mesh.axis_names.index(pipeline.axis)
+    first = [r for r in ranks if all(c == 0 for a, c in enumerate(r["coordinate"].values()) if a != axis)]
+    first.sort(key=lambda r: r["coordinate"][pipeline.axis])
+    per_rank = [r.get("pipeline_timeline") or [] for r in first]
+    found = {"schedule": pipeline.schedule, "microbatches": cfg.pipeline.microbatches,
+             "virtual": pipeline.virtual, "stages": len(first),
+             "bubble_formula": bubble_formula(pipeline.schedule, len(first), cfg.pipeline.microbatches,
+                                              pipeline.virtual),
+             "printed": render(schedule_for(pipeline, len(first), cfg.pipeline.microbatches))}
+    if all(per_rank):
+        start = min(span["start"] for spans in per_rank for span in spans)
+        found["bubble_measured"] = timeline.bubble(per_rank)
+        found["timeline"] = [[{**span, "start": span["start"] - start, "end": span["end"] - start}
+                              for span in spans] for spans in per_rank]
+    return found
 
 
 def finish(session: Session) -> dict:
@@ -300,6 +343,8 @@ def finish(session: Session) -> dict:
         "collectives": collective_counts(session.lowered.collectives),
         "ranks": ranks,
     }
+    if session.pipeline is not None:
+        summary["pipeline"] = pipeline_summary(session, ranks)
     (session.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 

@@ -9,11 +9,15 @@ and cost walks) only shapes flow.
 """
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.distributed as dist
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.distributed.distributed_c10d import _resolve_process_group
+
+from . import timeline
 
 
 def _peer(group_name: str, coordinate: int) -> tuple:
@@ -36,7 +40,9 @@ def recv(shape: tuple, dtype: torch.dtype, device: torch.device, source: int, ta
     if isinstance(buffer, FakeTensor):
         return buffer
     group, peer = _peer(group_name, source)
+    started = time.perf_counter()
     dist.recv(buffer, peer, group=group, tag=tag)
+    timeline.waited(started)
     return buffer
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from . import p2p
+from . import p2p, timeline
 from .bind import AxisGroup
 from .errors import SpecError
 from .layout import Layout, annotate, annotation, layout_of
@@ -269,6 +269,7 @@ class _Splitter:
         if moved:
             self.stage = assign_stages(graph, self.in_stages, moved)
         self.action = assign_actions(graph)
+        self.phase = phases_of(graph)
         microbatches = sorted({microbatch_of(n) for n in graph.nodes if microbatch_of(n) is not None})
         self.schedule, self.start = None, {}
         if not microbatches:  # one pass in program order (an eval forward, a norm): no schedule to follow
@@ -440,17 +441,24 @@ def _emit(s: _Splitter, graph_module: fx.GraphModule, instances, slot, readers, 
         reading = min((slot[k] for k in keys), default=math.inf)
         first = min((s.order[k[0]] for k in keys), default=len(s.order))
         reader_stage = min((k[1] for k in keys), default=rank)
+        earliest = min(keys, key=lambda k: (slot[k], s.order[k[0]]), default=None)
+        label = _action_label(earliest[0], earliest[1], s) if earliest is not None else None
         items.append((produced, s.order[producer[0]], 1, "send", (producer, rank, tag)))
-        items.append((reading, first, -1, "recv", (producer, rank, tag, reader_stage)))
+        items.append((reading, first, -1, "recv", (producer, rank, tag, reader_stage, label)))
         tag += 1
     items.sort(key=lambda item: item[:3])
     group = AxisGroup((s.axis,))
     sends: dict = {}
     received: dict = {}
+    current: dict = {}  # rank -> the action its program is in (a timeline mark where it changes)
     for _, _, _, what, payload in items:
         if what == "op":
             node, stage = payload
             reader_rank = s.rank(stage)
+            label = _action_label(node, stage, s) or ("update" if s.phase[node] == OPTIMIZER else None)
+            if label is not None and current.get(reader_rank) != label:
+                current[reader_rank] = label
+                graph.call_function(timeline.mark, (label,)).meta[STAGE] = stage
 
             def mapped(arg, stage=stage, reader_rank=reader_rank):
                 how, producer = source(arg, stage)
@@ -472,7 +480,10 @@ def _emit(s: _Splitter, graph_module: fx.GraphModule, instances, slot, readers, 
             new.meta["fp_p2p"] = _record(producer[0], s, rank)
             sends.setdefault(s.rank(producer[1]), []).append((new, value))
         else:
-            producer, rank, number, reader_stage = payload
+            producer, rank, number, reader_stage, label = payload
+            if label is not None and current.get(rank) != label:  # a receive belongs to its reader's action
+                current[rank] = label
+                graph.call_function(timeline.mark, (label,)).meta[STAGE] = reader_stage
             val = producer[0].meta["val"]
             new = graph.call_function(p2p.recv, (tuple(_local_shape(producer[0], s.axis_sizes)), val.dtype,
                                                  val.device, s.rank(producer[1]), number, group))
@@ -481,6 +492,8 @@ def _emit(s: _Splitter, graph_module: fx.GraphModule, instances, slot, readers, 
             if annotation(producer[0]) is not None:
                 annotate(new, layout_of(producer[0]))
             received[(producer, rank)] = new
+    for rank in sorted(current):
+        graph.call_function(timeline.mark, ("end",)).meta[STAGE] = rank
     for rank, started in sorted(sends.items()):
         done = graph.call_function(p2p.wait_sends, ([n for n, _ in started], [v for _, v in started]))
         done.meta[STAGE] = rank
@@ -509,6 +522,15 @@ def _emit(s: _Splitter, graph_module: fx.GraphModule, instances, slot, readers, 
                         else None for v in output.args[0]]
     result = fx.GraphModule(graph_module, graph)
     return result
+
+
+def _action_label(node, stage: int, s: _Splitter) -> str | None:
+    """"F3", "B0", "W2" ("F3.1" for chunk 1) for an op in a micro-batch, else None."""
+    if microbatch_of(node) is None or node not in s.action:
+        return None
+    kind, index = s.action[node]
+    chunk = stage // s.size
+    return f"{kind}{index}" + (f".{chunk}" if s.pipeline.virtual > 1 else "")
 
 
 def _stage_of(producer, s: _Splitter) -> int:

@@ -82,6 +82,9 @@ SIZES: dict[str, GPTConfig] = {
     # Published sizes: only ever built on meta/fake tensors by the planner.
     "gpt2_124m": GPTConfig(vocab_size=50257, seq_len=1024, d_model=768, n_layers=12, n_heads=12),
     "gpt3_175b": GPTConfig(vocab_size=50257, seq_len=2048, d_model=12288, n_layers=96, n_heads=96),
+    # BLOOM-176B's dims (BigScience 2022); ALiBi and the embedding LayerNorm are not modelled: learned
+    # positions instead (docs/pipelines.md lists the difference).
+    "bloom_176b": GPTConfig(vocab_size=250880, seq_len=2048, d_model=14336, n_layers=70, n_heads=112),
 }
 
 
