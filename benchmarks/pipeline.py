@@ -4,7 +4,7 @@ One GPT with equal stages (its layers split evenly, the embedding and head small
 `stages` gloo ranks (one thread each) under the `pp` strategy with every schedule and micro-batch
 count; each timed step records when each rank ran each action and how long its receives blocked
 (`sharding.timeline`), and the bubble is the idle share of the ranks' time from the first action
-to the last (median over the timed steps). Writes `benchmarks/results/pipeline-<date>.json` and
+to the last (median over the timed steps). Writes `benchmarks/results/pipeline/<date>.json` and
 `.md`, and the table into docs/pipelines.md (`write_readme=false` to skip). On demand only.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ from omegaconf import OmegaConf
 
 from functional_parallel.launch import spawn
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "pipeline"  # apart from benchmarks.strategies' results
 DOC_BLOCK = "pipeline_bubble"
 
 
@@ -130,7 +130,7 @@ def table(results: dict) -> str:
 def main(cfg) -> None:
     results = run(PipelineBenchConfig(**OmegaConf.to_container(cfg, resolve=True)))
     RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / f"pipeline-{results['date']}"
+    stem = RESULTS / results["date"]
     stem.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
     stem.with_suffix(".md").write_text(table(results) + "\n")
     print(table(results))

@@ -22,6 +22,15 @@ GENERATED = {
     "long_sequences": "python -m experiments.compare 'strategies=[tp_sp, ulysses, ulysses_zero3, ring, tp_cp]' "
                       "model=gpt_small "
                       "model.dtype=float64 steps=10 doc_block=long_sequences write_readme=true",
+    "pipelines": "python -m experiments.compare 'runs=[pp, zero3_pp, dp_tp_pp, zero1_tp_pp, "
+                 "{name: pp_gpipe, strategy: pp, pipeline: {schedule: gpipe}}, "
+                 "{name: pp_zb_h1, strategy: pp, pipeline: {schedule: zb_h1}}]' steps=10 doc_block=pipelines "
+                 "write_readme=true",
+    "pipeline_bubble": "python -m benchmarks.pipeline",
+    "plan_pipeline model=gpt3_175b": "python -m experiments.plan --config-name plan_pipeline write_readme=true",
+    "plan_pipeline model=bloom_176b": "python -m experiments.plan --config-name plan_pipeline model=bloom_176b "
+                                      "mesh=dp8_pp12_tp4 'strategies=[zero1_tp_pp]' micro_batch=2 global_batch=2048 "
+                                      "write_readme=true",
 }
 _MARKER = re.compile(r"<!-- (.+?):begin -->")
 

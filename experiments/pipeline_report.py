@@ -56,8 +56,9 @@ def _formula(found: dict) -> str:
     return f"{found['bubble_formula']:.2f}" if found.get("bubble_formula") is not None else "n/a"
 
 
-def lines(results: dict) -> list[str]:
-    """The report's pipeline section: per run, the schedule as printed and the bubble both ways."""
+def lines(results: dict, image: bool = True) -> list[str]:
+    """The report's pipeline section: per run, the schedule as printed and the bubble both ways (and
+    the timeline plot's link, unless `image` is False: docs embed the copied figure themselves)."""
     runs = pipelined(results)
     if not runs:
         return []
@@ -69,8 +70,8 @@ def lines(results: dict) -> list[str]:
                    f"{found['bubble_measured']:.3f} | {_formula(found)} |")
     out += ["", "Measured: one timed step of the first pipeline's ranks (idle = blocked in receives, and "
             "before a rank's first action or after its last); the formula assumes equal stages and free "
-            "sends. Each schedule, as every rank runs it:", ""]
-    for name, summary in runs.items():
-        out += ["```", summary["pipeline"]["printed"], "```", ""]
-    out += [f"![pipeline timelines]({PLOT})", ""]
-    return out
+            "sends. Each schedule, as every rank runs it (`experiments.train` prints it before training):", ""]
+    printed = list(dict.fromkeys(summary["pipeline"]["printed"] for summary in runs.values()))
+    for schedule in printed:
+        out += ["```", schedule, "```", ""]
+    return out + ([f"![pipeline timelines]({PLOT})", ""] if image else [])

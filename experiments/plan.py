@@ -57,6 +57,7 @@ class PlanConfig:
     pipeline: Dict[str, Any] = dataclasses.field(default_factory=lambda: {"schedule": "1f1b", "microbatches": None,
                                                                           "virtual": 1})
     global_batch: Optional[int] = None  # sequences per step (pipelined rows); null: micro_batch x dp
+    doc_block: Optional[str] = None  # the docs block write_readme rewrites; null: "plan model=<model>"
 
 
 ConfigStore.instance().store(name="plan_config", node=PlanConfig)
@@ -175,8 +176,10 @@ def _sequence_row(scheme: str, base, n_tokens: int, p: int, act_bytes: int) -> d
             "formula_bytes": published.ulysses_layer_bytes(n_tokens, h, h_kv, p, act_bytes), "kinds": ["all_to_all"]}
 
 
-def results_file(model_choice: str, root: Path) -> Path:
-    return root / "docs" / "results" / f"plan_{model_choice}.json"
+def results_file(model_choice: str, root: Path, block: str | None = None) -> Path:
+    """docs/results/plan_<model>.json, or for another block its name made a file name."""
+    name = (block or doc_block(model_choice)).replace(" model=", "_").replace(" ", "_")
+    return root / "docs" / "results" / f"{name}.json"
 
 
 def doc_block(model_choice: str) -> str:
@@ -204,10 +207,11 @@ def main(cfg) -> None:
                   f"wrote {run_dir / 'plan.json'} and {run_dir / 'plan.md'}")
     if cfg.write_readme:
         root, model = Path(hydra.utils.get_original_cwd()), HydraConfig.get().runtime.choices["model"]
-        results = results_file(model, root)  # what the block is rendered from: tests/test_docs.py checks it
+        block = cfg.doc_block or doc_block(model)
+        results = results_file(model, root, block)  # what the block is rendered from: tests/test_docs.py checks it
         results.parent.mkdir(parents=True, exist_ok=True)
         results.write_text(json.dumps(result, indent=1, default=str) + "\n")
-        console.print(f"wrote {results} and {write_block(doc_block(model), markdown(result), root)}")
+        console.print(f"wrote {results} and {write_block(block, markdown(result), root)}")
 
 
 if __name__ == "__main__":

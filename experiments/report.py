@@ -328,7 +328,8 @@ def readme_block(results: dict) -> str:
         policy = "".join(f"{'—' if s['policy'].get(key) is None else s['policy'][key]} | " for key in columns)
         lines.append(f"| {name} | {s['strategy']} | {_mesh(s)} | {policy}{diff} | {_bytes(measured_peak(s))} | "
                      f"{s['cost']['bytes_moved']:,} | {1e3 * s['step_time_s']:.1f} |")
-    return "\n".join(lines)
+    piped = pipeline_report.lines(results, image=False)
+    return "\n".join(lines + ([""] + piped[2:] if piped else [])).rstrip()
 
 
 def _compute_dtype(summary: dict, model_dtype: str) -> str:

@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from .bind import bind
+from .bind import AxisGroup, bind, placeholders
 from .errors import SpecError
 from .insert import insert
 from .layout import layout_from_spec
@@ -148,6 +148,10 @@ def bind_stage(p: Program) -> Program:
     pipeline = p.options.pipeline
     if pipeline is not None:
         axis = p.mesh.axis_names.index(pipeline.axis)
+        if not p.mesh.abstract_only:  # every rank makes every group, in one order, before it keeps its stages
+            for group in placeholders(graph):
+                if isinstance(group, AxisGroup):
+                    p.mesh.group_name(group.axes)
         graph = select_rank(graph, p.mesh.coordinate[axis], p.mesh.axis_sizes[axis])
     return dataclasses.replace(p, graph=bind(graph, p.mesh))
 

@@ -451,11 +451,15 @@ def _emit(s: _Splitter, graph_module: fx.GraphModule, instances, slot, readers, 
     sends: dict = {}
     received: dict = {}
     current: dict = {}  # rank -> the action its program is in (a timeline mark where it changes)
-    for _, _, _, what, payload in items:
+    last_action = {}  # rank -> when its last action starts: the optimizer's ops from then on are "update"
+    for (rank, _), start in s.start.items():
+        last_action[rank] = max(last_action.get(rank, start), start)
+    for when, _, _, what, payload in items:
         if what == "op":
             node, stage = payload
             reader_rank = s.rank(stage)
-            label = _action_label(node, stage, s) or ("update" if s.phase[node] == OPTIMIZER else None)
+            label = _action_label(node, stage, s) or (
+                "update" if s.phase[node] == OPTIMIZER and when >= last_action.get(reader_rank, math.inf) else None)
             if label is not None and current.get(reader_rank) != label:
                 current[reader_rank] = label
                 graph.call_function(timeline.mark, (label,)).meta[STAGE] = stage

@@ -12,6 +12,7 @@ import pytest
 from benchmarks import report as benchmark_report
 from experiments import docs
 from experiments import plan as plan_cli
+from experiments import pipeline_report
 from experiments import report as compare_report
 from experiments.plan_report import markdown
 
@@ -41,20 +42,31 @@ def test_write_block_replaces_only_its_block(tmp_path):
         docs.write_block("c", "text", tmp_path)
 
 
-@pytest.mark.parametrize("block", ["compare", "long_sequences"])
+@pytest.mark.parametrize("block", ["compare", "long_sequences", "pipelines"])
 def test_compare_block_is_rendered_from_its_saved_results(block):
     results = json.loads((docs.ROOT / "docs" / "results" / f"{block}.json").read_text())
     assert docs.read_block(block) == compare_report.readme_block(results).strip(), \
         f"the {block} block is stale: rerun `{docs.GENERATED[block]}`"
-    for name in compare_report.PLOTS.values():
+    plots = list(compare_report.PLOTS.values()) + ([pipeline_report.PLOT] if pipeline_report.pipelined(results) else [])
+    for name in plots:
         assert (docs.ROOT / "docs" / "figures" / f"{block}_{name}").stat().st_size > 0
 
 
-@pytest.mark.parametrize("model", ["gpt_7_5b", "gpt3_175b", "llama2_7b"])
-def test_plan_block_is_rendered_from_its_saved_results(model):
-    results = json.loads(plan_cli.results_file(model, docs.ROOT).read_text())
-    assert docs.read_block(plan_cli.doc_block(model)) == markdown(results).strip(), \
-        f"docs/plan.md's {model} block is stale: rerun `{docs.GENERATED[plan_cli.doc_block(model)]}`"
+@pytest.mark.parametrize("model,block", [("gpt_7_5b", None), ("gpt3_175b", None), ("llama2_7b", None),
+                                         ("gpt3_175b", "plan_pipeline model=gpt3_175b"),
+                                         ("bloom_176b", "plan_pipeline model=bloom_176b")])
+def test_plan_block_is_rendered_from_its_saved_results(model, block):
+    block = block or plan_cli.doc_block(model)
+    results = json.loads(plan_cli.results_file(model, docs.ROOT, block).read_text())
+    assert docs.read_block(block) == markdown(results).strip(), \
+        f"the {block!r} block is stale: rerun `{docs.GENERATED[block]}`"
+
+
+def test_pipeline_bubble_block_is_the_newest_results_table():
+    from benchmarks import pipeline as pipeline_bench
+
+    newest = sorted(pipeline_bench.RESULTS.glob("*.json"))[-1]
+    assert docs.read_block(pipeline_bench.DOC_BLOCK) == pipeline_bench.table(json.loads(newest.read_text())).strip()
 
 
 def test_benchmark_block_is_the_newest_results_table():
