@@ -1,14 +1,15 @@
 """Stage 6 with a pipeline, split: each op on one pipeline stage, a value read on another rank
 sent there, and the program ordered as the schedule runs it.
 
-The rules (README, "Pipelines"):
+The rules (docs/pipelines.md; rules 2 and 4 are read off the graph in `sharding.stage_rules`):
 1. An input lives where its spec's `stage` says (`P(..., stage=Stage("pp", k))`); an input
    without a stage (the batch, a step counter) is on every stage.
 2. A forward op runs on the latest stage among its inputs (activations flow forward); a backward
    op on the stage of the forward op it differentiates (else the earliest of its inputs); an
    optimizer op on the latest stage of its tensor inputs (an update stays with its parameter; a
-   0-dim norm or scale moves). An op none of whose inputs has a stage is on no stage: every
-   stage that reads it computes it (a mask, a position index).
+   0-dim norm or scale moves). A forward op that reads no parameter may run on a later stage,
+   where the fewest bytes cross each boundary (a minimum cut). An op none of whose inputs has a
+   stage is on no stage: every stage that reads it computes it (a mask, a position index).
 3. A value read on a rank other than the one that makes it is sent once to each reading rank
    (`sharding.p2p`). An output whose spec has a stage is returned by that stage's rank (others
    return a meta tensor of its shape); an output without one (the loss) by every rank.

@@ -70,10 +70,13 @@ class P(tuple):
         return "P(" + ", ".join([repr(e) for e in self] + staged) + ")"
 
     def __eq__(self, other) -> bool:
+        if not isinstance(other, tuple):
+            return NotImplemented
         return tuple.__eq__(self, other) and getattr(other, "stage", None) == self.stage
 
     def __ne__(self, other) -> bool:
-        return not self == other
+        equal = self.__eq__(other)
+        return equal if equal is NotImplemented else not equal
 
     def __hash__(self) -> int:
         return hash((tuple(self), self.stage))

@@ -9,6 +9,7 @@ from experiments.config import SEQUENCE_STRATEGIES, TABLE_STRATEGIES
 from functional_parallel import optim
 from functional_parallel.models import build
 from functional_parallel.parallel import Strategy, example_mesh, param_logical_axes, param_specs, state_specs
+from functional_parallel.tree import leaf_paths, tree_leaves
 from sharding import Mesh, P, jit, shard, unshard
 
 GLOBAL_BATCH = 8
@@ -98,6 +99,16 @@ def measured_peaks(lowered, local, runs: int = 3) -> list[int]:
         del out
         measured.append(mem.peak_bytes)
     return measured
+
+
+def max_error(a_tree, b_tree) -> tuple[float, str]:
+    """The largest elementwise difference between two trees of tensors, and the leaf path where it is."""
+    worst, where = 0.0, ""
+    for path, a, b in zip(leaf_paths(b_tree), tree_leaves(a_tree), tree_leaves(b_tree)):
+        error = (a - b).abs().max().item()
+        if error > worst:
+            worst, where = error, path
+    return worst, where
 
 
 def assert_equals_reference(per_rank, ref_loss, ref_grads, tolerance: float, where: str = "") -> None:

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from functional_parallel.launch import spawn
-from functional_parallel.tree import leaf_paths, tree_leaves
 
+from .equivalence import max_error
 from .pipeline_problem import reference, run_pipeline
 
 TOLERANCE = 1e-9
@@ -69,15 +69,6 @@ def outcomes():
     return {group: _spawn(runs) for group, runs in RUNS.items()}
 
 
-def _max_error(a_tree, b_tree) -> tuple[float, str]:
-    worst, where = 0.0, ""
-    for path, a, b in zip(leaf_paths(b_tree), tree_leaves(a_tree), tree_leaves(b_tree)):
-        error = (a - b).abs().max().item()
-        if error > worst:
-            worst, where = error, path
-    return worst, where
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("group,run", CASES, ids=[f"{r[1]}-{r[0]}-{r[3]}-pp{dict(r[2])['pp']}" for _, r in CASES])
 def test_pipeline_equals_reference(outcomes, group, run):
@@ -87,8 +78,8 @@ def test_pipeline_equals_reference(outcomes, group, run):
         got = results[run]
         losses = torch.stack(got["losses"])
         assert torch.allclose(losses, torch.stack(ref["losses"]), rtol=0, atol=TOLERANCE), (run, rank)
-        error, where = _max_error(got["grads"], ref["grads"])
+        error, where = max_error(got["grads"], ref["grads"])
         assert error < TOLERANCE, f"{run} rank {rank}: grad {where} off by {error}"
-        error, where = _max_error(got["params"], ref["params"])
+        error, where = max_error(got["params"], ref["params"])
         assert error < TOLERANCE, f"{run} rank {rank}: after 3 steps {where} off by {error}"
         assert any(r["kind"] == "p2p" for r in got["collectives"]), "a pipeline sends between its stages"

@@ -181,3 +181,13 @@ def test_more_stages_than_layers_is_an_error_naming_both():
     _, _, params, _, _ = make_problem("gpt", 2)
     with pytest.raises(ValueError, match="over 4 stages, but it has 2 layers"):
         param_specs(Strategy.load("pp"), params, None, stages=4)
+
+
+def test_a_spec_with_a_stage_equals_only_the_same_spec_on_the_same_stage():
+    import pickle
+
+    staged = P(None, "tp", stage=("pp", 1))
+    assert staged == P(None, "tp", stage=("pp", 1)) and staged != P(None, "tp") and staged != P(None, "tp", stage=("pp", 0))
+    assert P("dp") == ("dp",) and P() != None and P("dp") != 3  # noqa: E711 (the comparison is the point)
+    assert pickle.loads(pickle.dumps(staged)) == staged and hash(staged) == hash(P(None, "tp", stage=("pp", 1)))
+    assert repr(staged) == "P(None, 'tp', stage=Stage(axis='pp', index=1))"

@@ -16,13 +16,13 @@ from functional_parallel import optim
 from functional_parallel.launch import spawn
 from functional_parallel.models import build
 from functional_parallel.train import make_train_step
-from functional_parallel.tree import leaf_paths, tree_leaves, tree_map
+from functional_parallel.tree import tree_map
 from sharding import Mesh, P, checkpoint_name, jit, unshard
 from sharding.memory import MemoryTracker
 from sharding.remat import RematError, backward_seeds
 from sharding.trace import trace
 
-from .equivalence import compile_strategy, measured_peaks, reference
+from .equivalence import compile_strategy, max_error, measured_peaks, reference
 from .lowered import lower
 
 aten = torch.ops.aten
@@ -59,12 +59,6 @@ def outcome():
     return reference("gpt", steps=2, model_overrides=MATH), spawn(_run_all, 4, timeout_s=400)
 
 
-def _max_error(a_tree, b_tree) -> tuple[float, str]:
-    errors = [((a - b).abs().max().item(), path)
-              for path, a, b in zip(leaf_paths(b_tree), tree_leaves(a_tree), tree_leaves(b_tree))]
-    return max(errors)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -74,7 +68,7 @@ def test_remat_equals_reference(outcome, policy, strategy):
         got = results[(policy, strategy)]
         assert torch.allclose(torch.stack(got["losses"]), torch.stack(ref["losses"]), rtol=0, atol=TOLERANCE)
         for what in ("grads", "params"):
-            error, where = _max_error(got[what], ref[what])
+            error, where = max_error(got[what], ref[what])
             assert error < TOLERANCE, f"{policy}/{strategy} rank {rank}: {what} {where} off by {error}"
 
 

@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from functional_parallel.launch import spawn
-from functional_parallel.tree import leaf_paths, tree_leaves
 
-from .equivalence import MESHES, reference, run_strategy
+from .equivalence import MESHES, max_error, reference, run_strategy
 
 STRATEGIES = list(MESHES)
 TOLERANCE = 1e-9
@@ -26,15 +25,6 @@ def outcome(request):
     return arch, reference(arch), spawn(_all_strategies, 4, arch, timeout_s=300)
 
 
-def _max_error(a_tree, b_tree) -> tuple[float, str]:
-    worst, where = 0.0, ""
-    for path, a, b in zip(leaf_paths(b_tree), tree_leaves(a_tree), tree_leaves(b_tree)):
-        error = (a - b).abs().max().item()
-        if error > worst:
-            worst, where = error, path
-    return worst, where
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_strategy_equals_reference(outcome, strategy):
@@ -43,9 +33,9 @@ def test_strategy_equals_reference(outcome, strategy):
         got = results[strategy]
         losses = torch.stack(got["losses"])
         assert torch.allclose(losses, torch.stack(ref["losses"]), rtol=0, atol=TOLERANCE), (arch, strategy, rank)
-        grad_error, where = _max_error(got["grads"], ref["grads"])
+        grad_error, where = max_error(got["grads"], ref["grads"])
         assert grad_error < TOLERANCE, f"{arch}/{strategy} rank {rank}: grad {where} off by {grad_error}"
-        param_error, where = _max_error(got["params"], ref["params"])
+        param_error, where = max_error(got["params"], ref["params"])
         assert param_error < TOLERANCE, f"{arch}/{strategy} rank {rank}: after 3 steps {where} off by {param_error}"
 
 
