@@ -47,7 +47,7 @@ def test_mesh_is_a_file_name_or_axes_in_order():
     assert builders.mesh_shape(compose_config(["mesh=dp2_tp2"]).mesh) == {"dp": 2, "tp": 2}
     shape = builders.mesh_shape(compose_config(["mesh={tp: 2, dp: 1, pp: 2}"]).mesh)
     assert list(shape.items()) == [("tp", 2), ("dp", 1), ("pp", 2)]
-    with pytest.raises(ValueError, match=r"unknown meshes 'dp3'; expected one of \['dp2', 'dp2_sp2', 'dp2_tp2'"):
+    with pytest.raises(ValueError, match=r"unknown meshes 'dp3'; expected one of \[.*'dp2', 'dp2_sp2', 'dp2_tp2'"):
         builders.mesh_shape("dp3")
     with pytest.raises(ValueError, match=r"mesh.pp='two'"):
         builders.mesh_shape(compose_config(["mesh={dp: 2, pp: two}"]).mesh)

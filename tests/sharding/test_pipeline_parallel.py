@@ -36,7 +36,7 @@ def _run(arch, strategy, shape, schedule, microbatches=2):
 DEFAULT = {
     4: [_run("gpt", "pp", DP_PP, "gpipe"), _run("llama", "pp", DP_PP, "1f1b"),
         _run("gpt", "pp", DP_PP, "interleaved_1f1b"), _run("llama", "zero3_pp", DP_PP, "zb_h1")],
-    "4 stages": [_run("llama", "pp", PP4, "1f1b", 4), _run("gpt", "pp", PP4, "zb_h1", 4)],
+    "4 stages": [_run("llama", "pp", PP4, "zb_h1", 4)],
     8: [_run("gpt", "dp_tp_pp", DP_PP_TP, "1f1b"), _run("llama", "zero1_tp_pp", DP_PP_TP, "gpipe")],
 }
 MATRIX = {
