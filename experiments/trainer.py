@@ -283,30 +283,34 @@ def rank_report(session: Session) -> dict:
             **({"pipeline_timeline": session.timeline} if session.timeline is not None else {})}
 
 
+def _schedule_facts(pipeline, stages: int, microbatches: int) -> tuple[float | None, str]:
+    """(the bubble by its formula, the schedule as every rank runs it, printed)."""
+    from sharding.schedules import SCHEDULES, bubble_formula, render
+
+    schedule = schedule_for(pipeline, stages, microbatches)
+    formula = bubble_formula(schedule.name, stages, microbatches, pipeline.virtual) if schedule.name in SCHEDULES \
+        else None  # a hand-written schedule has no published formula
+    return formula, render(schedule)
+
+
 def describe_schedule(pipeline, stages: int, microbatches: int) -> str:
     """The schedule each pipeline rank runs, and its bubble by the formula."""
-    from sharding.schedules import bubble_formula, render
-
-    formula = bubble_formula(pipeline.schedule, stages, microbatches, pipeline.virtual)
-    return render(schedule_for(pipeline, stages, microbatches)) + (
-        f"\nbubble (formula): {formula:.3f} of each rank's step" if formula is not None else "")
+    formula, printed = _schedule_facts(pipeline, stages, microbatches)
+    return printed + (f"\nbubble (formula): {formula:.3f} of each rank's step" if formula is not None else "")
 
 
 def pipeline_summary(session: Session, ranks: list[dict]) -> dict:
     """The schedule, its formula bubble, and the measured timeline of the first pipeline (the ranks at
     coordinate 0 of every other axis), times from its first action, with its measured bubble."""
-    from sharding.schedules import bubble_formula, render
-
     pipeline, cfg = session.pipeline, session.cfg
     axis = session.mesh.axis_names.index(pipeline.axis)
     first = [r for r in ranks if all(c == 0 for a, c in enumerate(r["coordinate"].values()) if a != axis)]
     first.sort(key=lambda r: r["coordinate"][pipeline.axis])
     per_rank = [r.get("pipeline_timeline") or [] for r in first]
-    found = {"schedule": pipeline.schedule, "microbatches": cfg.pipeline.microbatches,
-             "virtual": pipeline.virtual, "stages": len(first),
-             "bubble_formula": bubble_formula(pipeline.schedule, len(first), cfg.pipeline.microbatches,
-                                              pipeline.virtual),
-             "printed": render(schedule_for(pipeline, len(first), cfg.pipeline.microbatches))}
+    formula, printed = _schedule_facts(pipeline, len(first), cfg.pipeline.microbatches)
+    found = {"schedule": str(pipeline.schedule) if isinstance(pipeline.schedule, str) else pipeline.schedule.name,
+             "microbatches": cfg.pipeline.microbatches, "virtual": pipeline.virtual, "stages": len(first),
+             "bubble_formula": formula, "printed": printed}
     if all(per_rank):
         start = min(span["start"] for spans in per_rank for span in spans)
         found["bubble_measured"] = timeline.bubble(per_rank)
