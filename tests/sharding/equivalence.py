@@ -41,9 +41,13 @@ def make_problem(arch: str, seed: int = 0, model_overrides: dict | None = None):
 
 
 def reference(arch: str, steps: int = 3, model_overrides: dict | None = None):
-    step, params, opt_state, batch = make_problem(arch, model_overrides=model_overrides)
+    return run_single_process(*make_problem(arch, model_overrides=model_overrides), steps)
+
+
+def run_single_process(step, params, opt_state, batch, steps: int) -> dict:
+    """`steps` steps of a step returning {"loss", "grads"} metrics: each loss, the first grads, the final params."""
     losses, grads = [], None
-    for i in range(steps):
+    for _ in range(steps):
         params, opt_state, metrics = step(params, opt_state, batch)
         losses.append(metrics["loss"])
         grads = grads or metrics["grads"]

@@ -45,13 +45,9 @@ def make_problem(arch: str, microbatches: int, n_layers: int = 2, rows_per_micro
 
 
 def reference(arch: str, microbatches: int, n_layers: int = 2, steps: int = 3) -> dict:
-    _, step, params, opt_state, batch = make_problem(arch, microbatches, n_layers)
-    losses, grads = [], None
-    for _ in range(steps):
-        params, opt_state, metrics = step(params, opt_state, batch)
-        losses.append(metrics["loss"])
-        grads = grads or metrics["grads"]
-    return {"losses": losses, "grads": grads, "params": params}
+    from .equivalence import run_single_process
+
+    return run_single_process(*make_problem(arch, microbatches, n_layers)[1:], steps)
 
 
 def compile_pipeline(arch: str, strategy_name: str, mesh: Mesh, schedule: str, microbatches: int,
