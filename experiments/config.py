@@ -100,7 +100,7 @@ class Config:
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16: dynamic loss scaling); masters and optimizer state stay fp32
     reduce_dtype: Optional[str] = None  # gradient reductions: null (the compute dtype) | float32
     remat: str = "none"  # activation checkpointing: none | selective (attention core) | full (keep layer inputs)
-    offload: str = "none"  # none | optimizer (optimizer state in host memory, its update on host: ZeRO-Offload)
+    offload: str = "none"  # none | optimizer (state + its update on host: ZeRO-Offload) | params (also params)
     log_every: int = 10
     eval_every: int = 100
     eval_batches: int = 4  # 0: no validation

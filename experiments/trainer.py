@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 
 from functional_parallel import data
-from functional_parallel.parallel import compile_step, param_logical_axes, pipeline_of, state_memory_kind
+from functional_parallel.parallel import (compile_step, param_logical_axes, param_memory_kind, pipeline_of,
+                                         state_memory_kind)
 from functional_parallel.precision import init_state
 from functional_parallel.train import make_train_step
 from functional_parallel.tree import tree_map
@@ -99,12 +100,18 @@ def state_device(offload: str, device: torch.device) -> torch.device:
     return torch.device("cpu") if state_memory_kind(offload) == "host" else device
 
 
+def params_device(offload: str, device: torch.device) -> torch.device:
+    """Where the parameters live: the CPU (host memory) with `offload="params"`, else `device`."""
+    return torch.device("cpu") if param_memory_kind(offload) == "host" else device
+
+
 def initial_state(params, opt_state, specs: tuple, mesh: Mesh, device: torch.device,
                   offload: str = "none") -> TrainState:
     """Step 0: this rank's shards of the freshly initialised global params and optimizer state
-    (the state in host memory with `offload="optimizer"`; it stays there, step after step)."""
-    where = state_device(offload, device)
-    return TrainState(params=tree_map(lambda x: _placed(x, device), shard(params, specs[0], mesh)),
+    (the state in host memory with `offload="optimizer"`, the parameters too with "params"; they
+    stay there, step after step)."""
+    where, params_where = state_device(offload, device), params_device(offload, device)
+    return TrainState(params=tree_map(lambda x: _placed(x, params_where), shard(params, specs[0], mesh)),
                       opt_state=tree_map(lambda x: _placed(x, where), shard(opt_state, specs[1], mesh)), step=0)
 
 
@@ -183,7 +190,8 @@ def measured_step(session: Session, batch: dict):
     for _ in range(MEASURED_RUNS):
         torch.set_rng_state(generator)  # every run draws what one run draws
         with MemoryTracker(session.device) as memory:
-            memory.track((state.params, batch))
+            memory.track(batch)
+            memory.track(state.params, param_memory_kind(session.cfg.offload))
             memory.track(state.opt_state, state_memory_kind(session.cfg.offload))
             outputs = session.compiled_train(state.params, state.opt_state, batch)
         runs.append(memory)

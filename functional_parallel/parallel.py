@@ -340,7 +340,7 @@ def state_specs(strategy: Strategy, opt_state, params, axes=None, stages: int | 
     return tree_unflatten(treedef, specs)
 
 
-OFFLOAD = ("none", "optimizer")
+OFFLOAD = ("none", "optimizer", "params")  # params: parameters, their gradients' update and the state on host
 
 
 def check_offload(offload: str) -> str:
@@ -351,8 +351,13 @@ def check_offload(offload: str) -> str:
 
 
 def state_memory_kind(offload: str) -> str:
-    """The memory kind of every optimizer-state leaf: "host" with offload="optimizer" (ZeRO-Offload)."""
-    return "host" if check_offload(offload) == "optimizer" else "device"
+    """The memory kind of every optimizer-state leaf: "host" with any offload (ZeRO-Offload)."""
+    return "host" if check_offload(offload) != "none" else "device"
+
+
+def param_memory_kind(offload: str) -> str:
+    """The memory kind of every parameter leaf: "host" with offload="params" (ZeRO-Infinity)."""
+    return "host" if check_offload(offload) == "params" else "device"
 
 
 def compile_step(step: Callable, strategy: Strategy, mesh: Mesh, params, opt_state, offload: str = "none",
@@ -365,16 +370,17 @@ def compile_step(step: Callable, strategy: Strategy, mesh: Mesh, params, opt_sta
     each rank's share of the batch splits into N micro-batches (at trace time, before any
     collective runs). `offload="optimizer"` gives every optimizer-state leaf, in and out, the
     memory kind "host": the state stays in CPU memory and its update runs there
-    (`sharding.placement`); pass the state as CPU tensors. `axes`: the model's logical parameter
-    axes (`Model.axes(params)`), read by the strategy's `param_axes`. A strategy with a pipeline
-    runs the step's micro-batches (its `grad_accum`) by `schedule` with `virtual` stages per rank.
+    (`sharding.placement`); pass the state as CPU tensors. `offload="params"` also keeps the
+    parameters there: each comes up once per window of use, its gradient goes down. `axes`: the
+    model's logical parameter axes (`Model.axes(params)`), read by the strategy's `param_axes`. A
+    strategy with a pipeline runs the step's micro-batches (its `grad_accum`) by `schedule` with
+    `virtual` stages per rank.
     """
-    state_kind = state_memory_kind(offload)
     stages, pipelined = pipeline_of(strategy, mesh, schedule, virtual)
     pspecs = param_specs(strategy, params, axes, stages)
     sspecs = state_specs(strategy, opt_state, params, axes, stages)
     step = _with_local_batch_check(step, strategy.batch, mesh)
-    kinds = ("device", state_kind, "device")
+    kinds = (param_memory_kind(offload), state_memory_kind(offload), "device")
     compiled = jit(step, mesh=mesh, in_specs=(pspecs, sspecs, strategy.batch), out_specs=(pspecs, sspecs, P()),
                    logical_rules=strategy.constrain_rules, in_memory_kinds=kinds, out_memory_kinds=kinds,
                    data_argnums=2, pipeline=pipelined, **jit_options)

@@ -31,6 +31,7 @@ from .remat import remat
 from .schedule import schedule
 from .pipelining import Pipeline, select_rank, split_stages
 from .trace import Traced, trace
+from .transfer_schedule import schedule_transfers
 from .tree import NAMESPACE, flat_specs
 
 
@@ -140,6 +141,8 @@ def place_stage(p: Program) -> Program:
     out_tree = optree.tree_unflatten(p.traced.out_treedef, list(range(len(p.traced.out_paths))))
     out_kinds = flat_kinds(p.options.out_memory_kinds, out_tree, "out_memory_kinds")
     graph = place(p.graph, p.options.in_kinds, out_kinds, example_inputs, p.options.compute_device)
+    if graph is not p.graph:  # something moves between kinds: when each transfer happens
+        graph = schedule_transfers(graph)
     return dataclasses.replace(p, graph=graph, example_inputs=example_inputs)
 
 

@@ -5,7 +5,10 @@ Inputs and outputs carry the kind given to `jit(..., in_memory_kinds=, out_memor
 Every other node goes where the fewest bytes have to move: a minimum cut of the graph in which
 a value consumed on the other side costs its bytes once (one transfer serves every consumer
 there); among the minimum cuts the one with the fewest host nodes is taken. Collectives and the
-code around them stay on device. For a train step whose optimizer state is on host this runs
+code around them stay on device, and so do the forward and the backward of a function that takes
+a gradient: the model computes on the device, only what follows the last gradient (the update)
+may run on host (with the parameters on host, the cheapest cut would otherwise move the batch
+down and run the whole model there). For a train step whose optimizer state is on host this runs
 the optimizer update on host: the clipped gradient goes down (d2h), Adam's moments and bias
 corrections are computed on host, the update direction comes back up (h2d), and the new
 parameter is computed on device, where the parameter lives.
@@ -27,6 +30,7 @@ from .errors import PropagationError
 from .liveness import fake_values
 from .memory_kinds import DEVICE, HOST, KIND_META, MEMORY_KINDS, TRANSFER_META, check_kind, current_kind, running_on
 from .mincut import INFINITE, FlowGraph
+from .phases import BACKWARD, FORWARD
 from .source import source_line
 
 __all__ = ["DEVICE", "HOST", "KIND_META", "MEMORY_KINDS", "TRANSFER_META", "check_kind", "current_kind", "running_on",
@@ -61,6 +65,9 @@ def _nbytes(value) -> int:
     return value.numel() * value.element_size() if isinstance(value, torch.Tensor) else 0
 
 
+MODEL_PHASES = (FORWARD, BACKWARD)
+
+
 def choose_kinds(graph: fx.Graph, values: dict, in_kinds: list[str], out_kinds: list[str]) -> dict[fx.Node, str]:
     """Every node's memory kind: the minimum-bytes cut with fixed input/output kinds (see module doc).
 
@@ -73,6 +80,7 @@ def choose_kinds(graph: fx.Graph, values: dict, in_kinds: list[str], out_kinds: 
     host, device = 3 * n, 3 * n + 1
     flow = FlowGraph(3 * n + 2)
     placeholders = [node for node in nodes if node.op == "placeholder"]
+    differentiates = any(node.meta.get("phase") == BACKWARD for node in nodes)
     for node, kind in zip(placeholders, in_kinds):
         flow.add_edge(*((host, index[node]) if kind == HOST else (index[node], device)), INFINITE)
 
@@ -86,7 +94,8 @@ def choose_kinds(graph: fx.Graph, values: dict, in_kinds: list[str], out_kinds: 
         nbytes = _nbytes(values.get(node))
         flow.add_edge(i, i + n, nbytes)
         flow.add_edge(i + 2 * n, i, nbytes)
-        if node.op != "placeholder" and not _host_capable(node, values.get(node)):
+        if node.op != "placeholder" and (not _host_capable(node, values.get(node))
+                                         or (differentiates and node.meta.get("phase") in MODEL_PHASES)):
             flow.add_edge(i, device, INFINITE)
         for value in node.all_input_nodes:
             reads(value, i)

@@ -1,5 +1,5 @@
-"""experiments.train with `offload=optimizer`: the optimizer state lives in host memory, checkpoints
-save and resume it, the run equals one without offload bit for bit (on CPU host and device
+"""experiments.train with `offload=optimizer` (the optimizer state in host memory) and
+`offload=params` (the parameters too): checkpoints save and resume them, the run equals one without offload bit for bit (on CPU host and device
 compute alike), and the summary reports device and host bytes (predicted == measured)."""
 from __future__ import annotations
 
@@ -18,9 +18,10 @@ TINY = ["strategy=zero3", "model=gpt_tiny", "model.n_layers=1", "steps=4", "log_
 
 
 @pytest.mark.slow
-def test_offloaded_run_resumes_and_equals_the_run_without_offload(tmp_path):
+@pytest.mark.parametrize("offload", ["optimizer", "params"])
+def test_offloaded_run_resumes_and_equals_the_run_without_offload(tmp_path, offload):
     train.run(compose_config(TINY + [f"checkpoint_dir={tmp_path / 'ck_a'}"]), tmp_path / "a")
-    offloaded = TINY + ["offload=optimizer", f"checkpoint_dir={tmp_path / 'ck_b'}"]
+    offloaded = TINY + [f"offload={offload}", f"checkpoint_dir={tmp_path / 'ck_b'}"]
     train.run(compose_config(offloaded + ["stop_after=2"]), tmp_path / "b1")
     train.run(compose_config(offloaded + ["resume=true"]), tmp_path / "b2")
     record_a, plain = checkpoint.read_global(tmp_path / "ck_a")
@@ -29,7 +30,7 @@ def test_offloaded_run_resumes_and_equals_the_run_without_offload(tmp_path):
     assert all(torch.equal(plain[key], resumed[key]) for key in plain)
     assert losses(tmp_path / "b2")[4] == losses(tmp_path / "a")[4]
     summary = json.loads((tmp_path / "b2" / "summary.json").read_text())
-    assert summary["offload"] == "optimizer" and summary["cost"]["transfer_bytes"]["d2h"] > 0
+    assert summary["offload"] == offload and summary["cost"]["transfer_bytes"]["d2h"] > 0
     for rank in summary["ranks"]:
         assert rank["device_peak_bytes_measured"] == rank["device_peak_bytes_predicted"]
         assert rank["host_bytes_measured"] == rank["host_bytes_predicted"] > 0
@@ -40,5 +41,5 @@ def test_offloaded_run_resumes_and_equals_the_run_without_offload(tmp_path):
 
 
 def test_bad_offload_fails_before_any_rank_starts(tmp_path):
-    with pytest.raises(ValueError, match=r"offload must be one of \('none', 'optimizer'\), got 'gpu'"):
+    with pytest.raises(ValueError, match=r"offload must be one of \('none', 'optimizer', 'params'\), got 'gpu'"):
         train.run(compose_config(TINY + ["offload=gpu"]), tmp_path / "run")

@@ -25,5 +25,5 @@ def test_offload_moves_the_optimizer_role_to_host():
 
 
 def test_bad_offload_fails_before_lowering():
-    with pytest.raises(ValueError, match=r"offload must be one of \('none', 'optimizer'\), got 'disk'"):
+    with pytest.raises(ValueError, match=r"offload must be one of \('none', 'optimizer', 'params'\), got 'disk'"):
         plan_cli.plan(plan_config(["model=gpt_tiny", "offload=disk"]))

@@ -42,14 +42,14 @@ def _uses(value: fx.Node) -> list[tuple[fx.Node, list[fx.Node]]]:
     return found
 
 
-def _windows(gathers: list[Chain], order: dict, counted: list[Chain] | None = None) -> dict:
-    """chain -> list of windows, each a list of (consumer, view path), in program order. A window
-    ends where a use of another chain of `counted` (default: `gathers`) comes between two uses."""
-    uses = {chain: sorted(_uses(chain.result), key=lambda use: order[use[0]]) for chain in gathers}
-    counted_uses = uses if counted is None else {chain: _uses(chain.result) for chain in counted}
+def use_windows(values: list[fx.Node], order: dict, counted: list[fx.Node] | None = None) -> dict:
+    """value -> list of windows, each a list of (consumer, view path), in program order. A window
+    ends where a use of another value of `counted` (default: `values`) comes between two uses."""
+    uses = {value: sorted(_uses(value), key=lambda use: order[use[0]]) for value in values}
+    counted_uses = uses if counted is None else {value: _uses(value) for value in counted}
     all_positions = sorted(order[consumer] for found in counted_uses.values() for consumer, _ in found)
     windows = {}
-    for chain, found in uses.items():
+    for value, found in uses.items():
         groups: list[list] = []
         previous = None
         for consumer, path in found:
@@ -60,20 +60,44 @@ def _windows(gathers: list[Chain], order: dict, counted: list[Chain] | None = No
                 groups.append([])
             groups[-1].append((consumer, path))
             previous = here
-        windows[chain] = groups
+        windows[value] = groups
     return windows
 
 
-def _windows_by_phase(gathers: list[Chain], order: dict) -> dict:
+def _windows_by_phase(values: list[fx.Node], order: dict) -> dict:
     """Under a pipeline: one window for a parameter's forward uses and one for its backward uses,
     however many micro-batches each runs (a stage gathers its parameters twice per step)."""
     windows = {}
-    for chain in gathers:
-        found = sorted(_uses(chain.result), key=lambda use: order[use[0]])
+    for value in values:
+        found = sorted(_uses(value), key=lambda use: order[use[0]])
         groups = [[use for use in found if use[0].meta.get("phase") != BACKWARD],
                   [use for use in found if use[0].meta.get("phase") == BACKWARD]]
-        windows[chain] = [group for group in groups if group]
+        windows[value] = [group for group in groups if group]
     return windows
+
+
+def use_fresh_copies(graph: fx.Graph, windows: dict, fresh, order: dict) -> bool:
+    """Every window after a value's first reads a fresh copy, `fresh(value, before=first consumer)`;
+    views of the value are copied into the window. True when anything changed."""
+    touched_views: list[fx.Node] = []
+    for value, groups in windows.items():
+        for group in groups[1:]:
+            copy = fresh(value, group[0][0])
+            copied: dict[fx.Node, fx.Node] = {}
+            for consumer, path in group:
+                current, source = copy, value
+                for view in path:
+                    if view not in copied:
+                        with graph.inserting_before(consumer):
+                            copied[view] = graph.node_copy(view, lambda a, s=source, v=current: v if a is s else a)
+                        copied[view].meta = dict(view.meta)
+                    current, source = copied[view], view
+                consumer.replace_input_with(source, current)
+                touched_views.extend(path)
+    for view in reversed(sorted(set(touched_views), key=order.__getitem__)):  # views left without users
+        if not view.users:
+            graph.erase_node(view)
+    return any(len(groups) > 1 for groups in windows.values())
 
 
 def _gather_again(graph: fx.Graph, chain: Chain, before: fx.Node) -> fx.Node:
@@ -93,30 +117,14 @@ def regather(graph_module: fx.GraphModule, params: bool = True, activations: boo
     graph = graph_module.graph
     order = positions(graph)
     all_gathers = [chain for chain in chains(graph) if chain.kind == "all_gather"]
-    parameter_gathers = [chain for chain in all_gathers if is_parameter_gather(chain)]
+    by_result = {chain.result: chain for chain in all_gathers}
+    parameter_gathers = [chain.result for chain in all_gathers if is_parameter_gather(chain)]
     pipelined = any(STAGE in node.meta for node in graph.nodes)
-    windows = ((_windows_by_phase if pipelined else _windows)(parameter_gathers, order)) if params else {}
+    windows = ((_windows_by_phase if pipelined else use_windows)(parameter_gathers, order)) if params else {}
     if activations:
-        others = [chain for chain in all_gathers if not is_parameter_gather(chain)]
-        windows.update(_windows(others, order, counted=all_gathers))
-    touched_views: list[fx.Node] = []
-    for chain, groups in windows.items():
-        for group in groups[1:]:
-            fresh = _gather_again(graph, chain, before=group[0][0])
-            copied: dict[fx.Node, fx.Node] = {}
-            for consumer, path in group:
-                value, source = fresh, chain.result
-                for view in path:
-                    if view not in copied:
-                        with graph.inserting_before(consumer):
-                            copied[view] = graph.node_copy(view, lambda arg, s=source, v=value: v if arg is s else arg)
-                        copied[view].meta = dict(view.meta)
-                    value, source = copied[view], view
-                consumer.replace_input_with(source, value)
-                touched_views.extend(path)
-    for view in reversed(sorted(set(touched_views), key=order.__getitem__)):  # views left without users
-        if not view.users:
-            graph.erase_node(view)
-    if any(len(groups) > 1 for groups in windows.values()):  # unchanged: no new code to generate
+        others = [chain.result for chain in all_gathers if not is_parameter_gather(chain)]
+        windows.update(use_windows(others, order, counted=list(by_result)))
+    fresh = lambda value, before: _gather_again(graph, by_result[value], before)
+    if use_fresh_copies(graph, windows, fresh, order):  # unchanged: no new code to generate
         graph_module.recompile()
     return graph_module

@@ -11,7 +11,7 @@ from functional_parallel.train import make_train_step
 from functional_parallel.tree import leaf_paths
 from sharding import Mesh, shard
 from sharding.schedule.chain import chains, is_parameter_gather, positions
-from sharding.schedule.regather import _windows
+from sharding.schedule.regather import use_windows
 
 from .lowered import lower
 
@@ -47,7 +47,7 @@ def test_no_gathered_copy_outlives_its_window():
     _, _, lowered = _lower("zero3", bucket_bytes=0, overlap=False)
     graph = lowered.graph.graph
     gathers = [c for c in chains(graph) if is_parameter_gather(c)]
-    assert all(len(groups) == 1 for groups in _windows(gathers, positions(graph)).values())
+    assert all(len(groups) == 1 for groups in use_windows([c.result for c in gathers], positions(graph)).values())
 
 
 def test_regather_lowers_the_peak_and_adds_only_gathers():
