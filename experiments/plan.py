@@ -50,7 +50,7 @@ class PlanConfig:
     micro_batch: int = 1  # sequences per data-parallel rank (Korthikanti's b)
     depth: Optional[int] = 1  # lower depth and depth + 1 layers and extrapolate; null: lower the full depth
     vocab_multiple: int = 128  # the vocabulary is padded to a multiple of lcm(this, ranks), as Megatron does
-    offload: str = "none"  # none | optimizer: the optimizer role (master copy, Adam m and v) in host memory
+    offload: str = "none"  # none | optimizer: master, Adam m, v on host | params: also the params and grads
     write_readme: bool = False  # also write the tables and results into docs/plan.md, docs/results/
     # Pipelined strategies (dp_tp_pp, zero1_tp_pp, ...): the schedule, micro-batches per step (null:
     # global_batch / (micro_batch x data-parallel ranks)) and virtual stages per rank.

@@ -48,9 +48,12 @@ def memory_table(result: dict) -> tuple[str, list[str], list[list[str]]]:
 
 
 def offload_table(result: dict) -> tuple[str, list[str], list[list[str]]]:
-    """Device and host memory per rank under `offload=optimizer` (no rows without offload)."""
+    """Device and host memory per rank under `offload=optimizer` or `params` (no rows without offload)."""
     title = ("Per-rank memory with the optimizer offloaded (ZeRO-Offload), GB: the optimizer role (fp32 master, "
              "Adam m and v) in host memory")
+    if result.get("offload") == "params":
+        title = ("Per-rank memory with parameters and optimizer offloaded (ZeRO-Infinity), GB: the parameter, "
+                 "gradient and optimizer roles in host memory (the device column counts no fetched layer)")
     headers = ["strategy", "device", "host", "device without offload"]
     rows = [[row["strategy"], _gb(row["memory_by_kind"]["device"]), _gb(row["memory_by_kind"]["host"]),
              _gb(row["memory_by_kind"]["device"] + row["memory_by_kind"]["host"])]

@@ -319,15 +319,20 @@ def readme_block(results: dict) -> str:
     """The short form for docs/compare.md (`python -m experiments.compare write_readme=true`): equivalence, the
     policies' costs and savings, and a compact table (run, policy, memory, traffic, time)."""
     columns = list(dict.fromkeys(key for s in results.values() for key in s.get("policy", {})))
+    offloads = any(host_bytes(s) for s in results.values())  # host columns only where something lives there
     lines = [equivalence_line(results), *policy_lines(results), "",
              "| run | strategy | mesh | " + "".join(f"{key} | " for key in columns)
-             + "max rel. diff | device peak measured (B, max rank) | bytes moved / rank / step | step ms |",
-             "|---|---|---|" + "---|" * len(columns) + "---|---|---|---|"]
+             + "max rel. diff | device peak measured (B, max rank) | "
+             + ("host peak measured (B, max rank) | host→device / device→host B per step | " if offloads else "")
+             + "bytes moved / rank / step | step ms |",
+             "|---|---|---|" + "---|" * len(columns) + "---|---|" + "---|---|" * offloads + "---|---|"]
     for name, s in results.items():
         diff = "FAILED" if s.get("max_rel_diff") is None else f"{s['max_rel_diff']:.1e}"
         policy = "".join(f"{'—' if s['policy'].get(key) is None else s['policy'][key]} | " for key in columns)
+        moved = s["cost"].get("transfer_bytes") or {}
+        host = f"{host_bytes(s):,} | {moved.get('h2d', 0):,} / {moved.get('d2h', 0):,} | " if offloads else ""
         lines.append(f"| {name} | {s['strategy']} | {_mesh(s)} | {policy}{diff} | {_bytes(measured_peak(s))} | "
-                     f"{s['cost']['bytes_moved']:,} | {1e3 * s['step_time_s']:.1f} |")
+                     f"{host}{s['cost']['bytes_moved']:,} | {1e3 * s['step_time_s']:.1f} |")
     piped = pipeline_report.lines(results, image=False)
     return "\n".join(lines + ([""] + piped[2:] if piped else [])).rstrip()
 

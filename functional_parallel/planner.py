@@ -208,15 +208,18 @@ def account(lowered, params, opt_state, strategy: Strategy, mesh: Mesh, precisio
     return dict(out)
 
 
-# ZeRO-Offload's split: the optimizer role (fp32 master copy and Adam moments) lives in host memory.
-HOST_ROLES = {"none": (), "optimizer": ("optimizer",)}  # by `parallel.OFFLOAD` value
+# ZeRO-Offload's split: the optimizer role (fp32 master copy and Adam moments) lives in host memory;
+# ZeRO-Infinity's parameter offload adds the parameters and gradients. Under "params" the device
+# column counts no fetched copy: one window's parameters (a layer's, up to 1/L of them) come up at
+# a time, and a gradient goes down as it is computed (`sharding.transfer_schedule`).
+HOST_ROLES = {"none": (), "optimizer": ("optimizer",), "params": ("optimizer", "params", "grads")}
 DEVICE_ROLES = ("params", "grads", "optimizer", "activations", "gathered_params")
 
 
 def memory_by_kind(figures: Mapping[str, int], offload: str = "none") -> dict[str, int]:
     """Per-rank {"device": bytes, "host": bytes} of the memory roles under an offload policy
     (`offload="optimizer"`: the optimizer role moves to host; the compiler's placement pass runs
-    its update there, `sharding.placement`)."""
+    its update there, `sharding.placement`; "params": the parameters and gradients too)."""
     host = sum(figures.get(role, 0) for role in HOST_ROLES[check_offload(offload)])
     return {"device": sum(figures.get(role, 0) for role in DEVICE_ROLES) - host, "host": host}
 

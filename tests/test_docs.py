@@ -42,7 +42,7 @@ def test_write_block_replaces_only_its_block(tmp_path):
         docs.write_block("c", "text", tmp_path)
 
 
-@pytest.mark.parametrize("block", ["compare", "long_sequences", "pipelines"])
+@pytest.mark.parametrize("block", ["compare", "long_sequences", "pipelines", "offload_levels"])
 def test_compare_block_is_rendered_from_its_saved_results(block):
     results = json.loads((docs.ROOT / "docs" / "results" / f"{block}.json").read_text())
     assert docs.read_block(block) == compare_report.readme_block(results).strip(), \

@@ -27,3 +27,13 @@ def test_offload_moves_the_optimizer_role_to_host():
 def test_bad_offload_fails_before_lowering():
     with pytest.raises(ValueError, match=r"offload must be one of \('none', 'optimizer', 'params'\), got 'disk'"):
         plan_cli.plan(plan_config(["model=gpt_tiny", "offload=disk"]))
+
+
+def test_parameter_offload_moves_params_grads_and_optimizer_to_host():
+    cfg = plan_config(["model=gpt_tiny", "mesh={dp: 4, tp: 1}", "precision=fp32", "strategies=[zero3]",
+                       "offload=params"])
+    result = plan_cli.plan(cfg)
+    figures, split = result["strategies"][0]["figures"], result["strategies"][0]["memory_by_kind"]
+    assert split["host"] == figures["optimizer"] + figures["params"] + figures["grads"]
+    assert split["device"] == figures["activations"] + figures["gathered_params"]
+    assert "ZeRO-Infinity" in markdown(result)
