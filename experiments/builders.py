@@ -9,6 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 from functional_parallel import config_dirs, data, models, optim
+from sharding.disk import check_disk_dir
 from functional_parallel.parallel import (Strategy, check_offload, param_logical_axes, param_specs, pipeline_of,
                                          state_specs)
 from functional_parallel.precision import Precision
@@ -205,6 +206,7 @@ def validate(cfg: Any, world_size: int | None = None) -> Strategy:
         check_pipeline(cfg, strategy, shape)
     build_precision(cfg)
     check_policy(getattr(cfg, "remat", "none"))
-    check_offload(getattr(cfg, "offload", "none"))
+    if check_offload(getattr(cfg, "offload", "none")) == "disk":
+        check_disk_dir(cfg.offload_dir)  # writable, before any process starts
     check_layouts(cfg, strategy)
     return strategy

@@ -100,7 +100,8 @@ class Config:
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16: dynamic loss scaling); masters and optimizer state stay fp32
     reduce_dtype: Optional[str] = None  # gradient reductions: null (the compute dtype) | float32
     remat: str = "none"  # activation checkpointing: none | selective (attention core) | full (keep layer inputs)
-    offload: str = "none"  # none | optimizer (state + its update on host: ZeRO-Offload) | params (also params)
+    offload: str = "none"  # none | optimizer (state + its update on host: ZeRO-Offload) | params (also params) | disk
+    offload_dir: Optional[str] = None  # offload=disk: where the files live (null: <run dir>/offload)
     log_every: int = 10
     eval_every: int = 100
     eval_batches: int = 4  # 0: no validation

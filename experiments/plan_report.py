@@ -54,9 +54,12 @@ def offload_table(result: dict) -> tuple[str, list[str], list[list[str]]]:
     if result.get("offload") == "params":
         title = ("Per-rank memory with parameters and optimizer offloaded (ZeRO-Infinity), GB: the parameter, "
                  "gradient and optimizer roles in host memory (the device column counts no fetched layer)")
-    headers = ["strategy", "device", "host", "device without offload"]
-    rows = [[row["strategy"], _gb(row["memory_by_kind"]["device"]), _gb(row["memory_by_kind"]["host"]),
-             _gb(row["memory_by_kind"]["device"] + row["memory_by_kind"]["host"])]
+    if result.get("offload") == "disk":
+        title = ("Per-rank memory with parameters and optimizer on disk (ZeRO-Infinity's NVMe), GB: the parameter "
+                 "and optimizer roles in files, gradients in host memory (the device column counts no fetched layer)")
+    headers = ["strategy", "device", "host", "disk", "device without offload"]
+    rows = [[row["strategy"], *(_gb(row["memory_by_kind"].get(kind, 0)) for kind in ("device", "host", "disk")),
+             _gb(sum(row["memory_by_kind"].values()))]
             for row in result["strategies"] if result.get("offload", "none") != "none"]
     return title, headers, rows
 

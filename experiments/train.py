@@ -94,6 +94,8 @@ def run(cfg: DictConfig, output_dir: str | pathlib.Path) -> dict[str, Any]:
     check_known_keys(cfg)
     cfg.mesh = mesh_shape(cfg.mesh)  # a conf/meshes name becomes its sizes here, where Hydra's search path is known
     cfg = checkpointing.prepare(cfg, output_dir, torchrun=launch.launched_by_torchrun())
+    if cfg.offload == "disk" and not cfg.offload_dir:  # every rank's files in one place, known before any starts
+        cfg.offload_dir = str(output_dir / "offload")
     if launch.launched_by_torchrun():
         return run_torchrun_rank(cfg, output_dir)
     return run_spawned(cfg, output_dir)

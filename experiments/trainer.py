@@ -26,6 +26,7 @@ from functional_parallel.tree import tree_map
 from sharding import Lowered, Mesh, P, jit, shard, timeline
 from sharding.pipelining import schedule_for
 from sharding.cost import collective_counts
+from sharding.disk import to_disk
 from sharding.memory import MemoryTracker
 
 from .builders import (DTYPES, build_model, build_optimizer, build_precision, build_schedule, mesh_shape,
@@ -82,6 +83,7 @@ class Session:
     peak_bytes_measured: int | None = None
     device_peak_bytes_measured: int | None = None
     host_peak_bytes_measured: int | None = None
+    disk_peak_bytes_measured: int | None = None
     pipeline: Any = None  # the sharding.Pipeline of a pipelined strategy
     timeline: list | None = None  # this rank's measured actions in the timed step (a pipeline's)
     started: float = dataclasses.field(default_factory=time.perf_counter)
@@ -103,6 +105,14 @@ def state_device(offload: str, device: torch.device) -> torch.device:
 def params_device(offload: str, device: torch.device) -> torch.device:
     """Where the parameters live: the CPU (host memory) with `offload="params"`, else `device`."""
     return torch.device("cpu") if param_memory_kind(offload) == "host" else device
+
+
+def kept_where_offloaded(state: TrainState, cfg: Any) -> TrainState:
+    """Parameters and state in files under `offload=disk` (fresh or restored: DCP loads into RAM)."""
+    if cfg.offload != "disk":
+        return state
+    return dataclasses.replace(state, params=to_disk(state.params, cfg.offload_dir),
+                               opt_state=to_disk(state.opt_state, cfg.offload_dir))
 
 
 def initial_state(params, opt_state, specs: tuple, mesh: Mesh, device: torch.device,
@@ -138,7 +148,7 @@ def setup(cfg: Any, rank: int, device: torch.device, output_dir: pathlib.Path | 
     schedule_name, virtual = pipeline_options(cfg)
     step = make_train_step(model.loss, optimizer, micro_batches(cfg, strategy), precision)
     compiled, specs = compile_step(step, strategy, mesh, params, opt_state, offload=cfg.offload,
-                                   axes=param_logical_axes(model, params), remat=cfg.remat,
+                                   offload_dir=cfg.offload_dir, axes=param_logical_axes(model, params), remat=cfg.remat,
                                    schedule=schedule_name, virtual=virtual)
     pipeline = pipeline_of(strategy, mesh, schedule_name, virtual)[1]
     compiled_eval = jit(model.eval_loss or model.loss, mesh=mesh, in_specs=(specs[0], specs[2]), out_specs=P(),
@@ -148,6 +158,7 @@ def setup(cfg: Any, rank: int, device: torch.device, output_dir: pathlib.Path | 
         if cfg.checkpoint_dir else None
     if cfg.resume:
         state = TrainState(*checkpointer.restore(state.params, state.opt_state))
+    state = kept_where_offloaded(state, cfg)
     if pipeline is not None and rank == 0:  # the schedule, before anything runs
         print(describe_schedule(pipeline, mesh.axis_size(pipeline.axis), cfg.pipeline.microbatches), flush=True)
     session = Session(cfg=cfg, rank=rank, mesh=mesh, device=device, dataset=dataset, seq_len=model.cfg.seq_len,
@@ -199,6 +210,8 @@ def measured_step(session: Session, batch: dict):
     session.device_peak_bytes_measured = min(m.device_peak_bytes for m in runs)
     hosts = [m.host_peak_bytes for m in runs if m.host_peak_bytes is not None]
     session.host_peak_bytes_measured = min(hosts) if hosts else None
+    disks = [m.disk_peak_bytes for m in runs if m.disk_peak_bytes is not None]
+    session.disk_peak_bytes_measured = min(disks) if disks else None
     return outputs
 
 
@@ -288,6 +301,8 @@ def rank_report(session: Session) -> dict:
             "device_peak_bytes_measured": session.device_peak_bytes_measured,
             "host_bytes_predicted": session.lowered.cost["host_bytes"],
             "host_bytes_measured": session.host_peak_bytes_measured,
+            "disk_bytes_predicted": session.lowered.cost["disk_bytes"],
+            "disk_bytes_measured": session.disk_peak_bytes_measured,
             **({"pipeline_timeline": session.timeline} if session.timeline is not None else {})}
 
 
@@ -351,7 +366,8 @@ def finish(session: Session) -> dict:
                  "bytes_by_phase": cost["bytes_by_phase"],
                  "num_collectives": cost["num_collectives"], "peak_bytes_predicted": cost["peak_bytes"],
                  "device_peak_bytes_predicted": cost["device_peak_bytes"], "host_bytes_predicted": cost["host_bytes"],
-                 "transfer_bytes": cost["transfer_bytes"]},
+                 "transfer_bytes": cost["transfer_bytes"], "disk_bytes_predicted": cost["disk_bytes"],
+                 "disk_io_bytes": cost["disk_io_bytes"]},
         "collectives": collective_counts(session.lowered.collectives),
         "ranks": ranks,
     }

@@ -340,7 +340,7 @@ def state_specs(strategy: Strategy, opt_state, params, axes=None, stages: int | 
     return tree_unflatten(treedef, specs)
 
 
-OFFLOAD = ("none", "optimizer", "params")  # params: parameters, their gradients' update and the state on host
+OFFLOAD = ("none", "optimizer", "params", "disk")  # params: parameters too; disk: both in files (ZeRO-Infinity)
 
 
 def check_offload(offload: str) -> str:
@@ -351,17 +351,17 @@ def check_offload(offload: str) -> str:
 
 
 def state_memory_kind(offload: str) -> str:
-    """The memory kind of every optimizer-state leaf: "host" with any offload (ZeRO-Offload)."""
-    return "host" if check_offload(offload) != "none" else "device"
+    """The memory kind of every optimizer-state leaf: "host" (ZeRO-Offload), "disk" with offload="disk"."""
+    return {"none": "device", "disk": "disk"}.get(check_offload(offload), "host")
 
 
 def param_memory_kind(offload: str) -> str:
-    """The memory kind of every parameter leaf: "host" with offload="params" (ZeRO-Infinity)."""
-    return "host" if check_offload(offload) == "params" else "device"
+    """The memory kind of every parameter leaf: "host" with offload="params", "disk" with "disk" (ZeRO-Infinity)."""
+    return {"params": "host", "disk": "disk"}.get(check_offload(offload), "device")
 
 
 def compile_step(step: Callable, strategy: Strategy, mesh: Mesh, params, opt_state, offload: str = "none",
-                 axes=None, schedule: str = "1f1b", virtual: int = 1, **jit_options):
+                 axes=None, schedule: str = "1f1b", virtual: int = 1, offload_dir=None, **jit_options):
     """`jit` of `step(params, opt_state, batch) -> (params, opt_state, metrics)` under `strategy`.
 
     `jit_options` go to `jit` (the schedule passes' settings, `remat`: the activation-checkpointing
@@ -371,7 +371,9 @@ def compile_step(step: Callable, strategy: Strategy, mesh: Mesh, params, opt_sta
     collective runs). `offload="optimizer"` gives every optimizer-state leaf, in and out, the
     memory kind "host": the state stays in CPU memory and its update runs there
     (`sharding.placement`); pass the state as CPU tensors. `offload="params"` also keeps the
-    parameters there: each comes up once per window of use, its gradient goes down. `axes`: the
+    parameters there: each comes up once per window of use, its gradient goes down; "disk" keeps
+    both in memory-mapped files in `offload_dir` (`sharding.disk`; pass them made by
+    `sharding.disk.to_disk`). `axes`: the
     model's logical parameter axes (`Model.axes(params)`), read by the strategy's `param_axes`. A
     strategy with a pipeline runs the step's micro-batches (its `grad_accum`) by `schedule` with
     `virtual` stages per rank.
@@ -383,7 +385,8 @@ def compile_step(step: Callable, strategy: Strategy, mesh: Mesh, params, opt_sta
     kinds = (param_memory_kind(offload), state_memory_kind(offload), "device")
     compiled = jit(step, mesh=mesh, in_specs=(pspecs, sspecs, strategy.batch), out_specs=(pspecs, sspecs, P()),
                    logical_rules=strategy.constrain_rules, in_memory_kinds=kinds, out_memory_kinds=kinds,
-                   data_argnums=2, pipeline=pipelined, **jit_options)
+                   data_argnums=2, pipeline=pipelined, disk_dir=offload_dir if offload == "disk" else None,
+                   **jit_options)
     return compiled, (pspecs, sspecs, strategy.batch)
 
 

@@ -212,16 +212,22 @@ def account(lowered, params, opt_state, strategy: Strategy, mesh: Mesh, precisio
 # ZeRO-Infinity's parameter offload adds the parameters and gradients. Under "params" the device
 # column counts no fetched copy: one window's parameters (a layer's, up to 1/L of them) come up at
 # a time, and a gradient goes down as it is computed (`sharding.transfer_schedule`).
-HOST_ROLES = {"none": (), "optimizer": ("optimizer",), "params": ("optimizer", "params", "grads")}
+# Under "disk" the parameters and optimizer state are in files (ZeRO-Infinity's NVMe) and the
+# gradients come down to host for the update there.
+HOST_ROLES = {"none": (), "optimizer": ("optimizer",), "params": ("optimizer", "params", "grads"), "disk": ("grads",)}
+DISK_ROLES = {"disk": ("optimizer", "params")}
 DEVICE_ROLES = ("params", "grads", "optimizer", "activations", "gathered_params")
 
 
 def memory_by_kind(figures: Mapping[str, int], offload: str = "none") -> dict[str, int]:
-    """Per-rank {"device": bytes, "host": bytes} of the memory roles under an offload policy
+    """Per-rank {"device", "host", "disk": bytes} of the memory roles under an offload policy
     (`offload="optimizer"`: the optimizer role moves to host; the compiler's placement pass runs
-    its update there, `sharding.placement`; "params": the parameters and gradients too)."""
-    host = sum(figures.get(role, 0) for role in HOST_ROLES[check_offload(offload)])
-    return {"device": sum(figures.get(role, 0) for role in DEVICE_ROLES) - host, "host": host}
+    its update there, `sharding.placement`; "params": the parameters and gradients too; "disk":
+    parameters and optimizer in files, gradients on host)."""
+    offload = check_offload(offload)
+    host = sum(figures.get(role, 0) for role in HOST_ROLES[offload])
+    disk = sum(figures.get(role, 0) for role in DISK_ROLES.get(offload, ()))
+    return {"device": sum(figures.get(role, 0) for role in DEVICE_ROLES) - host - disk, "host": host, "disk": disk}
 
 
 def extrapolate(shallow: Mapping[str, int], deeper: Mapping[str, int], depth: int, layers: int) -> dict[str, int]:

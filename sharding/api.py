@@ -12,7 +12,8 @@ import torch.fx as fx
 
 from .cost import collective_log, estimate
 from .errors import SpecError
-from .memory_kinds import DEVICE, HOST, check_kind, flat_kinds
+from .disk import check_disk_dir
+from .memory_kinds import DEVICE, DISK, HOST, check_kind, flat_kinds
 from .mesh import Mesh
 from .pipeline import Options, Program, run_stages, stage_indices
 from .placement import transfer_log
@@ -106,7 +107,9 @@ class jit:
     `in_memory_kinds` / `out_memory_kinds` give each leaf a memory kind, "device" (the default,
     also for None) or "host", as a tree prefix like the specs (a str for a whole argument). A
     host input is a CPU tensor that stays there; the placement pass (`sharding.placement`) runs
-    the ops that update it on host and inserts the device<->host copies (ZeRO-Offload).
+    the ops that update it on host and inserts the device<->host copies (ZeRO-Offload). "disk"
+    (ZeRO-Infinity's NVMe tier) is a host value stored in a memory-mapped file in `disk_dir`
+    (`sharding.disk`: read into host memory before each use, outputs written to new files).
 
     `pipeline` (`sharding.Pipeline`) runs the step as a pipeline over one mesh axis: specs place
     values on its stages (`P(..., stage=("pp", k))`), each op runs on the stage of its inputs, a
@@ -120,7 +123,7 @@ class jit:
                  data_argnums: int | Sequence[int] | None = None,
                  regather: bool = True, bucket_bytes: int = DEFAULT_BUCKET_BYTES, overlap: bool = True,
                  in_memory_kinds: Sequence | None = None, out_memory_kinds=None, remat: str = "none",
-                 pipeline: Pipeline | None = None):
+                 pipeline: Pipeline | None = None, disk_dir=None):
         self.fn = fn
         self.pipeline = pipeline
         if pipeline is not None and pipeline.axis not in mesh.axis_names:
@@ -149,6 +152,8 @@ class jit:
         for where, kinds in (("in_memory_kinds", self.in_memory_kinds), ("out_memory_kinds", out_memory_kinds)):
             for kind in optree.tree_leaves(kinds, namespace=NAMESPACE, none_is_leaf=False):
                 check_kind(kind, where)
+        uses_disk = DISK in optree.tree_leaves((self.in_memory_kinds, out_memory_kinds), namespace=NAMESPACE)
+        self.disk_dir = check_disk_dir(disk_dir) if uses_disk else None
         self._cache: dict = {}
 
     def _signature(self, args) -> tuple:
@@ -168,20 +173,21 @@ class jit:
     def program(self, *args) -> Program:
         """The step before any stage has run: what `sharding.pipeline.run_stages` takes."""
         given = optree.tree_leaves(self.in_memory_kinds, none_is_leaf=True, namespace=NAMESPACE)
-        in_kinds = (flat_kinds(self.in_memory_kinds, tuple(args), "in_memory_kinds") if HOST in given else
+        in_kinds = (flat_kinds(self.in_memory_kinds, tuple(args), "in_memory_kinds") if {HOST, DISK} & set(given) else
                     [DEVICE] * len(optree.tree_leaves(tuple(args), namespace=NAMESPACE, none_is_leaf=False)))
         compute_device = _compute_device(args, in_kinds)
         in_stages = stage_indices(flat_in_specs(self.in_specs, args), self.pipeline, "in_specs")
         leaves = optree.tree_leaves(tuple(args), namespace=NAMESPACE, none_is_leaf=False)
         meta_inputs = any(isinstance(x, torch.Tensor) and x.device.type == "meta" for x in leaves)
-        if HOST in in_kinds and self.pipeline is not None:
-            raise SpecError("memory kind 'host' (offload) under a pipeline is not supported yet; "
+        if {HOST, DISK} & set(in_kinds) and self.pipeline is not None:
+            raise SpecError("memory kinds 'host' and 'disk' (offload) under a pipeline are not supported yet; "
                             "use in_memory_kinds='device' with a pipeline")
         options = Options(
             in_specs=self.in_specs, out_specs=self.out_specs, logical_rules=self.logical_rules,
             data_axes=self.data_axes, data_leaves=data_leaves(args, self.data_argnums), remat=self.remat,
             schedule=self.schedule_options, in_kinds=in_kinds, out_memory_kinds=self.out_memory_kinds,
-            compute_device=compute_device, pipeline=self.pipeline, in_stages=in_stages, meta_inputs=meta_inputs)
+            compute_device=compute_device, pipeline=self.pipeline, in_stages=in_stages, meta_inputs=meta_inputs,
+            disk_dir=self.disk_dir)
         return Program(fn=self.fn, args=tuple(args), mesh=self.mesh, options=options)
 
     def _lower(self, args) -> Lowered:
@@ -216,9 +222,9 @@ def _compute_device(args, in_kinds: list[str]) -> torch.device:
     devices = {x.device for x, kind in zip(leaves, in_kinds)
                if kind == DEVICE and isinstance(x, torch.Tensor) and x.device.type != "meta"}
     for path, x, kind in zip(paths, leaves, in_kinds):
-        if kind == HOST and isinstance(x, torch.Tensor) and x.device.type != "cpu":
-            raise SpecError(f"input {path!r} has memory kind 'host' but lives on {x.device}; host "
-                            f"tensors are CPU tensors (move it with .cpu())")
+        if kind in (HOST, DISK) and isinstance(x, torch.Tensor) and x.device.type != "cpu":
+            raise SpecError(f"input {path!r} has memory kind {kind!r} but lives on {x.device}; host "
+                            f"and disk tensors are CPU tensors (move it with .cpu(), or sharding.disk.to_disk)")
     accelerators = {d for d in devices if d.type != "cpu"}
     return next(iter(accelerators)) if accelerators else torch.device("cpu")
 

@@ -10,6 +10,7 @@ import torch
 import torch.fx as fx
 
 from .liveness import peaks_by_kind
+from .memory_kinds import DISK
 from .placement import DEVICE, HOST, transfer_log
 
 from .ops import REGISTRY
@@ -45,7 +46,9 @@ def estimate(graph_module: fx.GraphModule, inputs) -> dict:
     intermediate and the outputs (see `sharding.liveness`). With host memory in use
     (`sharding.placement`), `peak_bytes` counts both kinds, `device_peak_bytes` device storages
     only, `host_bytes` host storages only (the peak of each), and `transfer_bytes` the bytes a
-    step copies device->host ("d2h") and host->device ("h2d"); `bytes_moved` stays collectives only.
+    step copies device->host ("d2h") and host->device ("h2d"); with disk-kind values (`sharding.disk`)
+    `disk_bytes` is the peak of file-backed storage and `disk_io_bytes` the bytes a step reads from
+    and writes to it. `bytes_moved` stays collectives only.
     """
     log = collective_log(graph_module)
     by_kind: dict[str, int] = {}
@@ -58,10 +61,11 @@ def estimate(graph_module: fx.GraphModule, inputs) -> dict:
     input_bytes = sum({x.untyped_storage()._cdata: x.untyped_storage().nbytes() for x in inputs
                        if x.device.type != "meta"}.values())  # a meta input: held by another pipeline stage
     peaks = peaks_by_kind(graph_module, inputs)
-    transfers = {"d2h": 0, "h2d": 0}
+    transfers, disk_io = {"d2h": 0, "h2d": 0}, {"read": 0, "write": 0}
     for record in transfer_log(graph_module):
-        transfers[record["kind"]] += record["bytes"]
+        (transfers if record["kind"] in transfers else disk_io)[record["kind"]] += record["bytes"]
     return {"bytes_moved": sum(by_kind.values()), "bytes_by_kind": by_kind, "bytes_by_phase": by_phase,
             "input_bytes": input_bytes,
             "peak_bytes": peaks["all"], "device_peak_bytes": peaks[DEVICE], "host_bytes": peaks[HOST],
-            "transfer_bytes": transfers, "num_collectives": len(log)}
+            "transfer_bytes": transfers, "disk_bytes": peaks[DISK], "disk_io_bytes": disk_io,
+            "num_collectives": len(log)}

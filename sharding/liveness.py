@@ -25,7 +25,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from .bind import as_rank_zero
 from .collectives import WAIT
-from .memory_kinds import DEVICE, HOST, KIND_META
+from .memory_kinds import DEVICE, KIND_META, MEMORY_KINDS
 
 
 @dataclass(frozen=True)
@@ -106,10 +106,9 @@ def peak_bytes(graph_module: fx.GraphModule, inputs) -> int:
 
 
 def peaks_by_kind(graph_module: fx.GraphModule, inputs) -> dict[str, int]:
-    """{"all": peak of every storage, "device": of device storages only, "host": of host storages only}."""
+    """{"all": peak of every storage, and per memory kind ("device", "host", "disk") the peak of its storages}."""
     found = storages(graph_module, inputs)
-    return {"all": peak_of(found), DEVICE: peak_of([s for s in found if s.kind == DEVICE]),
-            HOST: peak_of([s for s in found if s.kind == HOST])}
+    return {"all": peak_of(found), **{kind: peak_of([s for s in found if s.kind == kind]) for kind in MEMORY_KINDS}}
 
 
 def peak_of(found: list[Storage]) -> int:

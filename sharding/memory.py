@@ -11,7 +11,8 @@ With optimizer offload (`sharding.placement`) host and device can be the same CP
 is then counted as host memory when a host-kind input holds it (`track(..., kind="host")`) or a
 host node or `to_host` made it (`sharding.placement.current_kind()`), so the device peak
 (`device_peak_bytes`) is measured apart from the host one (`host_peak_bytes`). On CUDA the
-device peak is the allocator's and host memory is not measured.
+device peak is the allocator's and host memory is not measured. A file-backed storage
+(`sharding.disk`) counts as "disk": tracked so, or made by `write_disk`.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import optree
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .memory_kinds import DEVICE, HOST, current_kind
+from .memory_kinds import DEVICE, DISK, HOST, MEMORY_KINDS, current_kind
 
 
 class MemoryTracker(TorchDispatchMode):
@@ -36,8 +37,8 @@ class MemoryTracker(TorchDispatchMode):
         self.device = torch.device(device)
         self.live_bytes = 0
         self.peak_bytes = 0
-        self.live_by_kind = {DEVICE: 0, HOST: 0}
-        self.peak_by_kind = {DEVICE: 0, HOST: 0}
+        self.live_by_kind = {kind: 0 for kind in MEMORY_KINDS}
+        self.peak_by_kind = {kind: 0 for kind in MEMORY_KINDS}
         self._sizes: dict[int, tuple[int, str]] = {}
 
     @property
@@ -49,6 +50,11 @@ class MemoryTracker(TorchDispatchMode):
     def host_peak_bytes(self) -> int | None:
         """The peak of host-kind bytes (None on CUDA, where only the device is measured)."""
         return None if self.device.type == "cuda" else self.peak_by_kind[HOST]
+
+    @property
+    def disk_peak_bytes(self) -> int | None:
+        """The peak of disk-kind (file-backed) bytes (None on CUDA)."""
+        return None if self.device.type == "cuda" else self.peak_by_kind[DISK]
 
     def track(self, tree, kind: str = DEVICE) -> None:
         """Count the tensors in `tree` (each storage once) as live from now until they are freed."""

@@ -1,5 +1,6 @@
 """Memory kinds, JAX's names for where a value lives: "device" (the accelerator, or the CPU on a
-CPU-only machine) and "host" (CPU memory). `sharding.placement` assigns them; `sharding.liveness`
+CPU-only machine), "host" (CPU memory) and, as ZeRO-Infinity's NVMe tier, "disk" (a file-backed,
+memory-mapped storage, `sharding.disk`). `sharding.placement` assigns them; `sharding.liveness`
 and `sharding.memory` read them; `running_on` marks what an allocation happening now belongs to.
 """
 from __future__ import annotations
@@ -12,8 +13,8 @@ import optree
 from .errors import SpecError
 from .tree import NAMESPACE
 
-DEVICE, HOST = "device", "host"
-MEMORY_KINDS = (DEVICE, HOST)
+DEVICE, HOST, DISK = "device", "host", "disk"
+MEMORY_KINDS = (DEVICE, HOST, DISK)
 KIND_META = "fp_memory_kind"
 TRANSFER_META = "fp_transfer"
 
@@ -21,7 +22,7 @@ _running_on = contextvars.ContextVar("fp_memory_kind", default=DEVICE)
 
 
 def check_kind(kind, where: str) -> str:
-    """`kind` if it is a memory kind ("device", "host"; None means "device"), else a SpecError naming `where`."""
+    """`kind` if it is a memory kind ("device", "host", "disk"; None means "device"), else a SpecError naming `where`."""
     if kind is None:
         return DEVICE
     if kind not in MEMORY_KINDS:

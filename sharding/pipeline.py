@@ -23,9 +23,10 @@ from .errors import SpecError
 from .insert import insert
 from .layout import layout_from_spec
 from .localize import localize
-from .memory_kinds import HOST, flat_kinds
+from .memory_kinds import DISK, HOST, flat_kinds
 from .mesh import Mesh
-from .placement import place
+from .disk import stage_disk
+from .placement import place, sizing_values
 from .propagate import propagate
 from .remat import remat
 from .schedule import schedule
@@ -52,13 +53,14 @@ class Options:
     pipeline: Pipeline | None = None
     in_stages: list = field(default_factory=list)
     meta_inputs: bool = False
+    disk_dir: str | None = None
 
     @property
     def fake_device(self) -> torch.device | None:
         """Where to trace every input: the compute device when some inputs live on host (placement
         decides later what runs there) or on another pipeline stage (meta tensors here), else each
         input's own device."""
-        return self.compute_device if HOST in self.in_kinds or self.meta_inputs else None
+        return self.compute_device if HOST in self.in_kinds or DISK in self.in_kinds or self.meta_inputs else None
 
 
 @dataclass(frozen=True)
@@ -141,8 +143,10 @@ def place_stage(p: Program) -> Program:
     out_tree = optree.tree_unflatten(p.traced.out_treedef, list(range(len(p.traced.out_paths))))
     out_kinds = flat_kinds(p.options.out_memory_kinds, out_tree, "out_memory_kinds")
     graph = place(p.graph, p.options.in_kinds, out_kinds, example_inputs, p.options.compute_device)
-    if graph is not p.graph:  # something moves between kinds: when each transfer happens
+    if graph is not p.graph:  # something moves between kinds: when each transfer happens, the disk's reads/writes
         graph = schedule_transfers(graph)
+        graph = stage_disk(graph, p.options.in_kinds, out_kinds, p.options.disk_dir,
+                           sizing_values(graph, example_inputs, p.options.compute_device))
     return dataclasses.replace(p, graph=graph, example_inputs=example_inputs)
 
 

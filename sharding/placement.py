@@ -28,7 +28,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .errors import PropagationError
 from .liveness import fake_values
-from .memory_kinds import DEVICE, HOST, KIND_META, MEMORY_KINDS, TRANSFER_META, check_kind, current_kind, running_on
+from .memory_kinds import (DEVICE, DISK, HOST, KIND_META, MEMORY_KINDS, TRANSFER_META, check_kind, current_kind,
+                           running_on)
 from .mincut import INFINITE, FlowGraph
 from .phases import BACKWARD, FORWARD
 from .source import source_line
@@ -107,7 +108,7 @@ def choose_kinds(graph: fx.Graph, values: dict, in_kinds: list[str], out_kinds: 
     return {node: HOST if index[node] in on_host_side else DEVICE for node in nodes}
 
 
-def _sizing_values(graph_module: fx.GraphModule, example_inputs, compute_device: torch.device) -> dict:
+def sizing_values(graph_module: fx.GraphModule, example_inputs, compute_device: torch.device) -> dict:
     """Each node's value on fake inputs of this rank's shapes, all on the compute device (the
     graph was traced with every input there; host inputs move only when placement says so)."""
     mode = FakeTensorMode(allow_non_fake_inputs=True)
@@ -121,9 +122,11 @@ def place(graph_module: fx.GraphModule, in_kinds: list[str], out_kinds: list[str
           compute_device: torch.device) -> fx.GraphModule:
     """The graph with every node's kind in `meta["fp_memory_kind"]`, host ops wrapped in `on_host`
     and a transfer node per value that crosses kinds. All-device kinds: the graph unchanged."""
+    # A disk value is placed as a host one; `sharding.disk.stage_disk` then adds its reads and writes.
+    in_kinds, out_kinds = ([HOST if kind == DISK else kind for kind in kinds] for kinds in (in_kinds, out_kinds))
     if HOST not in in_kinds and HOST not in out_kinds:
         return graph_module
-    values = _sizing_values(graph_module, example_inputs, compute_device)
+    values = sizing_values(graph_module, example_inputs, compute_device)
     kinds = choose_kinds(graph_module.graph, values, in_kinds, out_kinds)
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}

@@ -1,5 +1,5 @@
-"""experiments.train with `offload=optimizer` (the optimizer state in host memory) and
-`offload=params` (the parameters too): checkpoints save and resume them, the run equals one without offload bit for bit (on CPU host and device
+"""experiments.train with `offload=optimizer` (the optimizer state in host memory),
+`offload=params` (the parameters too) and `offload=disk` (both in memory-mapped files): checkpoints save and resume them, the run equals one without offload bit for bit (on CPU host and device
 compute alike), and the summary reports device and host bytes (predicted == measured)."""
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 
 from experiments import train
 from functional_parallel import checkpoint
+from sharding import SpecError
 
 from .test_resume import compose_config, losses
 
@@ -18,7 +19,7 @@ TINY = ["strategy=zero3", "model=gpt_tiny", "model.n_layers=1", "steps=4", "log_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("offload", ["optimizer", "params"])
+@pytest.mark.parametrize("offload", ["optimizer", "params", "disk"])
 def test_offloaded_run_resumes_and_equals_the_run_without_offload(tmp_path, offload):
     train.run(compose_config(TINY + [f"checkpoint_dir={tmp_path / 'ck_a'}"]), tmp_path / "a")
     offloaded = TINY + [f"offload={offload}", f"checkpoint_dir={tmp_path / 'ck_b'}"]
@@ -34,12 +35,24 @@ def test_offloaded_run_resumes_and_equals_the_run_without_offload(tmp_path, offl
     for rank in summary["ranks"]:
         assert rank["device_peak_bytes_measured"] == rank["device_peak_bytes_predicted"]
         assert rank["host_bytes_measured"] == rank["host_bytes_predicted"] > 0
+        assert rank["disk_bytes_measured"] == rank["disk_bytes_predicted"]
+        assert (rank["disk_bytes_predicted"] > 0) == (offload == "disk")
+    io = summary["cost"]["disk_io_bytes"]
+    assert (io["read"] > io["write"] > 0) if offload == "disk" else io == {"read": 0, "write": 0}
     plain_summary = json.loads((tmp_path / "a" / "summary.json").read_text())
     assert all(r["host_bytes_predicted"] == 0 for r in plain_summary["ranks"])
     assert max(r["device_peak_bytes_predicted"] for r in summary["ranks"]) < \
         min(r["device_peak_bytes_predicted"] for r in plain_summary["ranks"])
 
 
+def test_an_unwritable_offload_dir_fails_before_any_rank_starts(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SpecError, match="offload.* is not writable"):
+        train.run(compose_config(TINY + ["offload=disk", f"offload_dir={tmp_path / 'a_file' / 'offload'}"]),
+                  tmp_path / "run")
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
 def test_bad_offload_fails_before_any_rank_starts(tmp_path):
-    with pytest.raises(ValueError, match=r"offload must be one of \('none', 'optimizer', 'params'\), got 'gpu'"):
+    with pytest.raises(ValueError, match=r"offload must be one of \('none', 'optimizer', 'params', 'disk'\), got 'gpu'"):
         train.run(compose_config(TINY + ["offload=gpu"]), tmp_path / "run")

@@ -20,13 +20,13 @@ def test_offload_moves_the_optimizer_role_to_host():
     assert split["host"] == figures["optimizer"] == 8 * psi // 4 + 2 * 8  # Adam m, v (fp32) and two int64 counters
     assert split["device"] == figures["params"] + figures["grads"] + figures["activations"] + \
         figures["gathered_params"]
-    assert planner.memory_by_kind(figures) == {"device": split["device"] + split["host"], "host": 0}
+    assert planner.memory_by_kind(figures) == {"device": split["device"] + split["host"], "host": 0, "disk": 0}
     assert "optimizer offloaded" in markdown(result)
 
 
 def test_bad_offload_fails_before_lowering():
-    with pytest.raises(ValueError, match=r"offload must be one of \('none', 'optimizer', 'params'\), got 'disk'"):
-        plan_cli.plan(plan_config(["model=gpt_tiny", "offload=disk"]))
+    with pytest.raises(ValueError, match=r"offload must be one of \(.*'disk'\), got 'nvme'"):
+        plan_cli.plan(plan_config(["model=gpt_tiny", "offload=nvme"]))
 
 
 def test_parameter_offload_moves_params_grads_and_optimizer_to_host():
@@ -37,3 +37,7 @@ def test_parameter_offload_moves_params_grads_and_optimizer_to_host():
     assert split["host"] == figures["optimizer"] + figures["params"] + figures["grads"]
     assert split["device"] == figures["activations"] + figures["gathered_params"]
     assert "ZeRO-Infinity" in markdown(result)
+    on_disk = plan_cli.plan(plan_config(["model=gpt_tiny", "mesh={dp: 4, tp: 1}", "precision=fp32",
+                                         "strategies=[zero3]", "offload=disk"]))["strategies"][0]["memory_by_kind"]
+    assert on_disk == {"device": split["device"], "host": figures["grads"],
+                       "disk": figures["optimizer"] + figures["params"]}

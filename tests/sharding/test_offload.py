@@ -120,7 +120,7 @@ def test_the_update_runs_on_host_and_the_model_on_device():
 def test_bad_offload_and_memory_kinds_are_clear_errors():
     step, params, opt_state, batch = make_problem("gpt")
     plan, mesh = Strategy.load("dp"), Mesh.abstract({"dp": 2, "tp": 1})
-    with pytest.raises(ValueError, match=r"offload must be one of \('none', 'optimizer', 'params'\), got 'gpu'"):
+    with pytest.raises(ValueError, match=r"offload must be one of \('none', 'optimizer', 'params', 'disk'\), got 'gpu'"):
         compile_step(step, plan, mesh, params, opt_state, offload="gpu")
     with pytest.raises(SpecError, match="memory kind 'pinned_host' is not one of"):
         jit(step, mesh=mesh, in_specs=(P(), P(), P("dp")), out_specs=P(),
