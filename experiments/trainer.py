@@ -26,7 +26,7 @@ from functional_parallel.tree import tree_map
 from sharding import Lowered, Mesh, P, jit, shard, timeline
 from sharding.pipelining import schedule_for
 from sharding.cost import collective_counts
-from sharding.disk import to_disk
+from sharding.disk import io_bytes, to_disk
 from sharding.memory import MemoryTracker
 
 from .builders import (DTYPES, build_model, build_optimizer, build_precision, build_schedule, mesh_shape,
@@ -84,6 +84,7 @@ class Session:
     device_peak_bytes_measured: int | None = None
     host_peak_bytes_measured: int | None = None
     disk_peak_bytes_measured: int | None = None
+    disk_io_bytes_measured: dict | None = None
     pipeline: Any = None  # the sharding.Pipeline of a pipelined strategy
     timeline: list | None = None  # this rank's measured actions in the timed step (a pipeline's)
     started: float = dataclasses.field(default_factory=time.perf_counter)
@@ -200,12 +201,14 @@ def measured_step(session: Session, batch: dict):
     state, generator, runs = session.state, torch.get_rng_state(), []
     for _ in range(MEASURED_RUNS):
         torch.set_rng_state(generator)  # every run draws what one run draws
+        io_before = io_bytes()
         with MemoryTracker(session.device) as memory:
             memory.track(batch)
             memory.track(state.params, param_memory_kind(session.cfg.offload))
             memory.track(state.opt_state, state_memory_kind(session.cfg.offload))
             outputs = session.compiled_train(state.params, state.opt_state, batch)
         runs.append(memory)
+        session.disk_io_bytes_measured = {key: value - io_before[key] for key, value in io_bytes().items()}
     session.peak_bytes_measured = min(m.peak_bytes for m in runs)
     session.device_peak_bytes_measured = min(m.device_peak_bytes for m in runs)
     hosts = [m.host_peak_bytes for m in runs if m.host_peak_bytes is not None]
@@ -303,6 +306,7 @@ def rank_report(session: Session) -> dict:
             "host_bytes_measured": session.host_peak_bytes_measured,
             "disk_bytes_predicted": session.lowered.cost["disk_bytes"],
             "disk_bytes_measured": session.disk_peak_bytes_measured,
+            "disk_io_bytes_measured": session.disk_io_bytes_measured,
             **({"pipeline_timeline": session.timeline} if session.timeline is not None else {})}
 
 

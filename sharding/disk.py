@@ -57,6 +57,9 @@ def disk_empty(shape, dtype: torch.dtype, directory: str) -> torch.Tensor:
     return tensor.view(shape)
 
 
+IO_BYTES = {"read": 0, "write": 0}  # bytes this process has read from / written to disk-kind storage
+
+
 def write_disk(x: torch.Tensor, directory: str) -> torch.Tensor:
     """Host -> disk: a copy of `x` in a new file-backed tensor (a plain copy on fake tensors, which
     the cost model runs the graph on)."""
@@ -66,13 +69,21 @@ def write_disk(x: torch.Tensor, directory: str) -> torch.Tensor:
     out = disk_empty(tuple(x.shape), x.dtype, directory)
     with running_on(DISK):
         out.copy_(x)
+    IO_BYTES["write"] += x.numel() * x.element_size()
     return out
 
 
 def read_disk(x: torch.Tensor) -> torch.Tensor:
     """Disk -> host: a copy of `x` in host memory (the staging buffer a use reads)."""
+    if not is_fake(x):
+        IO_BYTES["read"] += x.numel() * x.element_size()
     with running_on(HOST):
         return x.clone()
+
+
+def io_bytes() -> dict[str, int]:
+    """A copy of `IO_BYTES` (subtract two of them for what a step read and wrote)."""
+    return dict(IO_BYTES)
 
 
 def to_disk(tree, directory: str):

@@ -37,6 +37,7 @@ def test_offloaded_run_resumes_and_equals_the_run_without_offload(tmp_path, offl
         assert rank["host_bytes_measured"] == rank["host_bytes_predicted"] > 0
         assert rank["disk_bytes_measured"] == rank["disk_bytes_predicted"]
         assert (rank["disk_bytes_predicted"] > 0) == (offload == "disk")
+        assert rank["disk_io_bytes_measured"] == summary["cost"]["disk_io_bytes"]  # read and written, one step
     io = summary["cost"]["disk_io_bytes"]
     assert (io["read"] > io["write"] > 0) if offload == "disk" else io == {"read": 0, "write": 0}
     plain_summary = json.loads((tmp_path / "a" / "summary.json").read_text())
