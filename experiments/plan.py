@@ -31,7 +31,7 @@ from experiments.plan_report import markdown, print_tables
 from experiments.docs import write_block
 from functional_parallel import planner, planner_pipeline, published
 from functional_parallel.models import build, config as model_config
-from functional_parallel.parallel import Strategy, available_strategies, check_offload
+from functional_parallel.parallel import OFFLOAD, Strategy, available_strategies, check_offload
 from sharding import P
 from sharding.remat import check_policy
 
@@ -58,6 +58,8 @@ class PlanConfig:
                                                                           "virtual": 1})
     global_batch: Optional[int] = None  # sequences per step (pipelined rows); null: micro_batch x dp
     doc_block: Optional[str] = None  # the docs block write_readme rewrites; null: "plan model=<model>"
+    # The deepest model of this width that fits per rank, per offload level (fit.device_gb: null = no search).
+    fit: Dict[str, Any] = dataclasses.field(default_factory=lambda: {"device_gb": None, "host_gb": None})
 
 
 ConfigStore.instance().store(name="plan_config", node=PlanConfig)
@@ -114,6 +116,8 @@ def plan(cfg: PlanConfig, progress=None) -> dict[str, Any]:
                "per_layer": result.per_layer,
                "lowered_depths": list(result.lowered_depths), "seconds": round(result.seconds, 2),
                "memory_by_kind": planner.memory_by_kind(result.figures, cfg.offload)}
+        if cfg.fit.get("device_gb"):
+            row["fit"] = _fit(cfg, result, base.n_layers)
         stage = published.ZERO_STAGES.get(name)
         if stage is not None:
             row["zero_formula_bytes"] = published.zero_model_state_bytes(stage, psi, dp, k, precision.param_bytes,
@@ -137,7 +141,19 @@ def plan(cfg: PlanConfig, progress=None) -> dict[str, Any]:
             "ranks": ranks, "precision": dataclasses.asdict(precision) | {
                 "compute_dtype": str(precision.compute_dtype).replace("torch.", "")},
             "micro_batch": b, "global_batch": b * dp, "depth": cfg.depth, "offload": cfg.offload, "remat": cfg.remat,
+            "fit": dict(cfg.fit),
             "strategies": rows}
+
+
+def _fit(cfg: PlanConfig, result, layers: int) -> dict:
+    """Per offload level: the most layers whose per-rank memory fits `cfg.fit`, and their parameter count."""
+    device, host = (None if cfg.fit.get(key) is None else int(cfg.fit[key] * 1e9) for key in ("device_gb", "host_gb"))
+    found = {}
+    for level in OFFLOAD:
+        most = planner.largest_fit(result.figures, result.per_layer, layers, level, device, host)
+        found[level] = {"layers": most, "parameters": result.figures["parameters"]
+                        + (most - layers) * result.per_layer["parameters"] if most else 0}
+    return found
 
 
 def _pipeline_row(cfg: PlanConfig, strategy, mesh: dict, dp: int, base, build_model, precision) -> dict:

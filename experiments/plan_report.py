@@ -48,9 +48,9 @@ def memory_table(result: dict) -> tuple[str, list[str], list[list[str]]]:
 
 
 def offload_table(result: dict) -> tuple[str, list[str], list[list[str]]]:
-    """Device and host memory per rank under `offload=optimizer` or `params` (no rows without offload)."""
+    """Device, host and disk memory per rank under an offload level (no rows without offload)."""
     title = ("Per-rank memory with the optimizer offloaded (ZeRO-Offload), GB: the optimizer role (fp32 master, "
-             "Adam m and v) in host memory")
+             "Adam m and v) and the gradients in host memory")
     if result.get("offload") == "params":
         title = ("Per-rank memory with parameters and optimizer offloaded (ZeRO-Infinity), GB: the parameter, "
                  "gradient and optimizer roles in host memory (the device column counts no fetched layer)")
@@ -236,11 +236,24 @@ def pipeline_table(result: dict) -> tuple[str, list[str], list[list[str]]]:
     return title, headers, body
 
 
+def fit_table(result: dict) -> tuple[str, list[str], list[list[str]]]:
+    """The deepest model of the planned width that fits `fit` per rank, per offload level (no rows without `fit`)."""
+    rows = [row for row in result["strategies"] if row.get("fit")]
+    fit = result.get("fit") or {}
+    host = f", {fit['host_gb']:g} GB host" if fit.get("host_gb") is not None else ", any host memory"
+    title = (f"Largest model that fits {fit.get('device_gb') or 0:g} GB of device memory per rank{host}: layers of "
+             f"this width (billions of parameters), by offload level")
+    levels = list(rows[0]["fit"]) if rows else []
+    body = [[row["strategy"]] + [f"{row['fit'][level]['layers']} ({row['fit'][level]['parameters'] / 1e9:,.1f}B)"
+                                 for level in levels] for row in rows]
+    return title, ["strategy"] + [f"offload={level}" for level in levels], body
+
+
 def tables(result: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     flat = {**result, "strategies": [r for r in result["strategies"] if not r.get("pipeline")]}
     found = [pipeline_table(result)]
     if flat["strategies"]:
-        found = [memory_table(flat), offload_table(flat), zero_table(flat), activation_table(flat),
+        found = [memory_table(flat), offload_table(flat), fit_table(flat), zero_table(flat), activation_table(flat),
                  sequence_table(flat), comm_table(flat)] + found
     return [t for t in found if t[2]]
 

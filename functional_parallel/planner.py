@@ -214,20 +214,46 @@ def account(lowered, params, opt_state, strategy: Strategy, mesh: Mesh, precisio
 # a time, and a gradient goes down as it is computed (`sharding.transfer_schedule`).
 # Under "disk" the parameters and optimizer state are in files (ZeRO-Infinity's NVMe) and the
 # gradients come down to host for the update there.
-HOST_ROLES = {"none": (), "optimizer": ("optimizer",), "params": ("optimizer", "params", "grads"), "disk": ("grads",)}
+# A gradient goes down as soon as it is reduced under every offload level (`sharding.transfer_schedule`),
+# so it is host memory, as in ZeRO-Offload.
+HOST_ROLES = {"none": (), "optimizer": ("optimizer", "grads"), "params": ("optimizer", "params", "grads"),
+              "disk": ("grads",)}
 DISK_ROLES = {"disk": ("optimizer", "params")}
 DEVICE_ROLES = ("params", "grads", "optimizer", "activations", "gathered_params")
 
 
 def memory_by_kind(figures: Mapping[str, int], offload: str = "none") -> dict[str, int]:
     """Per-rank {"device", "host", "disk": bytes} of the memory roles under an offload policy
-    (`offload="optimizer"`: the optimizer role moves to host; the compiler's placement pass runs
-    its update there, `sharding.placement`; "params": the parameters and gradients too; "disk":
+    (`offload="optimizer"`: the optimizer and gradient roles move to host; the compiler's placement
+    pass runs the update there, `sharding.placement`; "params": the parameters too; "disk":
     parameters and optimizer in files, gradients on host)."""
     offload = check_offload(offload)
     host = sum(figures.get(role, 0) for role in HOST_ROLES[offload])
     disk = sum(figures.get(role, 0) for role in DISK_ROLES.get(offload, ()))
     return {"device": sum(figures.get(role, 0) for role in DEVICE_ROLES) - host - disk, "host": host, "disk": disk}
+
+
+def largest_fit(figures: Mapping[str, int], per_layer: Mapping[str, int], layers: int, offload: str,
+                device_bytes: int, host_bytes: int | None = None, most: int = 100_000) -> int:
+    """The most layers (of this width, at most `most`) whose per-rank memory fits `device_bytes` on
+    device and `host_bytes` on host (None: any) under `offload`; 0 when not even one layer does.
+    `figures` are at `layers` layers and `per_layer` is one layer's worth (`plan_strategy`)."""
+    def fits(count: int) -> bool:
+        at = {key: figures.get(key, 0) + (count - layers) * per_layer.get(key, 0)
+              for key in set(figures) | set(per_layer)}
+        split = memory_by_kind(at, offload)
+        return split["device"] <= device_bytes and (host_bytes is None or split["host"] <= host_bytes)
+
+    if not fits(1):
+        return 0
+    low, high = 1, 2
+    while high <= most and fits(high):  # memory grows with depth: double, then bisect
+        low, high = high, 2 * high
+    high = min(high, most + 1)
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
 
 
 def extrapolate(shallow: Mapping[str, int], deeper: Mapping[str, int], depth: int, layers: int) -> dict[str, int]:
