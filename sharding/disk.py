@@ -21,6 +21,7 @@ import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import is_fake
 
+from .copies import wait_copy
 from .errors import SpecError
 from .memory_kinds import DISK, HOST, KIND_META, TRANSFER_META, running_on
 from .source import source_line
@@ -119,11 +120,13 @@ def stage_disk(graph_module: fx.GraphModule, in_kinds: list[str], out_kinds: lis
         if kind != DISK:
             continue
         node.meta[KIND_META] = DISK
-        users = sorted(node.users, key=order.__getitem__)
+        users = sorted((user for user in node.users if user.target is not wait_copy), key=order.__getitem__)
         shared = None
         for user in users:
             if user.meta.get(TRANSFER_META, {}).get("kind") == "h2d":  # each fetch reads a fresh staging copy
                 staging = _read_before(graph, node, user, values)
+                for wait in [u for u in user.users if u.target is wait_copy]:  # which keeps it alive until done
+                    wait.replace_input_with(node, staging)
             else:
                 staging = shared = shared or _read_before(graph, node, user, values)
             user.replace_input_with(node, staging)

@@ -18,6 +18,7 @@ import torch
 from functional_parallel.launch import spawn
 from functional_parallel.tree import leaf_paths, tree_leaves
 from sharding import unshard
+from sharding.copies import issue_copy, wait_copy
 from sharding.disk import is_on_disk, to_disk
 from sharding.memory import MemoryTracker
 from sharding.memory_kinds import HOST, KIND_META, TRANSFER_META
@@ -64,16 +65,33 @@ def test_each_parameter_comes_up_per_window_and_its_gradient_goes_down(strategy)
     assert lowered.collectives == lower(strategy)[2].collectives  # offload changes no collective
 
 
+def _wait(issue):
+    return next(user for user in issue.users if user.target is wait_copy)
+
+
 @pytest.mark.parametrize("strategy", ["dp", "zero3", "tp_sp"])
 def test_no_parameter_copy_outlives_its_window(strategy):
-    """Between two uses of one fetched copy, no other fetched parameter is used; each gradient
-    goes down right after the node that computes it."""
+    """Between two uses of one fetched copy, no other fetched parameter is used; every copy is
+    waited on just before its first use; a fetch is issued when the previous fetch is waited on
+    (one in flight); each gradient starts going down right after the node that computes it."""
     _, _, lowered = lower(strategy, offload="params")
     graph = lowered.graph.graph
-    assert all(len(groups) == 1 for groups in use_windows(_fetches(lowered), positions(graph)).values())
-    for node in graph.nodes:
-        if node.meta.get(TRANSFER_META, {}).get("kind") == "d2h" and node.args[0].op != "placeholder":
-            assert node.prev is node.args[0], node
+    order = positions(graph)
+    waits = [_wait(fetch) for fetch in _fetches(lowered)]
+    assert all(len(groups) == 1 for groups in use_windows(waits, order).values())
+    copies = [n for n in graph.nodes if n.meta.get(TRANSFER_META, {}).get("kind") in ("h2d", "d2h")]
+    for issue in copies:
+        wait, between = _wait(issue), []
+        node = wait.next
+        while node is not min(wait.users, key=order.__getitem__):
+            between.append(node)
+            node = node.next
+        assert all(n.target in (issue_copy, wait_copy) for n in between), (wait, between)  # only other copies
+        if issue.meta[TRANSFER_META]["kind"] == "d2h" and issue.args[0].op != "placeholder":
+            assert issue.prev is issue.args[0], issue
+    by_first_use = sorted(_fetches(lowered), key=lambda fetch: order[min(_wait(fetch).users, key=order.__getitem__)])
+    for previous, fetch in zip(by_first_use, by_first_use[1:]):
+        assert fetch.prev is _wait(previous), fetch
 
 
 @pytest.mark.parametrize("strategy", ["dp", "zero3", "tp_sp"])
