@@ -33,12 +33,12 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from experiments import config as _config
-from experiments import report, train, trainer
+from experiments import offload_report, report, train, trainer
 from experiments.builders import (DTYPES, build_model, build_optimizer, build_schedule, build_strategy, describe_mesh,
                                   mesh_shape, micro_batches, validate)
 from experiments.cli import one_line_errors
 from experiments.metrics import read_metrics
-from experiments.docs import write_block
+from experiments.docs import blocks, write_block
 from functional_parallel import data, launch
 from functional_parallel import config_dirs
 from functional_parallel.parallel import available_strategies
@@ -265,7 +265,8 @@ def compare(cfg: DictConfig, output_dir: str | pathlib.Path) -> dict:
     output_dir = pathlib.Path(output_dir)
     runs = parse_runs(cfg)
     configs = {run.name: train_config(cfg, run) for run in runs}  # every config error before any run
-    for train_cfg in configs.values():
+    for name, train_cfg in configs.items():
+        train.default_offload_dir(train_cfg, output_dir / name)
         validate(train_cfg)
     policies = list(dict.fromkeys(reference_policy(c) for c in configs.values()))
     print(f"compare: {len(runs)} runs ({', '.join(configs)}); first {len(policies)} single-process "
@@ -299,6 +300,9 @@ def main(cfg: DictConfig) -> None:
         for path in report.publish(outcome["results"], pathlib.Path(output_dir), root / "docs", cfg.doc_block):
             print(f"wrote {path}")
         print(f"wrote {write_block(cfg.doc_block, report.readme_block(outcome['results']), root)}")
+        summary = f"{cfg.doc_block}_summary"  # a block's short form, where the docs have one (README)
+        if summary in blocks(root):
+            print(f"wrote {write_block(summary, offload_report.summary_block(outcome['results']), root)}")
 
 
 if __name__ == "__main__":

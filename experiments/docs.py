@@ -11,6 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+OFFLOAD_LEVELS = "python -m experiments.compare --config-name compare_offload write_readme=true"
 # Block name -> the command that writes it.
 GENERATED = {
     "strategies": "python -m experiments.strategies write_readme=true",
@@ -27,11 +28,8 @@ GENERATED = {
                  "{name: pp_zb_h1, strategy: pp, pipeline: {schedule: zb_h1}}]' steps=10 doc_block=pipelines "
                  "write_readme=true",
     "pipeline_bubble": "python -m benchmarks.pipeline",
-    "offload_levels": "python -m experiments.compare 'runs=[dp, {name: dp_offload_optimizer, strategy: dp, "
-                      "offload: optimizer}, {name: dp_offload_params, strategy: dp, offload: params}, zero3, "
-                      "{name: zero3_offload_optimizer, strategy: zero3, offload: optimizer}, "
-                      "{name: zero3_offload_params, strategy: zero3, offload: params}]' steps=10 "
-                      "doc_block=offload_levels write_readme=true",
+    "offload_levels": OFFLOAD_LEVELS,
+    "offload_levels_summary": OFFLOAD_LEVELS,  # the same run's short table, in README
     "plan_pipeline model=gpt3_175b": "python -m experiments.plan --config-name plan_pipeline write_readme=true",
     "plan_pipeline model=bloom_176b": "python -m experiments.plan --config-name plan_pipeline model=bloom_176b "
                                       "mesh=dp8_pp12_tp4 'strategies=[zero1_tp_pp]' micro_batch=2 global_batch=2048 "

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pathlib
 
-from experiments import pipeline_report
+from experiments import offload_report, pipeline_report
 from functional_parallel.parallel import Strategy
 
 KINDS = ("all_gather", "reduce_scatter", "all_reduce", "all_to_all", "p2p")
@@ -320,7 +320,7 @@ def readme_block(results: dict) -> str:
     policies' costs and savings, and a compact table (run, policy, memory, traffic, time)."""
     columns = list(dict.fromkeys(key for s in results.values() for key in s.get("policy", {})))
     offloads = any(host_bytes(s) for s in results.values())  # host columns only where something lives there
-    lines = [equivalence_line(results), *policy_lines(results), "",
+    lines = [equivalence_line(results), *policy_lines(results), *offload_report.line(results), "",
              "| run | strategy | mesh | " + "".join(f"{key} | " for key in columns)
              + "max rel. diff | device peak measured (B, max rank) | "
              + ("host peak measured (B, max rank) | host→device / device→host B per step | " if offloads else "")
@@ -364,6 +364,8 @@ def write(output_dir: pathlib.Path, cfg: dict, results: dict) -> pathlib.Path:
              "`<run>/summary.json` and `<run>/metrics.jsonl`.", ""]
     if pipeline_report.plot_timeline(results, output_dir / pipeline_report.PLOT):
         lines += pipeline_report.lines(results)
+    if offload_report.plot_copies(results, output_dir / offload_report.PLOT):
+        lines += ["## Offload copies", "", *offload_report.line(results), "", f"![copies]({offload_report.PLOT})", ""]
     errors = [s["error"] for s in results.values() if s.get("error")]
     if errors:
         lines += ["## Errors", "", *[f"- {e}" for e in errors], ""]
@@ -387,8 +389,8 @@ def publish(results: dict, output_dir: pathlib.Path, docs_dir: pathlib.Path,
     results_path = docs_dir / "results" / f"{prefix}.json"
     results_path.write_text(json.dumps(results, indent=1, default=str) + "\n")
     written = [results_path]
-    for name, file in {**PLOTS, "pipeline": pipeline_report.PLOT}.items():
-        if not (output_dir / file).exists():  # the timeline: only with pipelined runs
+    for name, file in {**PLOTS, "pipeline": pipeline_report.PLOT, "copies": offload_report.PLOT}.items():
+        if not (output_dir / file).exists():  # the timelines: only with pipelined or offloaded runs
             continue
         target = docs_dir / "figures" / f"{prefix}_{file}"
         shutil.copyfile(output_dir / file, target)

@@ -59,6 +59,12 @@ def check_known_keys(cfg: DictConfig) -> None:
                          f"see experiments/config.py (Config) for the keys there are") from None
 
 
+def default_offload_dir(cfg: DictConfig, output_dir: pathlib.Path) -> None:
+    """`offload=disk` without `offload_dir`: `<run dir>/offload`, set before any rank starts (all ranks agree)."""
+    if cfg.offload == "disk" and not cfg.offload_dir:
+        cfg.offload_dir = str(output_dir / "offload")
+
+
 def write_config(cfg: DictConfig, output_dir: pathlib.Path) -> None:
     """The resolved config into the run dir (rank 0 / the launching process only)."""
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -94,8 +100,7 @@ def run(cfg: DictConfig, output_dir: str | pathlib.Path) -> dict[str, Any]:
     check_known_keys(cfg)
     cfg.mesh = mesh_shape(cfg.mesh)  # a conf/meshes name becomes its sizes here, where Hydra's search path is known
     cfg = checkpointing.prepare(cfg, output_dir, torchrun=launch.launched_by_torchrun())
-    if cfg.offload == "disk" and not cfg.offload_dir:  # every rank's files in one place, known before any starts
-        cfg.offload_dir = str(output_dir / "offload")
+    default_offload_dir(cfg, output_dir)
     if launch.launched_by_torchrun():
         return run_torchrun_rank(cfg, output_dir)
     return run_spawned(cfg, output_dir)

@@ -26,22 +26,15 @@ from functional_parallel.tree import tree_map
 from sharding import Lowered, Mesh, P, jit, shard, timeline
 from sharding.pipelining import schedule_for
 from sharding.cost import collective_counts
-from sharding.disk import io_bytes, to_disk
+from sharding import copies
+from sharding.disk import io_bytes
 from sharding.memory import MemoryTracker
 
 from .builders import (DTYPES, build_model, build_optimizer, build_precision, build_schedule, mesh_shape,
                        micro_batches, pipeline_options, validate)
 from .checkpointing import Checkpointer, NonFiniteGuard, last_step
+from .train_state import TrainState, initial_state, kept_where_offloaded
 from .metrics import MetricsWriter, bar_fields, new_task, plot_losses, progress_bar, status
-
-
-@dataclasses.dataclass
-class TrainState:
-    """What changes from step to step: this rank's shards of params and optimizer state, the next step."""
-
-    params: Any
-    opt_state: Any
-    step: int = 0
 
 
 @dataclasses.dataclass
@@ -87,6 +80,7 @@ class Session:
     disk_io_bytes_measured: dict | None = None
     pipeline: Any = None  # the sharding.Pipeline of a pipelined strategy
     timeline: list | None = None  # this rank's measured actions in the timed step (a pipeline's)
+    copies: dict | None = None  # this rank's host<->device copies in one step, when each ran (offload)
     started: float = dataclasses.field(default_factory=time.perf_counter)
 
 
@@ -96,39 +90,6 @@ def local_batch(session: Session, split: str, index: int) -> dict:
     batch = session.dataset.get_batch(split, index, cfg.data.global_batch, session.seq_len, cfg.seed)
     batch = shard(batch, session.specs[2], session.mesh)
     return tree_map(lambda x: x.to(session.device), batch)
-
-
-def state_device(offload: str, device: torch.device) -> torch.device:
-    """Where the optimizer state lives: the CPU (host memory) when offloaded, else `device`."""
-    return torch.device("cpu") if state_memory_kind(offload) == "host" else device
-
-
-def params_device(offload: str, device: torch.device) -> torch.device:
-    """Where the parameters live: the CPU (host memory) with `offload="params"`, else `device`."""
-    return torch.device("cpu") if param_memory_kind(offload) == "host" else device
-
-
-def kept_where_offloaded(state: TrainState, cfg: Any) -> TrainState:
-    """Parameters and state in files under `offload=disk` (fresh or restored: DCP loads into RAM)."""
-    if cfg.offload != "disk":
-        return state
-    return dataclasses.replace(state, params=to_disk(state.params, cfg.offload_dir),
-                               opt_state=to_disk(state.opt_state, cfg.offload_dir))
-
-
-def initial_state(params, opt_state, specs: tuple, mesh: Mesh, device: torch.device,
-                  offload: str = "none") -> TrainState:
-    """Step 0: this rank's shards of the freshly initialised global params and optimizer state
-    (the state in host memory with `offload="optimizer"`, the parameters too with "params"; they
-    stay there, step after step)."""
-    where, params_where = state_device(offload, device), params_device(offload, device)
-    return TrainState(params=tree_map(lambda x: _placed(x, params_where), shard(params, specs[0], mesh)),
-                      opt_state=tree_map(lambda x: _placed(x, where), shard(opt_state, specs[1], mesh)), step=0)
-
-
-def _placed(x: torch.Tensor, device) -> torch.Tensor:
-    """`x` on `device`; a meta tensor (a leaf another pipeline stage holds) stays as it is."""
-    return x if x.device.type == "meta" else x.to(device)
 
 
 def setup(cfg: Any, rank: int, device: torch.device, output_dir: pathlib.Path | None) -> Session:
@@ -229,6 +190,13 @@ def train_step(session: Session) -> dict[str, float]:
         with timeline.recording() as records:
             params, opt_state, metrics = session.compiled_train(state.params, state.opt_state, batch)
         session.timeline = timeline.spans(records)
+    elif session.lowered.transfers and session.copies is None:  # offloaded: when each copy ran, in one step
+        with copies.recording() as spans:
+            params, opt_state, metrics = session.compiled_train(state.params, state.opt_state, batch)
+        session.copies = {"count": len(spans), "bytes": sum(span["bytes"] for span in spans),
+                          "hidden_fraction": copies.hidden_fraction(spans),
+                          "spans": [{key: (value - started if key != "kind" and key != "bytes" else value)
+                                     for key, value in span.items()} for span in spans]}
     else:
         params, opt_state, metrics = session.compiled_train(state.params, state.opt_state, batch)
     loss = metrics["loss"].item()  # also waits for the step (CUDA is asynchronous)
@@ -307,7 +275,8 @@ def rank_report(session: Session) -> dict:
             "disk_bytes_predicted": session.lowered.cost["disk_bytes"],
             "disk_bytes_measured": session.disk_peak_bytes_measured,
             "disk_io_bytes_measured": session.disk_io_bytes_measured,
-            **({"pipeline_timeline": session.timeline} if session.timeline is not None else {})}
+            **({"pipeline_timeline": session.timeline} if session.timeline is not None else {}),
+            **({"copies": session.copies} if session.copies is not None else {})}
 
 
 def _schedule_facts(pipeline, stages: int, microbatches: int) -> tuple[float | None, str]:

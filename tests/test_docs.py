@@ -13,7 +13,7 @@ from benchmarks import report as benchmark_report
 from experiments import docs
 from experiments import plan as plan_cli
 from experiments import pipeline_report
-from experiments import report as compare_report
+from experiments import offload_report, report as compare_report
 from experiments.plan_report import markdown
 
 
@@ -47,7 +47,11 @@ def test_compare_block_is_rendered_from_its_saved_results(block):
     results = json.loads((docs.ROOT / "docs" / "results" / f"{block}.json").read_text())
     assert docs.read_block(block) == compare_report.readme_block(results).strip(), \
         f"the {block} block is stale: rerun `{docs.GENERATED[block]}`"
+    if f"{block}_summary" in docs.blocks():  # its short form elsewhere (README's offload table)
+        assert docs.read_block(f"{block}_summary") == offload_report.summary_block(results).strip(), \
+            f"the {block}_summary block is stale: rerun `{docs.GENERATED[block]}`"
     plots = list(compare_report.PLOTS.values()) + ([pipeline_report.PLOT] if pipeline_report.pipelined(results) else [])
+    plots += [offload_report.PLOT] if offload_report.offloaded(results) else []
     for name in plots:
         assert (docs.ROOT / "docs" / "figures" / f"{block}_{name}").stat().st_size > 0
 

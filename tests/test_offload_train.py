@@ -38,6 +38,10 @@ def test_offloaded_run_resumes_and_equals_the_run_without_offload(tmp_path, offl
         assert rank["disk_bytes_measured"] == rank["disk_bytes_predicted"]
         assert (rank["disk_bytes_predicted"] > 0) == (offload == "disk")
         assert rank["disk_io_bytes_measured"] == summary["cost"]["disk_io_bytes"]  # read and written, one step
+    for rank in summary["ranks"]:  # one step's copies, each issued before it was waited on
+        spans = rank["copies"]["spans"]
+        assert rank["copies"]["count"] == len(spans) > 0 and 0.0 <= rank["copies"]["hidden_fraction"] <= 1.0
+        assert all(s["issue"] <= s["start"] <= s["end"] <= s["ready"] and s["wait"] <= s["ready"] for s in spans)
     io = summary["cost"]["disk_io_bytes"]
     assert (io["read"] > io["write"] > 0) if offload == "disk" else io == {"read": 0, "write": 0}
     plain_summary = json.loads((tmp_path / "a" / "summary.json").read_text())
