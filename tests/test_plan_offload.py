@@ -30,6 +30,7 @@ def test_bad_offload_fails_before_lowering():
         plan_cli.plan(plan_config(["model=gpt_tiny", "offload=nvme"]))
 
 
+@pytest.mark.slow
 def test_parameter_offload_moves_params_grads_and_optimizer_to_host():
     cfg = plan_config(["model=gpt_tiny", "mesh={dp: 4, tp: 1}", "precision=fp32", "strategies=[zero3]",
                        "offload=params"])
@@ -44,6 +45,7 @@ def test_parameter_offload_moves_params_grads_and_optimizer_to_host():
                        "disk": figures["optimizer"] + figures["params"]}
 
 
+@pytest.mark.slow
 def test_zero_offload_fits_13b_on_one_32gb_gpu():
     """ZeRO-Offload's result (Ren et al. 2021): one 32 GB V100 trains a 13B GPT with the optimizer
     state and gradients on the CPU, where plain data parallelism fits about 1.4B. Width 5120 (13B at
