@@ -153,6 +153,14 @@ def _fit(cfg: PlanConfig, result, layers: int) -> dict:
         most = planner.largest_fit(result.figures, result.per_layer, layers, level, device, host)
         found[level] = {"layers": most, "parameters": result.figures["parameters"]
                         + (most - layers) * result.per_layer["parameters"] if most else 0}
+    if not any(entry["layers"] for entry in found.values()):
+        one = {key: result.figures.get(key, 0) + (1 - layers) * result.per_layer.get(key, 0) for key in result.figures}
+        split = planner.memory_by_kind(one, "disk")
+        raise ValueError(f"fit: not even one layer of this model fits {cfg.fit['device_gb']:g} GB of device memory"
+                         f"{'' if host is None else f' and {host / 1e9:g} GB of host memory'} under any offload level "
+                         f"(one layer on disk still needs {split['device'] / 1e9:.2f} GB on device and "
+                         f"{split['host'] / 1e9:.2f} GB on host); raise fit.device_gb / fit.host_gb, or lower "
+                         f"micro_batch, or use remat=full")
     return found
 
 

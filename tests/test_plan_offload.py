@@ -60,3 +60,10 @@ def test_zero_offload_fits_13b_on_one_32gb_gpu():
     assert fit["optimizer"]["parameters"] < fit["params"]["parameters"] <= fit["disk"]["parameters"]
     assert fit["params"]["parameters"] < 1500e9 / 16  # host holds 16 bytes per parameter
     assert "Largest model that fits 32 GB" in markdown(result)
+
+
+def test_a_budget_no_model_fits_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"not even one layer of this model fits 1e-06 GB of device memory .* "
+                                         r"raise fit.device_gb"):
+        plan_cli.plan(plan_config(["model=gpt_tiny", "mesh={dp: 1, tp: 1}", "strategies=[dp]", "fit.device_gb=1e-6"]))
+
