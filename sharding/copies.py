@@ -62,6 +62,9 @@ def issue_copy(x: torch.Tensor, kind: str, device: torch.device) -> torch.Tensor
         stream.wait_stream(torch.cuda.current_stream(stream.device))  # the source is computed
         with torch.cuda.stream(stream):
             dst.copy_(x, non_blocking=True)
+            for tensor in (x, dst):  # the allocator must not reuse either before the copy stream is done
+                if tensor.device.type == "cuda":
+                    tensor.record_stream(stream)
             done = torch.cuda.Event()
             done.record(stream)
         _PENDING[id(dst)] = (done, span)
@@ -88,8 +91,10 @@ def wait_copy(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
         span["wait"] = time.perf_counter()  # when the step needs it
     if isinstance(done, Future):
         done.result()
-    else:
-        torch.cuda.current_stream(dst.device if dst.device.type == "cuda" else src.device).wait_event(done)
+    elif dst.device.type == "cpu":  # d2h: host code reads it next, so the host waits for the copy
+        done.synchronize()
+    else:  # h2d: device code reads it next, so the compute stream waits for the copy stream
+        torch.cuda.current_stream(dst.device).wait_event(done)
     if span is not None:
         span["ready"] = time.perf_counter()  # when the step has it
         _SPANS.append(span)

@@ -9,7 +9,7 @@ allocator's own counter (`torch.cuda.max_memory_allocated`) is the measurement.
 
 With optimizer offload (`sharding.placement`) host and device can be the same CPU; a storage
 is then counted as host memory when a host-kind input holds it (`track(..., kind="host")`) or a
-host node or `to_host` made it (`sharding.placement.current_kind()`), so the device peak
+host node or a copy down (`to_host`, `sharding.copies`) made it (`sharding.placement.current_kind()`), so the device peak
 (`device_peak_bytes`) is measured apart from the host one (`host_peak_bytes`). On CUDA the
 device peak is the allocator's and host memory is not measured. A file-backed storage
 (`sharding.disk`) counts as "disk": tracked so, or made by `write_disk`.
