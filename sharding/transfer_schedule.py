@@ -14,8 +14,10 @@ peak, what offloading them exists to avoid. The rules, the same as ZeRO-3's re-g
 - a host input's fetch is issued when the previous fetch is waited on (the next parameter comes
   up while the current one computes, one in flight, as ZeRO-3's gathers are prefetched);
 - any other transfer (a gradient going down to the host-side update, an update coming back up)
-  is issued right after its value is computed, so the rest of the step runs while it copies and
-  a gradient's device storage is freed early.
+  is issued right after its value is computed, so the rest of the step runs while it copies;
+- copies of one direction run one at a time, in program order (as collectives of one stream): each
+  is waited on before the next one of its direction is issued, if that comes before its first
+  use, so a gradient's device storage is freed once the next gradient starts going down.
 """
 from __future__ import annotations
 
@@ -78,6 +80,12 @@ def schedule_transfers(graph_module: fx.GraphModule) -> fx.GraphModule:
             source = issue.args[0]
             order.move_after(last_placeholder if source.op == "placeholder" else source, issue)
             order.move_before(first_use[wait], wait)
+    for kind in ("h2d", "d2h"):  # one copy in flight per direction: its source is freed before the next starts
+        stream = sorted((pair for pair in pairs if pair[0].meta[TRANSFER_META]["kind"] == kind),
+                        key=lambda pair: order[pair[0]])
+        for (_, wait), (next_issue, _) in zip(stream, stream[1:]):
+            if order[next_issue] < order[wait]:
+                order.move_before(next_issue, wait)
     graph.lint()
     graph_module.recompile()
     return graph_module

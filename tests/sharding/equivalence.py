@@ -125,3 +125,13 @@ def assert_equals_reference(per_rank, ref_loss, ref_grads, tolerance: float, whe
         for name, grad in ref.items():
             error = (got[name] - grad).abs().max().item()
             assert error < tolerance, f"{where} rank {rank}: grad {name} off by {error}"
+
+
+def assert_run_matches(got: dict, expected: dict) -> None:
+    """A run's losses, params and grads after its steps (`run_strategy`'s dict) equal the reference's
+    (`reference`) to 1e-9 relative (float64)."""
+    for a, b in zip(got["losses"], expected["losses"]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    for a, b in zip(tree_leaves(got["params"]) + tree_leaves(got["grads"]),
+                    tree_leaves(expected["params"]) + tree_leaves(expected["grads"])):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)

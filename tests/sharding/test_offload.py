@@ -23,7 +23,7 @@ from sharding.memory import MemoryTracker
 from sharding.placement import HOST, KIND_META, on_host
 from sharding.tree import leaf_paths
 
-from .equivalence import compile_strategy, make_problem, reference
+from .equivalence import assert_run_matches, compile_strategy, make_problem, reference
 from .lowered import lower
 
 STRATEGIES = ["dp", "zero3", "tp_sp"]
@@ -180,12 +180,7 @@ def expected():
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_offloaded_step_equals_the_reference(runs, expected, strategy):
     for rank, results in enumerate(runs):
-        got = results[strategy]
-        for a, b in zip(got["losses"], expected["losses"]):
-            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
-        for a, b in zip(tree_leaves(got["params"]) + tree_leaves(got["grads"]),
-                        tree_leaves(expected["params"]) + tree_leaves(expected["grads"])):
-            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+        assert_run_matches(results[strategy], expected)
 
 
 @pytest.mark.slow
