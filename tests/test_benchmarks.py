@@ -107,3 +107,16 @@ def test_gpu_benchmark_runs_on_cpu_at_a_tiny_size():
     for entry in contenders.values():
         assert entry["mfu"] == pytest.approx(entry["tokens_per_s"] * flops_per_token(results["parameters"], cfg) / 1e12)
     assert "| torch_eager | no |" in table(results)
+
+
+def test_lowering_benchmark_runs_at_a_tiny_size():
+    """`python -m benchmarks.lowering`'s measurement and table, on the tiny GPT (no processes)."""
+    from benchmarks import lowering
+
+    results = lowering.run(lowering.LoweringBenchConfig(strategies=["zero3", "tp_sp"], layers=[1, 2], size="tiny",
+                                                        vocab_size=64, write=False))
+    rows = {(row["strategy"], row["layers"]): row for row in results["rows"]}
+    assert set(rows) == {("zero3", 1), ("zero3", 2), ("tp_sp", 1), ("tp_sp", 2)}
+    assert all(rows[s, 2]["nodes"] > rows[s, 1]["nodes"] and rows[s, 2]["stages"]["trace_s"] > 0 for s in ("zero3",
+                                                                                                         "tp_sp"))
+    assert "| zero3 | 2 |" in lowering.table(results)
