@@ -40,6 +40,13 @@ def _worker() -> ThreadPoolExecutor:
         return _WORKER
 
 
+def _copy_stream(device: torch.device):
+    """One side stream per GPU for copies, made on first use."""
+    if device not in _STREAMS:
+        _STREAMS[device] = torch.cuda.Stream(device=device)
+    return _STREAMS[device]
+
+
 def _destination(x: torch.Tensor, kind: str, device: torch.device) -> torch.Tensor:
     with running_on(HOST if kind == "d2h" else DEVICE):
         if kind == "d2h":
@@ -57,8 +64,7 @@ def issue_copy(x: torch.Tensor, kind: str, device: torch.device) -> torch.Tensor
         if _SPANS is not None else None
     cuda = x.device.type == "cuda" or dst.device.type == "cuda"
     if cuda:
-        stream = _STREAMS.setdefault(dst.device if dst.device.type == "cuda" else x.device,
-                                     torch.cuda.Stream(device=dst.device if dst.device.type == "cuda" else x.device))
+        stream = _copy_stream(dst.device if dst.device.type == "cuda" else x.device)
         stream.wait_stream(torch.cuda.current_stream(stream.device))  # the source is computed
         with torch.cuda.stream(stream):
             dst.copy_(x, non_blocking=True)

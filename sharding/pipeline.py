@@ -145,8 +145,9 @@ def place_stage(p: Program) -> Program:
     graph = place(p.graph, p.options.in_kinds, out_kinds, example_inputs, p.options.compute_device)
     if graph is not p.graph:  # something moves between kinds: when each transfer happens, the disk's reads/writes
         graph = schedule_transfers(graph)
-        graph = stage_disk(graph, p.options.in_kinds, out_kinds, p.options.disk_dir,
-                           sizing_values(graph, example_inputs, p.options.compute_device))
+        if DISK in p.options.in_kinds or DISK in out_kinds:  # its reads' and writes' sizes need one fake run
+            graph = stage_disk(graph, p.options.in_kinds, out_kinds, p.options.disk_dir,
+                               sizing_values(graph, example_inputs, p.options.compute_device))
     return dataclasses.replace(p, graph=graph, example_inputs=example_inputs)
 
 
