@@ -26,7 +26,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "lowering"
-STAGES = ("trace_s", "remat_s", "propagate_s", "insert_s", "localize_s", "split_s", "schedule_s", "place_s", "bind_s")
+STAGES = ("trace_s", "remat_s", "propagate_s", "insert_s", "localize_s", "split_s", "schedule_s", "place_s", "bind_s",
+          "codegen_s")
 
 
 @dataclass

@@ -43,6 +43,16 @@ def _traffic(runner, device: torch.device) -> tuple[dict, dict]:
     return dict(counter.bytes_by_kind), dict(counter.count_by_kind)
 
 
+def _timeline(runner, device: torch.device) -> dict:
+    """Ours: one step's collectives on this rank (issue, wait, ready; `sharding.comm_timeline`)."""
+    dist.barrier()
+    _sync(device)
+    loss, found = runner.timeline_step(runner.steps_done)
+    runner.losses.append(loss)
+    runner.steps_done += 1
+    return found
+
+
 def _timed_steps(runner, count: int, device: torch.device) -> list[float]:
     times = []
     for _ in range(count):
@@ -96,6 +106,8 @@ def run_rank(rank: int, world: int, cfg: dict) -> dict:
         measured_bytes, counts = _traffic(runner, device)
         results[runner.name]["measured_bytes_by_kind"] = measured_bytes
         results[runner.name]["count_by_kind"] = counts
+        if runner.kind == "ours":
+            results[runner.name]["timeline"] = _timeline(runner, device)
     times = {runner.name: [] for runner in runners}
     for _ in range(cfg["rounds"]):
         for runner in runners:

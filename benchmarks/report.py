@@ -22,6 +22,8 @@ def combine(per_rank: list[dict], reference: str = "ddp") -> dict:
     for name, first in per_rank[0]["contenders"].items():
         entry = dict(first)
         entry["peak_bytes"] = max(rank["contenders"][name]["peak_bytes"] for rank in per_rank)
+        if first.get("timeline"):  # one step's collectives, every rank's
+            entry["timeline"] = [rank["contenders"][name]["timeline"] for rank in per_rank]
         contenders[name] = entry
     if reference in contenders:
         ref = contenders[reference]["losses"]

@@ -2,7 +2,9 @@
 
 Every contender trains the same tiny GPT from the same init on the same batches over the same
 ranks (gloo on CPU; `device=cuda` for NCCL on GPUs). Writes `benchmarks/results/<date>.json`
-and `.md`, and the table into docs/benchmark.md (`write_readme=false` to skip). On demand only, not in CI.
+and `.md` (and `<date>-timeline.png`: one step of ours per rank, compute against each collective
+stream), and the table and figure into docs/benchmark.md and docs/figures/ (`write_readme=false`
+to skip). On demand only, not in CI.
 
     python -m benchmarks.strategies                       # docs/benchmark.md's table
     python -m benchmarks.strategies compile=true          # ours with torch.compile'd per-rank graphs
@@ -32,7 +34,7 @@ from functional_parallel.parallel import available_strategies, example_mesh
 
 from experiments.docs import write_block
 
-from . import report
+from . import report, timeline
 from .measure import run_rank
 from .runners import TORCH_CONTENDERS
 
@@ -103,9 +105,12 @@ def main(cfg: BenchmarkConfig) -> None:
     print(text)
     if cfg.write:
         json_path, md_path = report.write(results)
-        print(f"wrote {json_path} and {md_path}")
+        figure = timeline.plot(results, json_path.with_name(f"{results['date']}-timeline.png"))
+        print(f"wrote {json_path}, {md_path}" + (f" and {figure}" if figure else ""))
     if cfg.write_readme:
         print(f"wrote {write_block(report.DOC_BLOCK, text)}")
+        figure = timeline.plot(results, timeline.FIGURE)
+        print(f"wrote {figure}" if figure else "no timeline figure: none of ours ran")
 
 
 if __name__ == "__main__":

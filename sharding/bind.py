@@ -12,6 +12,8 @@ from typing import NamedTuple
 
 import torch.fx as fx
 
+from . import lazy
+
 
 class RankIndex(NamedTuple):
     """This rank's position along `axes` (mesh axis indices, outer first), times `scale`."""
@@ -82,4 +84,4 @@ def bind(graph_module: fx.GraphModule, mesh) -> fx.GraphModule:
         new.args = _map(new.args, lambda a: _bound(a, mesh))
         new.kwargs = _map(new.kwargs, lambda a: _bound(a, mesh))
         env[node] = new
-    return fx.GraphModule(graph_module, graph)  # built from the finished graph: it copies the constants it uses
+    return lazy.module(graph_module, graph)  # built from the finished graph: it copies the constants it uses

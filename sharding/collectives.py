@@ -157,11 +157,13 @@ def pack(xs: list[torch.Tensor], dims: list[int], group_size: int, kind: str) ->
     """The flat buffer one bucketed collective moves for several tensors of one dtype.
 
     all_gather / all_reduce: the members' elements one after another. reduce_scatter: rank r's
-    block of every member, then rank r+1's, so that rank r receives exactly its own blocks.
+    block of every member, then rank r+1's, so that rank r receives exactly its own blocks; a 0-dim
+    member is an all-reduce riding along: every rank's block holds it, so every rank gets the sum.
     """
     fronts = [to_front(x, dim) for x, dim in zip(xs, dims)]
     if kind == "reduce_scatter":
-        return torch.cat([f.view(group_size, -1) for f in fronts], dim=1).view(-1)
+        blocks = [f.reshape(1, 1).expand(group_size, 1) if f.dim() == 0 else f.view(group_size, -1) for f in fronts]
+        return torch.cat(blocks, dim=1).view(-1)
     return torch.cat([f.view(-1) for f in fronts])
 
 

@@ -14,6 +14,7 @@ import math
 import torch
 import torch.fx as fx
 
+from . import lazy
 from . import collectives, ring_attention
 from .bind import AxisGroup, RankIndex
 from .random_ops import RANDOM_OPS, rank_seeded
@@ -120,7 +121,7 @@ class Inserter:
             if found is not None and "ring_attention" in found.local.values():
                 self._ring_attention(node, new, found, requires)
             self.env[node] = new
-        return fx.GraphModule(self.old, self.graph)
+        return lazy.module(self.old, self.graph)
 
     def _seed_by_block(self, node: fx.Node, new: fx.Node) -> None:
         """A random op on a split value draws by this rank's block (`sharding.random_ops`)."""

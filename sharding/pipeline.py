@@ -18,6 +18,7 @@ import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from . import lazy
 from .bind import AxisGroup, bind, placeholders
 from .errors import SpecError
 from .insert import insert
@@ -192,10 +193,15 @@ STAGES: tuple[tuple[str, Callable[[Program], Program]], ...] = (
 def run_stages(program: Program, stages=STAGES) -> Program:
     """`program` through `stages` in order; `timings` gets each stage's seconds (`<name>_s`)."""
     timings = dict(program.timings)
-    for name, stage in stages:
+    with lazy.lazily():
+        for name, stage in stages:
+            started = time.perf_counter()
+            program = stage(program)
+            timings[f"{name}_s"] = time.perf_counter() - started
+    if program.graph is not None:
         started = time.perf_counter()
-        program = stage(program)
-        timings[f"{name}_s"] = time.perf_counter() - started
+        lazy.generated(program.graph)
+        timings["codegen_s"] = time.perf_counter() - started
     return dataclasses.replace(program, timings=timings)
 
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from . import lazy
 from . import p2p, timeline
 from .bind import AxisGroup
 from .errors import SpecError
@@ -337,7 +338,7 @@ def _emit(s: _Splitter, graph_module: fx.GraphModule, instances, slot, readers, 
     out.meta[OUTPUTS] = table
     out.meta[ABSENT] = [(tuple(local_shape(v, s.axis_sizes)), v.meta["val"].dtype) if isinstance(v, fx.Node)
                         else None for v in output.args[0]]
-    result = fx.GraphModule(graph_module, graph)
+    result = lazy.module(graph_module, graph)
     return result
 
 
@@ -383,7 +384,7 @@ def select_rank(graph_module: fx.GraphModule, rank: int, size: int) -> fx.GraphM
         if node.op == "call_function" and node.meta.get(STAGE) % size != rank:
             continue
         env[node] = graph.node_copy(node, lambda a: env[a])
-    return fx.GraphModule(graph_module, graph)
+    return lazy.module(graph_module, graph)
 
 
 def absent(shape: tuple, dtype: torch.dtype) -> torch.Tensor:

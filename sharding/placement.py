@@ -26,6 +26,7 @@ import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from . import lazy
 from .errors import PropagationError
 from .liveness import fake_values
 from .memory_kinds import (DEVICE, DISK, HOST, KIND_META, MEMORY_KINDS, TRANSFER_META, check_kind, current_kind,
@@ -155,7 +156,7 @@ def place(graph_module: fx.GraphModule, in_kinds: list[str], out_kinds: list[str
                 kwargs["device"] = torch.device("cpu")
             new.target, new.args, new.kwargs = on_host, (node.target, *new.args), kwargs
         env[node] = new
-    return fx.GraphModule(graph_module, graph)
+    return lazy.module(graph_module, graph)
 
 
 def _transfer(graph: fx.Graph, value: fx.Node, example, kind: str, compute_device: torch.device,

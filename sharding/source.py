@@ -2,20 +2,49 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import sys
 import traceback
 
 import torch
+import torch.fx.proxy as fx_proxy
 from torch.fx.experimental.proxy_tensor import PythonKeyTracer
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _SHARDING_DIR = os.path.dirname(__file__)
 
 
-def _is_user_frame(frame: traceback.FrameSummary) -> bool:
-    filename = frame.filename
+@functools.lru_cache(maxsize=None)
+def _is_user_file(filename: str) -> bool:
     return not (filename.startswith(_TORCH_DIR) or filename.startswith(_SHARDING_DIR)
                 or "/optree/" in filename or filename.startswith("<"))
+
+
+def _is_user_frame(frame: traceback.FrameSummary) -> bool:
+    return _is_user_file(frame.filename)
+
+
+class _UserFrames:
+    """Stands in for torch's `CapturedTraceback` while tracing: the caller's user frames only.
+
+    torch symbolizes every frame of the stack (a hundred deep inside make_fx) for each node and
+    then drops all but a few; walking the live frames and keeping the user's is a fraction of that.
+    """
+
+    @staticmethod
+    def extract() -> "_UserFrames":
+        return _UserFrames()
+
+    @staticmethod
+    def summary() -> traceback.StackSummary:
+        frames, frame = [], sys._getframe(1)
+        while frame is not None:
+            code = frame.f_code
+            if _is_user_file(code.co_filename):
+                frames.append(traceback.FrameSummary(code.co_filename, frame.f_lineno, code.co_name))
+            frame = frame.f_back
+        return traceback.StackSummary.from_list(frames[::-1])
 
 
 @contextlib.contextmanager
@@ -23,18 +52,21 @@ def user_stack_traces():
     """Keep every user frame in `node.meta["stack_trace"]`.
 
     make_fx on its own keeps only frames named `forward` (nn.Module code); our models are plain
-    functions, so we widen the filter while tracing (torch is pinned, so this hook is stable).
+    functions, so we widen the filter while tracing, and collect only the user's frames (torch is
+    pinned, so these hooks are stable).
     """
-    original = PythonKeyTracer._filter_traceback_frames
+    original, captured = PythonKeyTracer._filter_traceback_frames, fx_proxy.CapturedTraceback
 
     def keep_user_frames(self, stack):
         return traceback.StackSummary.from_list([f for f in stack if _is_user_frame(f)])
 
     PythonKeyTracer._filter_traceback_frames = keep_user_frames
+    fx_proxy.CapturedTraceback = _UserFrames
     try:
         yield
     finally:
         PythonKeyTracer._filter_traceback_frames = original
+        fx_proxy.CapturedTraceback = captured
 
 
 def innermost_user_frame(tb) -> str:

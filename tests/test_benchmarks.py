@@ -76,6 +76,30 @@ def test_small_benchmark_run_measures_what_the_compiler_plans():
         assert entry["loss_max_rel_diff_vs_ddp"] < 1e-5, name
         assert entry["step_ms_median"] > 0 and entry["peak_bytes"] > 0
     assert "**met**" in report.table(results) or "**missed**" in report.table(results)
+    _check_timelines(results)
+
+
+def _check_timelines(results):
+    """Ours record one step's collectives per rank: every planned collective once, each issued
+    before its wait starts and done before the step ends; a figure is drawn from them."""
+    import tempfile
+    from pathlib import Path
+
+    from benchmarks import timeline
+
+    for name in ("dp", "zero3"):
+        entry = results["contenders"][name]
+        assert len(entry["timeline"]) == results["config"]["world_size"]
+        for found in entry["timeline"]:
+            collectives = found["collectives"]
+            assert len(collectives) == entry["planned"]["num_collectives"]
+            assert sum(c["bytes"] for c in collectives) == sum(entry["planned"]["bytes_by_kind"].values())
+            assert all(found["start"] <= c["issue"] <= c["wait"] <= c["ready"] <= found["end"] for c in collectives)
+    assert "timeline" not in results["contenders"]["ddp"]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = timeline.plot(results, Path(tmp) / "timeline.png")
+        assert path.stat().st_size > 10_000
+    assert timeline.shown(results) == ["dp", "zero3"]
 
 
 @pytest.mark.slow

@@ -6,6 +6,11 @@ share a dtype, every input is ready before any output is needed, and (gathers) n
 in it twice (a re-gather must not join its forward gather). The bucket packs its members' flat
 buffers (`collectives.pack`), issues one collective and splits the result (`collectives.unpack`).
 Its log record is one entry: the summed bytes and the member records.
+
+A 0-dim sum all-reduce (the loss, a norm piece) rides in a reduce-scatter bucket over the same ranks
+when the timing allows (the same ready-before-needed test): every rank's block carries a copy, so
+each rank receives the sum, and the step issues one collective fewer (its bytes count g times, as
+the reduce-scatter moves them). It joins the first such bucket in order of need.
 """
 from __future__ import annotations
 
@@ -48,9 +53,42 @@ def _groups(stream: list[Chain], order: dict, bucket_bytes: int, dtype_of) -> li
     return groups
 
 
+def _rides(chain: Chain, group: list[Chain], order: dict, dtype_of) -> bool:
+    """Can the 0-dim all-reduce `chain` ride in the reduce-scatter bucket `group`?"""
+    first = group[0]
+    members = group + [chain]
+    return (chain.issue.args[1] == first.issue.args[1] == "sum" and chain.issue.args[-1] == first.issue.args[-1]
+            and chain.issue.meta.get(STAGE) == first.issue.meta.get(STAGE) and dtype_of(chain) == dtype_of(first)
+            and max(_ready(c, order) for c in members) < min(_need(c, order) for c in members))
+
+
+def _take_riders(stream: list[Chain], scatters: list[list[Chain]], order: dict, dtype_of) -> list[Chain]:
+    """Move each 0-dim all-reduce of `stream` that fits into the first reduce-scatter bucket (in order
+    of need) it fits; the all-reduces left to bucket among themselves."""
+    scatters = sorted(scatters, key=lambda g: min(_need(c, order) for c in g))
+    left = []
+    for chain in stream:
+        host = None
+        if chain.kind == "all_reduce" and chain.result.meta["val"].dim() == 0:
+            host = next((g for g in scatters if _rides(chain, g, order, dtype_of)), None)
+        if host is not None:
+            host.append(chain)
+        else:
+            left.append(chain)
+    return left
+
+
+def _bytes_in(chain: Chain, bucket_kind: str, group_size: int) -> int:
+    """What a member adds to its bucket's traffic: a riding all-reduce's value, once per rank's block."""
+    riding = bucket_kind == "reduce_scatter" and chain.kind == "all_reduce"
+    return chain.record["bytes"] * (group_size if riding else 1)
+
+
 def _record(members: list[Chain]) -> dict:
     first = members[0].record
-    return {"kind": first["kind"], "axes": first["axes"], "bytes": sum(c.record["bytes"] for c in members),
+    size = members[0].issue.args[-2] if first["kind"] == "reduce_scatter" else 1
+    return {"kind": first["kind"], "axes": first["axes"],
+            "bytes": sum(_bytes_in(c, first["kind"], size) for c in members),
             "source": f"bucket of {len(members)}: {first['source']}", "shape": None, "dtype": first["dtype"],
             "value": "bucket", "regather": all(c.record.get("regather") for c in members),
             "phase": "+".join(dict.fromkeys(c.record.get("phase") or "forward" for c in members)), "leaf": None,
@@ -106,9 +144,14 @@ def bucket(graph_module: fx.GraphModule, axis_sizes, bucket_bytes: int = DEFAULT
         if chain.kind != "all_to_all":  # an exchange's blocks are laid out per peer: not packed
             streams.setdefault(chain.stream, []).append(chain)
     order = positions(graph)
-    groups = [group for stream in streams.values()
-              for group in _groups(stream, order, bucket_bytes, lambda c: c.result.meta["val"].dtype)
-              if len(group) > 1]
+    dtype_of = lambda c: c.result.meta["val"].dtype  # noqa: E731
+    groups = [group for stream in streams.values() if stream[0].kind != "all_reduce"
+              for group in _groups(stream, order, bucket_bytes, dtype_of)]
+    scatters = [group for group in groups if group[0].kind == "reduce_scatter"]
+    for stream in (s for s in streams.values() if s[0].kind == "all_reduce"):
+        left = _take_riders(sorted(stream, key=lambda c: _ready(c, order)), scatters, order, dtype_of)
+        groups += _groups(left, order, bucket_bytes, dtype_of) if left else []
+    groups = [group for group in groups if len(group) > 1]
     if not groups:
         return graph_module
     for group in groups:

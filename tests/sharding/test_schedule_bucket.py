@@ -15,17 +15,43 @@ def _lower(strategy, **options):
     return lower(strategy, **options)[2]
 
 
+def _riders(record: dict) -> list[dict]:
+    """The 0-dim all-reduces riding in a reduce-scatter bucket."""
+    return [m for m in record.get("members", ()) if record["kind"] == "reduce_scatter" and m["kind"] == "all_reduce"]
+
+
 @pytest.mark.parametrize("strategy", ["dp", "zero3", "tp_sp"])
 def test_buckets_keep_the_bytes_and_cut_the_count(strategy):
+    """Bucketing moves the same bytes in fewer collectives; a riding all-reduce moves its value once
+    per rank's block of the reduce-scatter."""
     plain, bucketed = _lower(strategy, bucket_bytes=0), _lower(strategy, bucket_bytes=16384)
-    assert bucketed.cost["bytes_by_kind"] == plain.cost["bytes_by_kind"]
+    expected = dict(plain.cost["bytes_by_kind"])
+    for record in bucketed.collectives:
+        for rider in _riders(record):
+            expected["all_reduce"] -= rider["bytes"]
+            expected["reduce_scatter"] += RANKS * rider["bytes"]
+    assert bucketed.cost["bytes_by_kind"] == {kind: count for kind, count in expected.items() if count}
     assert bucketed.cost["num_collectives"] < plain.cost["num_collectives"]
     assert not any("members" in r for r in plain.collectives)
     for record in bucketed.collectives:
         members = record.get("members")
         if members:
-            assert record["bytes"] == sum(m["bytes"] for m in members) <= 16384
-            assert {(m["kind"], m["axes"]) for m in members} == {(record["kind"], record["axes"])}
+            riders = _riders(record)
+            assert record["bytes"] == sum(m["bytes"] for m in members) + (RANKS - 1) * sum(r["bytes"] for r in riders)
+            assert record["bytes"] <= 16384 + RANKS * sum(r["bytes"] for r in riders)
+            assert {(m["kind"], m["axes"]) for m in members if m not in riders} == {(record["kind"], record["axes"])}
+            assert all(r["axes"] == record["axes"] and r["shape"] == () for r in riders)
+
+
+def test_the_loss_rides_in_the_gradient_reduce_scatter():
+    """zero3: the loss's all-reduce (ready after the forward, needed at the end) travels in the
+    gradients' reduce-scatter bucket instead of a collective of its own."""
+    lowered = _lower("zero3")
+    scatter = next(r for r in lowered.collectives if r["kind"] == "reduce_scatter")
+    riders = _riders(scatter)
+    assert len(riders) == 1 and "loss" in riders[0]["source"] and riders[0]["phase"] == "forward"
+    alone = [r for r in _lower("zero3", bucket_bytes=0).collectives if r["kind"] == "all_reduce"]
+    assert len([r for r in lowered.collectives if r["kind"] == "all_reduce"]) == len(alone) - 1
 
 
 def test_a_gather_bucket_never_holds_a_parameter_twice():
@@ -36,6 +62,18 @@ def test_a_gather_bucket_never_holds_a_parameter_twice():
     for record in gathers:
         values = [m["value"] for m in record["members"]]
         assert len(values) == len(set(values))
+
+
+def test_pack_unpack_reduce_scatter_with_a_riding_scalar():
+    """A 0-dim member of a reduce-scatter bucket reaches every rank as the sum over ranks."""
+    generator = torch.Generator().manual_seed(1)
+    per_rank = [[torch.randn(8, 4, generator=generator, dtype=torch.float64),
+                 torch.randn((), generator=generator, dtype=torch.float64)] for _ in range(RANKS)]
+    total = torch.stack([collectives.pack(xs, [0, 0], RANKS, "reduce_scatter") for xs in per_rank]).sum(0)
+    for rank in range(RANKS):
+        block, scalar = collectives.unpack(total.chunk(RANKS)[rank], [[2, 4], []], [0, 0], RANKS, "reduce_scatter")
+        torch.testing.assert_close(block, sum(xs[0] for xs in per_rank).chunk(RANKS)[rank], rtol=0, atol=1e-12)
+        assert scalar.shape == () and torch.allclose(scalar, sum(xs[1] for xs in per_rank), rtol=0, atol=1e-12)
 
 
 def _split(x, dim):
