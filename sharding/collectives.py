@@ -170,12 +170,16 @@ def pack(xs: list[torch.Tensor], dims: list[int], group_size: int, kind: str) ->
 def unpack(flat: torch.Tensor, shapes: list[list[int]], dims: list[int], group_size: int, kind: str) -> tuple:
     """Split a bucket's result back into its members (`shapes`: each member's result, dim first).
 
-    reduce_scatter / all_reduce members are views of `flat`; all_gather members are copies,
-    because every rank's block of one member lies apart from the next rank's in the flat result.
+    reduce_scatter / all_reduce members are views of `flat` (but a scalar riding in a reduce-scatter,
+    copied: the loss is read at the step's end, long after the gradients); all_gather members are
+    copies, because every rank's block of one member lies apart from the next rank's in the flat result.
     """
     sizes = [math.prod(shape) for shape in shapes]
     if kind == "all_gather":
         blocks = flat.view(group_size, -1).split([size // group_size for size in sizes], dim=1)
         return tuple(from_front(block.reshape(shape), dim) if dim else block.reshape(shape)
                      for block, shape, dim in zip(blocks, shapes, dims))
-    return tuple(from_front(part.view(shape), dim) for part, shape, dim in zip(flat.split(sizes), shapes, dims))
+    parts = [from_front(part.view(shape), dim) for part, shape, dim in zip(flat.split(sizes), shapes, dims)]
+    if kind == "reduce_scatter":  # a riding scalar is copied out: its view would keep the whole bucket alive
+        parts = [part.clone() if not shape else part for part, shape in zip(parts, shapes)]
+    return tuple(parts)

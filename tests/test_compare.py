@@ -99,9 +99,11 @@ def test_policy_runs_are_equivalent_and_reported(tmp_path):
     assert "it splits parameters and gradients over dp, optimizer state over dp" in text
     zero3, dp, bf16 = (results[name]["ranks"][0] for name in ("zero3", "dp", "zero3_bf16"))
     assert zero3["peak_bytes_measured"] < dp["peak_bytes_measured"]
-    # bf16 over float64 masters: gradients reduce-scattered in 2 bytes instead of 8, and a smaller peak
+    # bf16 over float64 masters: gradients reduce-scattered in 2 bytes instead of 8, and a smaller peak;
+    # zero3's float64 loss rides in its gradient bucket (8 B in each of the 2 ranks' blocks), the bf16
+    # run's float32 loss does not join bf16 gradients
     kinds = {name: results[name]["cost"]["bytes_by_kind"] for name in results}
-    assert kinds["zero3_bf16"]["reduce_scatter"] * 4 == kinds["zero3"]["reduce_scatter"]
+    assert kinds["zero3_bf16"]["reduce_scatter"] * 4 + 2 * 8 == kinds["zero3"]["reduce_scatter"]
     assert bf16["peak_bytes_measured"] < zero3["peak_bytes_measured"]
     assert "**zero3_bf16** (zero3 + precision=bf16) against zero3: peak memory -" in text
     # two micro-batches, still one gradient all-reduce: the same bytes up to the scalar loss reductions
