@@ -134,7 +134,9 @@ def split_stage(p: Program) -> Program:
 
 
 def schedule_stage(p: Program) -> Program:
-    return dataclasses.replace(p, graph=schedule(p.graph, p.shape.axis_sizes, **p.options.schedule))
+    data_inputs = frozenset(i for i, is_data in enumerate(p.options.data_leaves) if is_data)
+    return dataclasses.replace(p, graph=schedule(p.graph, p.shape.axis_sizes, **p.options.schedule,
+                                                 data_inputs=data_inputs))
 
 
 def place_stage(p: Program) -> Program:

@@ -18,11 +18,12 @@ __all__ = ["regather", "bucket", "overlap", "schedule", "DEFAULT_BUCKET_BYTES"]
 
 def schedule(graph_module: fx.GraphModule, axis_sizes, *, regather_params: bool = True,
              regather_activations: bool = False, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-             overlap_communication: bool = True) -> fx.GraphModule:
-    """`axis_sizes`: the mesh's (bucketing needs each collective's local size)."""
+             overlap_communication: bool = True, data_inputs: frozenset = frozenset()) -> fx.GraphModule:
+    """`axis_sizes`: the mesh's (bucketing needs each collective's local size); `data_inputs`: the
+    positions of the data inputs among the graph's placeholders."""
     if regather_params or regather_activations:
         graph_module = regather(graph_module, params=regather_params, activations=regather_activations)
     graph_module = bucket(graph_module, axis_sizes, bucket_bytes)
     if overlap_communication:
-        graph_module = overlap(graph_module)
+        graph_module = overlap(graph_module, data_inputs)
     return graph_module

@@ -7,7 +7,10 @@ reduce-scatter in flight), so memory held by in-flight collectives stays bounded
   its stream is waited on, and waited on just before its first use: the next layer's parameters
   arrive while the current layer computes (prefetch one ahead);
 - a reduction (reduce-scatter, all-reduce) is issued as soon as its input is computed and waited
-  on just before its first use, or before the next reduction of its stream is issued.
+  on just before its first use, or before the next reduction of its stream is issued;
+- a reduction whose input is computed from the data inputs alone (the loss's token count) is
+  computed and issued first thing in the step, so the forward runs while it is in flight (not in
+  a pipeline, whose ops keep their place in their schedule's actions).
 Every rank lowers the same graph, so every rank issues the same collectives in the same order.
 """
 from __future__ import annotations
@@ -16,6 +19,7 @@ import operator
 
 import torch.fx as fx
 
+from ..pipelining import STAGE
 from .chain import Chain, Order, chains
 
 
@@ -58,6 +62,40 @@ def _prefetch(graph: fx.Graph, stream: list[Chain], order: Order) -> None:
         previous_result = chain.result
 
 
+def _batch_only_closure(chain: Chain, data_inputs: set) -> list[fx.Node] | None:
+    """The computed nodes the collective's input needs, when they read only data inputs and
+    constants (None when they read anything else, or another collective's result)."""
+    seen, stack, found = set(), list(chain.sources), []
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.op == "placeholder":
+            if node not in data_inputs:
+                return None
+            continue
+        if node.op == "get_attr":
+            continue
+        if node.op != "call_function" or "fp_collective" in node.meta or STAGE in node.meta:
+            return None
+        found.append(node)
+        stack.extend(node.all_input_nodes)
+    return found
+
+
+def _hoist_batch_only(graph: fx.Graph, stream: list[Chain], order: Order, data_inputs: set) -> None:
+    """Move the input computation of each data-only reduction to the step's start, in program order."""
+    anchor = _last_placeholder(graph)
+    for chain in stream:
+        closure = _batch_only_closure(chain, data_inputs)
+        if not closure:
+            continue
+        for node in sorted(closure, key=order.__getitem__):
+            order.move_after(anchor, node)
+            anchor = node
+
+
 def _reduce_early(graph: fx.Graph, stream: list[Chain], order: Order) -> None:
     stream = sorted(stream, key=lambda c: order[_ready(c, graph, order)])
     previous = None
@@ -72,13 +110,18 @@ def _reduce_early(graph: fx.Graph, stream: list[Chain], order: Order) -> None:
         _wait_before(chain, min(limit, key=order.__getitem__), order)
 
 
-def overlap(graph_module: fx.GraphModule) -> fx.GraphModule:
+def overlap(graph_module: fx.GraphModule, data_inputs: frozenset = frozenset()) -> fx.GraphModule:
+    """`data_inputs`: the positions of the step's data inputs among its placeholders."""
     graph = graph_module.graph
     streams: dict[tuple, list[Chain]] = {}
     for chain in chains(graph):
         streams.setdefault(chain.stream, []).append(chain)
     order = Order(graph)
+    placeholders = [node for node in graph.nodes if node.op == "placeholder"]
+    data = {placeholders[i] for i in data_inputs}
     for (kind, *_), stream in streams.items():
+        if kind != "all_gather" and data:
+            _hoist_batch_only(graph, sorted(stream, key=lambda c: order[c.issue]), order, data)
         (_prefetch if kind == "all_gather" else _reduce_early)(graph, stream, order)
     graph.lint()
     graph_module.recompile()

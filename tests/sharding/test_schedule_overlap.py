@@ -46,7 +46,25 @@ def test_zero3_prefetches_the_next_gather_while_computing():
     by_issue = sorted(gathers, key=lambda c: order[c.issue])
     for previous, chain in zip(by_issue, by_issue[1:]):
         assert order[chain.front] == order[previous.result] + 1
-    assert order[by_issue[0].front] == placeholders_end + 1
+    # at the start: the token count (computed from the batch alone, issued first), then the first gather
+    first = nodes[placeholders_end + 1:order[by_issue[0].front]]
+    count = next(c for c in chains(graph) if c.kind == "all_reduce" and order[c.issue] < order[by_issue[0].front])
+    assert count.issue in first
+    assert not any(p.op == "placeholder" and p.meta["leaf"].startswith("params") for n in first for p in n.all_input_nodes)
+
+
+def test_the_token_count_is_issued_at_the_start_and_waited_on_after_the_forward():
+    """dp: the loss's divisor reads only the batch, so it is computed and issued before the first
+    layer runs and is in flight while the forward computes."""
+    graph = _lower("dp").graph.graph
+    order = positions(graph)
+    nodes = list(graph.nodes)
+    count = chains(graph)[0]
+    placeholders_end = max(order[n] for n in nodes if n.op == "placeholder")
+    between = nodes[placeholders_end + 1:order[count.issue]]
+    assert all(not any(p.op == "placeholder" and not p.meta["leaf"].startswith("batch") for p in n.all_input_nodes)
+               for n in between)
+    assert sum(_is_compute(n) for n in nodes[order[count.issue]:order[count.wait]]) > 50
 
 
 def test_gradient_reductions_are_issued_when_the_gradient_is_ready():
