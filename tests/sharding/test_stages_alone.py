@@ -57,3 +57,19 @@ def test_a_partial_needed_reduced_by_one_consumer_and_kept_by_another_is_reduced
     step = jit(fn, mesh=mesh, in_specs=(P(None, "tp"), P("tp")), out_specs=P(), bucket_bytes=0)
     lowered = step.lower(shard(x, P(None, "tp"), mesh), shard(w, P("tp"), mesh))
     assert [c["kind"] for c in lowered.collectives] == ["all_reduce"]
+
+
+def test_lowering_generates_the_graphs_code_once_and_keeps_user_source_lines(monkeypatch):
+    """The stages rewrite the graph without regenerating its Python code (`sharding.lazy`): code is
+    generated once, for the lowered step, which then runs; make_fx's stack traces still name the
+    model's own lines (`sharding.source`)."""
+    from functional_parallel.parallel import lower_abstract
+
+    generated = []
+    original = fx.Graph.python_code
+    monkeypatch.setattr(fx.Graph, "python_code", lambda self, *a, **k: generated.append(self) or original(self, *a, **k))
+    _, _, lowered = lower_abstract("gpt", "tiny", "zero3", {"dp": 4}, global_batch=8)
+    assert generated == [lowered.graph.graph]
+    assert "def forward" in lowered.graph.code
+    sources = {record["source"].split(":")[0] for record in lowered.collectives}
+    assert any(path.endswith("models/gpt.py") for path in sources), sources
