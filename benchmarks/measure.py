@@ -94,7 +94,7 @@ def run_rank(rank: int, world: int, cfg: dict) -> dict:
     runners = []
     for name in cfg["contenders"]:
         runner = make_runner(name, problem, compile_graph=cfg["compile"] and name not in TORCH_CONTENDERS,
-                             bucket_bytes=cfg.get("bucket_bytes"))
+                             bucket_bytes=cfg.get("bucket_bytes"), bucket_per_layer=cfg.get("bucket_per_layer", False))
         runner.losses, runner.steps_done = [], 0
         runners.append(runner)
     results = {runner.name: {"kind": runner.kind, "mesh": runner.mesh_shape, "setup_s": runner.setup_s,

@@ -67,7 +67,8 @@ class OursRunner:
 
     kind = "ours"
 
-    def __init__(self, name: str, problem: Problem, compile_graph: bool = False, bucket_bytes: int | None = None):
+    def __init__(self, name: str, problem: Problem, compile_graph: bool = False, bucket_bytes: int | None = None,
+                 bucket_per_layer: bool = False):
         started = time.perf_counter()
         self.name = name
         full = example_mesh(name)
@@ -76,6 +77,7 @@ class OursRunner:
         opt_state = problem.optimizer.init(problem.params)
         compiled, (pspecs, sspecs, bspec) = compile_step(problem.step_fn(), Strategy.load(name), mesh,
                                                          problem.params, opt_state, axes=problem.axes,
+                                                         bucket_per_layer=bucket_per_layer,
                                                          **({} if bucket_bytes is None else {"bucket_bytes": bucket_bytes}))
         self.params, self.opt_state = shard(problem.params, pspecs, mesh), shard(opt_state, sspecs, mesh)
         self.batches = [shard(batch, bspec, mesh) for batch in problem.batches]
@@ -212,9 +214,10 @@ class TorchTPRunner(TorchRunner):
 TORCH_CONTENDERS = ("ddp", "fsdp2", "torch_tp", "torch_tp_sp")
 
 
-def make_runner(name: str, problem: Problem, compile_graph: bool = False, bucket_bytes: int | None = None):
+def make_runner(name: str, problem: Problem, compile_graph: bool = False, bucket_bytes: int | None = None,
+                bucket_per_layer: bool = False):
     if name in ("ddp", "fsdp2"):
         return TorchRunner(name, problem)
     if name in TorchTPRunner.OURS:
         return TorchTPRunner(name, problem)
-    return OursRunner(name, problem, compile_graph, bucket_bytes)
+    return OursRunner(name, problem, compile_graph, bucket_bytes, bucket_per_layer)

@@ -59,6 +59,7 @@ class BenchmarkConfig:
     device: str = "cpu"  # cpu (gloo) | cuda (nccl, one GPU per rank)
     compile: bool = False  # torch.compile our per-rank graphs (needs a C++ compiler on CPU)
     bucket_bytes: Optional[int] = None  # ours: jit's bucket size (None: its default, DDP's 25 MiB)
+    bucket_per_layer: bool = False  # ours: no bucket mixes two layers (FSDP2's per-block unit)
     write: bool = True  # results JSON + markdown into benchmarks/results/
     write_readme: bool = True
 

@@ -98,7 +98,8 @@ class jit:
     `data_axes` defaults to the axes that split a data argument; every other axis is a model axis.
     The schedule passes (`sharding.schedule`) are on by default: `regather` (ZeRO-3 gathers a
     parameter again for its backward use), `bucket_bytes` (merge small collectives up to this
-    many bytes per bucket; 0 disables) and `overlap` (issue early, wait late, prefetch gathers).
+    many bytes per bucket; 0 disables; `bucket_per_layer`: a bucket never mixes two layers' leaves,
+    FSDP2's per-block unit) and `overlap` (issue early, wait late, prefetch gathers).
     `remat` is the activation-checkpointing policy applied to the traced step before propagation
     (`sharding.remat`: "none", "full" or "selective"); under "full" or "selective" an activation
     all-gathered for the forward (sequence parallelism's norm output) is also gathered again for
@@ -123,7 +124,7 @@ class jit:
                  data_argnums: int | Sequence[int] | None = None,
                  regather: bool = True, bucket_bytes: int = DEFAULT_BUCKET_BYTES, overlap: bool = True,
                  in_memory_kinds: Sequence | None = None, out_memory_kinds=None, remat: str = "none",
-                 pipeline: Pipeline | None = None, disk_dir=None):
+                 pipeline: Pipeline | None = None, disk_dir=None, bucket_per_layer: bool = False):
         self.fn = fn
         self.pipeline = pipeline
         if pipeline is not None and pipeline.axis not in mesh.axis_names:
@@ -142,7 +143,8 @@ class jit:
                 raise SpecError(f"data_argnums names argument {argnum}, but the function has "
                                 f"{len(self.in_specs)} arguments (one per in_specs entry)")
         self.schedule_options = {"regather_params": regather, "regather_activations": self.remat != "none",
-                                 "bucket_bytes": bucket_bytes, "overlap_communication": overlap}
+                                 "bucket_bytes": bucket_bytes, "overlap_communication": overlap,
+                                 "bucket_per_layer": bucket_per_layer}
         self.in_memory_kinds = tuple(in_memory_kinds) if isinstance(in_memory_kinds, (list, tuple)) \
             else (in_memory_kinds,) * len(self.in_specs)
         if len(self.in_memory_kinds) != len(self.in_specs):

@@ -18,12 +18,13 @@ __all__ = ["regather", "bucket", "overlap", "schedule", "DEFAULT_BUCKET_BYTES"]
 
 def schedule(graph_module: fx.GraphModule, axis_sizes, *, regather_params: bool = True,
              regather_activations: bool = False, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-             overlap_communication: bool = True, data_inputs: frozenset = frozenset()) -> fx.GraphModule:
+             overlap_communication: bool = True, data_inputs: frozenset = frozenset(),
+             bucket_per_layer: bool = False) -> fx.GraphModule:
     """`axis_sizes`: the mesh's (bucketing needs each collective's local size); `data_inputs`: the
     positions of the data inputs among the graph's placeholders."""
     if regather_params or regather_activations:
         graph_module = regather(graph_module, params=regather_params, activations=regather_activations)
-    graph_module = bucket(graph_module, axis_sizes, bucket_bytes)
+    graph_module = bucket(graph_module, axis_sizes, bucket_bytes, per_layer=bucket_per_layer)
     if overlap_communication:
         graph_module = overlap(graph_module, data_inputs)
     return graph_module

@@ -7,6 +7,12 @@ in it twice (a re-gather must not join its forward gather). The bucket packs its
 buffers (`collectives.pack`), issues one collective and splits the result (`collectives.unpack`).
 Its log record is one entry: the summed bytes and the member records.
 
+With `per_layer` (FSDP2's unit, one `fully_shard` per block), a bucket holds one layer's
+parameters or gradients only: the leaves under one list element of an argument
+(`params/blocks/3/...`); leaves outside any list (embeddings, final norm, head) are one unit per
+argument; a value that is no leaf's (the loss) may join any bucket. Then ZeRO-3 gathers layer by layer, the next one prefetched while one computes, and
+each layer's gradients are reduced as soon as its backward is done.
+
 A 0-dim sum all-reduce (the loss, a norm piece) rides in a reduce-scatter bucket over the same ranks
 when the timing allows (the same ready-before-needed test): every rank's block carries a copy, so
 each rank receives the sum, and the step issues one collective fewer (its bytes count g times, as
@@ -34,7 +40,19 @@ def _need(chain: Chain, order: dict) -> int:
     return min(order[c] for c in chain.consumers())
 
 
-def _groups(stream: list[Chain], order: dict, bucket_bytes: int, dtype_of) -> list[list[Chain]]:
+def layer_of(record: dict) -> str | None:
+    """The layer a collective's leaf belongs to: its path up to its first list index
+    ("params/blocks/3"), else its argument ("params"); None for a value that is no leaf's."""
+    leaf = record.get("leaf")
+    if not leaf:
+        return None
+    parts = leaf.removeprefix("grad of ").split("/")
+    index = next((i for i, part in enumerate(parts) if part.isdigit()), None)
+    return "/".join(parts[:index + 1]) if index is not None else parts[0]
+
+
+def _groups(stream: list[Chain], order: dict, bucket_bytes: int, dtype_of, per_layer: bool = False
+            ) -> list[list[Chain]]:
     gathers = stream[0].kind == "all_gather"
     stream = sorted(stream, key=lambda c: (_need(c, order) if gathers else _ready(c, order), order[c.issue]))
     groups: list[list[Chain]] = []
@@ -45,7 +63,8 @@ def _groups(stream: list[Chain], order: dict, bucket_bytes: int, dtype_of) -> li
             and dtype_of(chain) == dtype_of(current[0])
             and chain.issue.args[1:] == current[0].issue.args[1:]  # one reduce op (a max never joins sums)
             and max(_ready(c, order) for c in current + [chain]) < min(_need(c, order) for c in current + [chain])
-            and not (gathers and chain.source in {c.source for c in current}))
+            and not (gathers and chain.source in {c.source for c in current})
+            and not (per_layer and len({layer_of(c.record) for c in current + [chain]} - {None}) > 1))
         if fits:
             current.append(chain)
         else:
@@ -131,8 +150,10 @@ def _merge(graph: fx.Graph, members: list[Chain], axis_sizes, order: dict) -> No
             graph.erase_node(node)
 
 
-def bucket(graph_module: fx.GraphModule, axis_sizes, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> fx.GraphModule:
-    """Merge collectives into buckets of at most `bucket_bytes` (0: leave every collective alone).
+def bucket(graph_module: fx.GraphModule, axis_sizes, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+           per_layer: bool = False) -> fx.GraphModule:
+    """Merge collectives into buckets of at most `bucket_bytes` (0: leave every collective alone),
+    each within one layer when `per_layer`.
 
     `axis_sizes`: the mesh's, to read each member's local shape from its global value and layout.
     """
@@ -146,11 +167,11 @@ def bucket(graph_module: fx.GraphModule, axis_sizes, bucket_bytes: int = DEFAULT
     order = positions(graph)
     dtype_of = lambda c: c.result.meta["val"].dtype  # noqa: E731
     groups = [group for stream in streams.values() if stream[0].kind != "all_reduce"
-              for group in _groups(stream, order, bucket_bytes, dtype_of)]
+              for group in _groups(stream, order, bucket_bytes, dtype_of, per_layer)]
     scatters = [group for group in groups if group[0].kind == "reduce_scatter"]
     for stream in (s for s in streams.values() if s[0].kind == "all_reduce"):
         left = _take_riders(sorted(stream, key=lambda c: _ready(c, order)), scatters, order, dtype_of)
-        groups += _groups(left, order, bucket_bytes, dtype_of) if left else []
+        groups += _groups(left, order, bucket_bytes, dtype_of, per_layer) if left else []
     groups = [group for group in groups if len(group) > 1]
     if not groups:
         return graph_module

@@ -62,10 +62,12 @@ def _run(rank, world, names):
     batch = {"inputs": tokens[:, :-1].contiguous(), "targets": tokens[:, 1:].contiguous()}
     out = {}
     for name in names:
-        mesh = Mesh(example_mesh(name))
+        strategy, _, variant = name.partition(":")
+        mesh = Mesh(example_mesh(strategy))
         state = optimizer.init(params)
-        step, (pspecs, sspecs, bspec) = compile_step(make_train_step(model.loss, optimizer), Strategy.load(name),
-                                                     mesh, params, state, axes=model.axes(params))
+        options = {"bucket_per_layer": True} if variant == "per_layer" else {}
+        step, (pspecs, sspecs, bspec) = compile_step(make_train_step(model.loss, optimizer), Strategy.load(strategy),
+                                                     mesh, params, state, axes=model.axes(params), **options)
         p, s = shard(params, pspecs, mesh), shard(state, sspecs, mesh)
         for _ in range(2):
             p, s, _ = step(p, s, shard(batch, bspec, mesh))
@@ -85,7 +87,7 @@ def test_plain_adamw_strategies_equal_reference():
     reference = params
     for _ in range(2):
         reference, state, _ = step(reference, state, batch)
-    names = ["dp", "zero1", "zero3", "tp_sp", "fsdp_tp"]
+    names = ["dp", "zero1", "zero3", "zero3:per_layer", "tp_sp", "fsdp_tp"]  # per_layer: FSDP2's buckets
     for rank_result in spawn(_run, 4, names, timeout_s=300):
         for name in names:
             for got, want in zip(tree_leaves(rank_result[name]), tree_leaves(reference)):

@@ -54,6 +54,29 @@ def test_the_loss_rides_in_the_gradient_reduce_scatter():
     assert len([r for r in lowered.collectives if r["kind"] == "all_reduce"]) == len(alone) - 1
 
 
+def test_per_layer_buckets_gather_and_reduce_one_layer_at_a_time():
+    """`bucket_per_layer` (FSDP2's unit): every zero3 bucket holds one layer's leaves; the forward
+    gathers layer after layer, each issued as the one before it arrives (one ahead), and less is
+    alive at once than with the whole tiny model in one bucket."""
+    from sharding.schedule.bucket import layer_of
+    from sharding.schedule.chain import chains, positions
+
+    whole, lowered = _lower("zero3"), _lower("zero3", bucket_per_layer=True)
+    for record in lowered.collectives:
+        layers = {layer_of(m) for m in record.get("members", [record])} - {None}
+        assert len(layers) <= 1, record["source"]
+    forward = [r for r in lowered.collectives if r["kind"] == "all_gather" and not r.get("regather")]
+    assert [layer_of(r["members"][0]) for r in forward] == ["params", "params/blocks/0", "params/blocks/1", "params"]
+    scatters = [layer_of(r["members"][0]) for r in lowered.collectives if r["kind"] == "reduce_scatter"]
+    assert scatters == ["params", "params/blocks/1", "params/blocks/0", "params"]  # head first, embeddings last
+    graph = lowered.graph.graph
+    order = positions(graph)
+    gathers = sorted((c for c in chains(graph) if c.kind == "all_gather"), key=lambda c: order[c.issue])
+    assert all(order[c.front] == order[previous.result] + 1 for previous, c in zip(gathers, gathers[1:]))
+    assert lowered.cost["peak_bytes"] < whole.cost["peak_bytes"]
+    assert lowered.cost["bytes_by_kind"]["all_gather"] == whole.cost["bytes_by_kind"]["all_gather"]
+
+
 def test_a_gather_bucket_never_holds_a_parameter_twice():
     """The backward re-gather of a parameter must not join its forward gather (that would keep it alive)."""
     lowered = _lower("zero3")  # the default bucket size holds the whole tiny model
