@@ -10,8 +10,9 @@ Its log record is one entry: the summed bytes and the member records.
 With `per_layer` (FSDP2's unit, one `fully_shard` per block), a bucket holds one layer's
 parameters or gradients only: the leaves under one list element of an argument
 (`params/blocks/3/...`); leaves outside any list (embeddings, final norm, head) are one unit per
-argument; a value that is no leaf's (the loss) may join any bucket. Then ZeRO-3 gathers layer by layer, the next one prefetched while one computes, and
-each layer's gradients are reduced as soon as its backward is done.
+argument; a value that is no leaf's (the loss) may join any bucket. Then ZeRO-3 gathers layer by
+layer, the next one prefetched while one computes, and each layer's gradients are reduced as soon
+as its backward is done.
 
 A 0-dim sum all-reduce (the loss, a norm piece) rides in a reduce-scatter bucket over the same ranks
 when the timing allows (the same ready-before-needed test): every rank's block carries a copy, so

@@ -20,6 +20,7 @@ import operator
 import torch.fx as fx
 
 from ..pipelining import STAGE
+from ..random_ops import RANDOM_OPS
 from .chain import Chain, Order, chains
 
 
@@ -64,7 +65,8 @@ def _prefetch(graph: fx.Graph, stream: list[Chain], order: Order) -> None:
 
 def _batch_only_closure(chain: Chain, data_inputs: set) -> list[fx.Node] | None:
     """The computed nodes the collective's input needs, when they read only data inputs and
-    constants (None when they read anything else, or another collective's result)."""
+    constants (None when they read anything else, another collective's result, or draw random
+    numbers: those keep their place)."""
     seen, stack, found = set(), list(chain.sources), []
     while stack:
         node = stack.pop()
@@ -77,7 +79,8 @@ def _batch_only_closure(chain: Chain, data_inputs: set) -> list[fx.Node] | None:
             continue
         if node.op == "get_attr":
             continue
-        if node.op != "call_function" or "fp_collective" in node.meta or STAGE in node.meta:
+        if node.op != "call_function" or "fp_collective" in node.meta or STAGE in node.meta \
+                or node.target in RANDOM_OPS:
             return None
         found.append(node)
         stack.extend(node.all_input_nodes)
