@@ -66,22 +66,25 @@ def instrument(lowered):
     graph = fx.Graph()
     env: dict = {}
     meta: list[dict] = []
+    index: dict = {}  # issue node -> its position in `meta`
+    marked_start = False
     for node in source.graph.nodes:
+        if node.op != "placeholder" and not marked_start:
+            graph.call_function(started, ())  # after the inputs, before the first op
+            marked_start = True
         if node.op == "output":
             graph.call_function(finished, ())
         new = graph.node_copy(node, lambda n: env[n])
         env[node] = new
-        if node.op == "placeholder" and node.next.op != "placeholder":
-            graph.call_function(started, ())
         if "fp_collective" in node.meta:
             record = node.meta["fp_collective"]
+            index[node] = len(meta)
             meta.append({"stream": f"{_stream(record)} over {'+'.join(record['axes'])}", "kind": record["kind"],
                          "bytes": record["bytes"], "phase": record.get("phase") or "forward"})
-            graph.call_function(issued, (len(meta) - 1, new))
-            node.meta["fp_timeline_index"] = len(meta) - 1
+            graph.call_function(issued, (index[node], new))
         if node.target is collectives.WAIT:
             new.target = timed_wait
-            new.args = (node.args[0].meta["fp_timeline_index"], *new.args)
+            new.args = (index[node.args[0]], *new.args)
     module = fx.GraphModule(source, graph)
     module.fp_timeline_collectives = meta
     return dataclasses.replace(lowered, graph=module)
