@@ -144,3 +144,19 @@ def test_lowering_benchmark_runs_at_a_tiny_size():
     assert all(rows[s, 2]["nodes"] > rows[s, 1]["nodes"] and rows[s, 2]["stages"]["trace_s"] > 0 for s in ("zero3",
                                                                                                          "tp_sp"))
     assert "| zero3 | 2 |" in lowering.table(results)
+
+
+def test_comm_timeline_spans_and_hidden_share_from_records():
+    """`sharding.comm_timeline` alone: records become per-collective spans, and the hidden share is
+    the in-flight time the rank did not spend waiting (two 4 s flights, 1 s waited: 7/8)."""
+    from sharding import comm_timeline
+
+    meta = [{"stream": "all_reduce over dp", "kind": "all_reduce", "bytes": 4, "phase": "forward"},
+            {"stream": "all_gather over dp", "kind": "all_gather", "bytes": 8, "phase": "forward"}]
+    records = [("start", 0.0), ("issue", 1, 1.0), ("issue", 0, 2.0), ("wait", 1, 4.0, 5.0), ("wait", 0, 6.0, 6.0),
+               ("end", 7.0)]
+    found = comm_timeline.spans(records, meta)
+    assert (found["start"], found["end"]) == (0.0, 7.0)
+    assert [(c["stream"], c["issue"], c["wait"], c["ready"]) for c in found["collectives"]] == [
+        ("all_gather over dp", 1.0, 4.0, 5.0), ("all_reduce over dp", 2.0, 6.0, 6.0)]
+    assert comm_timeline.hidden_fraction(found) == pytest.approx(1 - 1.0 / (4.0 + 4.0))
