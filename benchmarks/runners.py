@@ -17,7 +17,7 @@ from functional_parallel import optim
 from functional_parallel.tree import tree_map
 from functional_parallel.models import build
 from functional_parallel.parallel import Strategy, compile_step, example_mesh
-from sharding import Mesh, comm_timeline, shard
+from sharding import Mesh, comm_timeline, shard, timeline
 
 from .torch_model import GPTModule
 
@@ -99,7 +99,7 @@ class OursRunner:
         """One eager step whose collectives' times on this rank are recorded: (loss, timeline).
         On CUDA the times are the host's (when each op was launched or waited on)."""
         timed = comm_timeline.instrument(self.lowered)
-        with comm_timeline.recording() as records:
+        with timeline.recording() as records:
             self.params, self.opt_state, metrics = timed.run(self.params, self.opt_state,
                                                              self.batches[index % len(self.batches)])
         return metrics["loss"], comm_timeline.spans(records, timed.graph.fp_timeline_collectives)

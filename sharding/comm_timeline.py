@@ -2,7 +2,9 @@
 compute stream started to wait for it, and when its result was there.
 
 `instrument(lowered)` is a copy of a lowered step whose graph notes the time right after each
-collective is issued and around each wait; run it inside `recording()`. The plain step has no
+collective is issued and around each wait; run it inside `sharding.timeline.recording()` (one
+recording mechanism for a step's measured times; these entries are "step_start", "step_end",
+"collective_issue" and "collective_wait"). The plain step has no
 such nodes, so only a step that asks for a timeline pays for it. A collective is *in flight*
 from its issue to the end of its wait (gloo and NCCL run it beside the compute stream); the
 compute stream is *blocked* from the wait's start to its end. A collective that finished while
@@ -10,49 +12,33 @@ the rank computed shows a wait of about zero: its communication was hidden.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
 
 import torch.fx as fx
 
 from . import collectives
-
-_records: list | None = None
-
-
-@contextlib.contextmanager
-def recording():
-    """Record the collectives of the instrumented steps run inside; yields the list of records."""
-    global _records
-    _records = found = []
-    try:
-        yield found
-    finally:
-        _records = None
+from .timeline import record
 
 
 def started() -> None:
-    if _records is not None:
-        _records.append(("start", time.perf_counter()))
+    record("step_start", time.perf_counter())
 
 
-def finished(*_outputs) -> None:
-    if _records is not None:
-        _records.append(("end", time.perf_counter()))
+def finished() -> None:
+    record("step_end", time.perf_counter())
 
 
 def issued(index: int, _result) -> None:
-    if _records is not None:
-        _records.append(("issue", index, time.perf_counter()))
+    """Collective `index` was just issued (`_result`, its issue node's value, keeps this after it)."""
+    record("collective_issue", index, time.perf_counter())
 
 
 def timed_wait(index: int, result, keep_alive=None, kind: str = "collective", label: str = ""):
     """`collectives.wait`, noting when it started and returned."""
     begin = time.perf_counter()
     out = collectives.wait(result, keep_alive, kind, label)
-    if _records is not None:
-        _records.append(("wait", index, begin, time.perf_counter()))
+    record("collective_wait", index, begin, time.perf_counter())
     return out
 
 
@@ -93,10 +79,10 @@ def instrument(lowered):
 def spans(records: list, collectives_meta: list[dict]) -> dict:
     """One step's timeline: {start, end, collectives: [{stream, kind, phase, bytes, issue, wait, ready}]}
     (seconds on the machine's monotonic clock, comparable across the processes of one host)."""
-    starts = [r[1] for r in records if r[0] == "start"]
-    ends = [r[1] for r in records if r[0] == "end"]
-    issues = {r[1]: r[2] for r in records if r[0] == "issue"}
-    waits = {r[1]: (r[2], r[3]) for r in records if r[0] == "wait"}
+    starts = [r[1] for r in records if r[0] == "step_start"]
+    ends = [r[1] for r in records if r[0] == "step_end"]
+    issues = {r[1]: r[2] for r in records if r[0] == "collective_issue"}
+    waits = {r[1]: (r[2], r[3]) for r in records if r[0] == "collective_wait"}
     found = [{**collectives_meta[index], "issue": at, "wait": waits[index][0], "ready": waits[index][1]}
              for index, at in sorted(issues.items(), key=lambda item: item[1]) if index in waits]
     return {"start": starts[0], "end": ends[-1], "collectives": found}

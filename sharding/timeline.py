@@ -4,6 +4,7 @@ The split stage (`sharding.pipelining`) puts a `mark(label)` node where a rank s
 schedule's actions ("F0", "B1", "W2"; "F0.1" for chunk 1) and one ("end") after its last; each
 `recv` adds the time it blocked; the optimizer's ops are marked "update". Outside `recording()` these nodes do nothing, so a step pays for
 the timeline only when one is asked for.
+`recording()` is also where `sharding.comm_timeline`'s instrumented step notes its collectives.
 """
 from __future__ import annotations
 
@@ -27,15 +28,19 @@ def recording():
         _records = None
 
 
-def mark(label: str) -> None:
+def record(*entry) -> None:
+    """Append `entry` when recording (`sharding.comm_timeline` keeps its collectives' times here too)."""
     if _records is not None:
-        _records.append(("mark", label, time.perf_counter()))
+        _records.append(entry)
+
+
+def mark(label: str) -> None:
+    record("mark", label, time.perf_counter())
 
 
 def waited(started: float) -> None:
     """A receive that blocked from `started` until now."""
-    if _records is not None:
-        _records.append(("wait", started, time.perf_counter()))
+    record("wait", started, time.perf_counter())
 
 
 def spans(records: list) -> list[dict]:

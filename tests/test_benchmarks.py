@@ -153,8 +153,8 @@ def test_comm_timeline_spans_and_hidden_share_from_records():
 
     meta = [{"stream": "all_reduce over dp", "kind": "all_reduce", "bytes": 4, "phase": "forward"},
             {"stream": "all_gather over dp", "kind": "all_gather", "bytes": 8, "phase": "forward"}]
-    records = [("start", 0.0), ("issue", 1, 1.0), ("issue", 0, 2.0), ("wait", 1, 4.0, 5.0), ("wait", 0, 6.0, 6.0),
-               ("end", 7.0)]
+    records = [("step_start", 0.0), ("collective_issue", 1, 1.0), ("collective_issue", 0, 2.0),
+               ("collective_wait", 1, 4.0, 5.0), ("collective_wait", 0, 6.0, 6.0), ("step_end", 7.0)]
     found = comm_timeline.spans(records, meta)
     assert (found["start"], found["end"]) == (0.0, 7.0)
     assert [(c["stream"], c["issue"], c["wait"], c["ready"]) for c in found["collectives"]] == [

@@ -52,6 +52,11 @@ def layer_of(record: dict) -> str | None:
     return "/".join(parts[:index + 1]) if index is not None else parts[0]
 
 
+def _in_time(members: list[Chain], order: dict) -> bool:
+    """Every member's input is ready before any member's result is needed (one collective can serve them)."""
+    return max(_ready(c, order) for c in members) < min(_need(c, order) for c in members)
+
+
 def _groups(stream: list[Chain], order: dict, bucket_bytes: int, dtype_of, per_layer: bool = False
             ) -> list[list[Chain]]:
     gathers = stream[0].kind == "all_gather"
@@ -63,7 +68,7 @@ def _groups(stream: list[Chain], order: dict, bucket_bytes: int, dtype_of, per_l
             sum(c.record["bytes"] for c in current) + chain.record["bytes"] <= bucket_bytes
             and dtype_of(chain) == dtype_of(current[0])
             and chain.issue.args[1:] == current[0].issue.args[1:]  # one reduce op (a max never joins sums)
-            and max(_ready(c, order) for c in current + [chain]) < min(_need(c, order) for c in current + [chain])
+            and _in_time(current + [chain], order)
             and not (gathers and chain.source in {c.source for c in current})
             and not (per_layer and len({layer_of(c.record) for c in current + [chain]} - {None}) > 1))
         if fits:
@@ -76,10 +81,9 @@ def _groups(stream: list[Chain], order: dict, bucket_bytes: int, dtype_of, per_l
 def _rides(chain: Chain, group: list[Chain], order: dict, dtype_of) -> bool:
     """Can the 0-dim all-reduce `chain` ride in the reduce-scatter bucket `group`?"""
     first = group[0]
-    members = group + [chain]
     return (chain.issue.args[1] == first.issue.args[1] == "sum" and chain.issue.args[-1] == first.issue.args[-1]
             and chain.issue.meta.get(STAGE) == first.issue.meta.get(STAGE) and dtype_of(chain) == dtype_of(first)
-            and max(_ready(c, order) for c in members) < min(_need(c, order) for c in members))
+            and _in_time(group + [chain], order))
 
 
 def _take_riders(stream: list[Chain], scatters: list[list[Chain]], order: dict, dtype_of) -> list[Chain]:
